@@ -1,0 +1,149 @@
+"""``ESConfig``: ``GRPOConfig`` plus the Evolution Strategies fields."""
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+
+from transformers.trainer_utils import SchedulerType
+from trl import GRPOConfig
+
+from lightning_es.shaping import FITNESS_SHAPING
+
+logger = logging.getLogger(__name__)
+
+ES_OPTIMIZERS = ("sgd", "trainer")
+
+
+@dataclass
+class ESConfig(GRPOConfig):
+    r"""Configuration for [`ESTrainer`]: every `GRPOConfig` field keeps its TRL meaning, plus the ES fields below.
+
+    One ES iteration draws `per_device_train_batch_size // num_generations` prompts (at least one), the same prompts
+    on every process; every population member answers each of them `num_generations` times, and its fitness is its
+    mean reward. Processes split the population, not the prompts.
+
+    Step size: `learning_rate` is `lr` in `theta += lr * g` with `g = sum_i f_i eps_i / (N sigma)`. The ES-at-scale
+    paper writes its step as `alpha / N * sum_i f_i eps_i`, so `learning_rate = alpha * sigma`; its alpha = 5e-4 and
+    sigma = 1e-3 give the default 5e-7.
+    """
+
+    learning_rate: float = field(
+        default=5e-7,
+        metadata={"help": "ES step size lr in theta += lr * g; equals the ES-at-scale paper's alpha times sigma."},
+    )
+    lr_scheduler_type: SchedulerType | str = field(
+        default="constant", metadata={"help": "Schedule of the ES step size; constant, as the ES papers use."}
+    )
+    num_generations: int = field(
+        default=1,
+        metadata={"help": "Completions per prompt and per population member (1: one greedy completion, as ES-at-scale)."},
+    )
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "ES never calls backward, so checkpointing would only slow generation."}
+    )
+    disable_dropout: bool = field(
+        default=True, metadata={"help": "Evaluate members without dropout, so that fitness differences come from noise."}
+    )
+    population_size: int = field(default=32, metadata={"help": "Members per ES iteration (N)."})
+    sigma: float = field(default=1e-3, metadata={"help": "Standard deviation of the weight perturbations."})
+    antithetic: bool = field(
+        default=True, metadata={"help": "Evaluate mirrored pairs theta +- sigma*eps (population_size must be even)."}
+    )
+    fitness_shaping: str = field(
+        default="zscore", metadata={"help": "How fitness is normalised: 'zscore' or 'centered_rank'."}
+    )
+    es_params: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Parameters that evolve: unset for every trainable parameter (a PEFT model's adapters), 'all', "
+            "'lora', or regular expressions matched against parameter names."
+        },
+    )
+    es_greedy: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Greedy decoding for population members. Unset: greedy when num_generations == 1, otherwise "
+            "sampled with TRL's temperature/top_p/top_k."
+        },
+    )
+    es_optimizer: str = field(
+        default="sgd",
+        metadata={
+            "help": "'sgd': the plain ES step theta += lr * g, accumulated in an fp32 master copy. 'trainer': hand "
+            "-g to the Trainer's optimizer (`optim`, e.g. AdamW), with its weight decay and gradient clipping."
+        },
+    )
+    es_master_device: str | None = field(
+        default=None,
+        metadata={"help": "Where the fp32 master copy of the evolved weights lives (default: beside each weight)."},
+    )
+
+    def __post_init__(self):
+        self._check_es_fields()
+        # GRPO needs two completions per prompt for its group advantages and checks for it; ES does not.
+        requested_generations = self.num_generations
+        split_untouched = self.generation_batch_size is None and self.steps_per_generation is None
+        self.num_generations = 2
+        if split_untouched:
+            self.steps_per_generation = 2 * self.gradient_accumulation_steps
+        super().__post_init__()
+        self.num_generations = requested_generations
+        if split_untouched:
+            self.steps_per_generation = self.gradient_accumulation_steps
+            self.generation_batch_size = self.per_device_train_batch_size * self.world_size * self.steps_per_generation
+        if self.gradient_accumulation_steps != 1:
+            logger.warning("ES applies one update per iteration; gradient_accumulation_steps is set to 1.")
+            self.gradient_accumulation_steps = 1
+
+    def _check_es_fields(self) -> None:
+        if self.population_size < 2:
+            raise ValueError(f"population_size must be at least 2, got {self.population_size}.")
+        if self.antithetic and self.population_size % 2:
+            raise ValueError(
+                f"population_size must be even when antithetic=True, got {self.population_size}: "
+                f"use {self.population_size + 1} or set antithetic=False."
+            )
+        if not self.sigma > 0:
+            raise ValueError(f"sigma must be positive, got {self.sigma}.")
+        if self.fitness_shaping not in FITNESS_SHAPING:
+            raise ValueError(f"fitness_shaping must be one of {sorted(FITNESS_SHAPING)}, got {self.fitness_shaping!r}.")
+        if self.es_optimizer not in ES_OPTIMIZERS:
+            raise ValueError(f"es_optimizer must be one of {ES_OPTIMIZERS}, got {self.es_optimizer!r}.")
+        if self.num_generations < 1:
+            raise ValueError(f"num_generations must be at least 1, got {self.num_generations}.")
+
+    @property
+    def prompts_per_step(self) -> int:
+        return max(1, self.per_device_train_batch_size // self.num_generations)
+
+    @property
+    def greedy(self) -> bool:
+        return self.num_generations == 1 if self.es_greedy is None else self.es_greedy
+
+    @property
+    def es_param_spec(self) -> str | list[str] | None:
+        if self.es_params is not None and len(self.es_params) == 1 and self.es_params[0] in ("all", "lora"):
+            return self.es_params[0]
+        return self.es_params
+
+
+def to_es_config(args: GRPOConfig) -> ESConfig:
+    """Keep every field a plain `GRPOConfig` shares with `ESConfig`; take ES defaults for the rest."""
+    if isinstance(args, ESConfig):
+        return args
+    derived = {"generation_batch_size", "steps_per_generation"}  # recomputed by __post_init__
+    shared = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(GRPOConfig)
+        if f.init and f.name not in derived and f.name != "learning_rate"
+    }
+    if args.gradient_accumulation_steps != 1:
+        shared["steps_per_generation"] = None
+    default_lr = ESConfig.__dataclass_fields__["learning_rate"].default
+    logger.warning(
+        "ESTrainer got a GRPOConfig: its learning_rate (%g, tuned for Adam on true gradients) is replaced by the ES "
+        "step %g; pass an ESConfig to choose it.",
+        args.learning_rate,
+        default_lr,
+    )
+    return ESConfig(**shared)
