@@ -1,0 +1,285 @@
+import logging
+import math
+import runpy
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, TrainerCallback
+from trl import GRPOConfig
+
+from tiny import build_model, build_tokenizer
+from trl_ext import ESConfig, ESTrainer
+from trl_ext.reward_checks import RewardFunctionError
+
+SCRIPTS = Path(__file__).parent / "scripts"
+
+
+def es_args(tmp_path, **overrides):
+    settings = dict(
+        output_dir=str(tmp_path / "out"),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        population_size=4,
+        sigma=0.02,
+        learning_rate=1e-3,
+        max_completion_length=4,
+        report_to="none",
+        bf16=False,
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+        logging_steps=1,
+    )
+    settings.update(overrides)
+    return ESConfig(**settings)
+
+
+def token_rate(completion_ids, **kwargs):
+    """Fraction of completion tokens from the lower half of the tiny vocabulary: dense, with a clear optimum."""
+    return [sum(t < 150 for t in ids) / max(1, len(ids)) for ids in completion_ids]
+
+
+def weights(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+# ---- the one-line swap and GRPOConfig acceptance --------------------------------------------------------------
+
+
+def test_one_line_swap_turns_a_grpo_script_into_an_es_run(tmp_path, tiny_dir, monkeypatch):
+    source = (SCRIPTS / "grpo_style.py").read_text()
+    swapped = source.replace("from trl import GRPOTrainer", "from trl_ext import ESTrainer as GRPOTrainer")
+    assert sum(a != b for a, b in zip(source.splitlines(), swapped.splitlines())) == 1
+    script = tmp_path / "es_style.py"
+    script.write_text(swapped)
+    monkeypatch.setenv("MODEL_DIR", str(tiny_dir))
+    monkeypatch.setenv("OUTPUT_DIR", str(tmp_path / "es"))
+    namespace = runpy.run_path(str(script))
+    trainer = namespace["trainer"]
+    assert isinstance(trainer, ESTrainer)
+    logged = trainer.state.log_history[0]
+    assert {"reward", "rewards/reward_length_match/mean", "es/update_norm", "es/fitness_std"} <= set(logged)
+    assert trainer.state.global_step == 2
+    original = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    moved = sum(not torch.equal(p, q) for p, q in zip(trainer.model.parameters(), original.parameters()))
+    assert moved == len(list(original.parameters()))
+
+
+def test_grpo_config_keeps_shared_fields_and_takes_es_defaults(tmp_path, tiny_model, tokenizer, prompt_dataset, caplog):
+    grpo = GRPOConfig(
+        output_dir=str(tmp_path / "grpo"), learning_rate=1e-6, max_steps=3, seed=5, per_device_train_batch_size=4,
+        num_generations=2, max_completion_length=3, report_to="none", bf16=False, use_cpu=True, logging_steps=7,
+    )
+    with caplog.at_level(logging.WARNING):
+        trainer = ESTrainer(tiny_model, token_rate, args=grpo, train_dataset=prompt_dataset, processing_class=tokenizer)
+    args = trainer.args
+    assert isinstance(args, ESConfig)
+    assert (args.output_dir, args.max_steps, args.seed, args.max_completion_length, args.logging_steps) == (
+        grpo.output_dir, 3, 5, 3, 7,
+    )
+    assert args.learning_rate == 5e-7 and args.population_size == 32 and args.sigma == 1e-3
+    assert args.prompts_per_step == 2 and not args.greedy  # GRPO's batch of 4 completions: 2 prompts x 2 samples
+    assert "learning_rate" in caplog.text and "5e-07" in caplog.text
+
+
+def test_es_config_defaults_match_the_reference():
+    args = ESConfig(output_dir="unused", report_to="none", use_cpu=True)
+    assert (args.population_size, args.sigma, args.learning_rate, args.antithetic) == (32, 1e-3, 5e-7, True)
+    assert args.fitness_shaping == "zscore" and args.num_generations == 1 and args.greedy
+    assert math.isclose(args.learning_rate, 5e-4 * args.sigma)
+
+
+def test_members_decode_greedily_by_default(tmp_path, tiny_model, tokenizer, prompt_dataset):
+    trainer = ESTrainer(tiny_model, token_rate, args=es_args(tmp_path), train_dataset=prompt_dataset, processing_class=tokenizer)
+    assert trainer.generation_config.do_sample is False
+    sampled = es_args(tmp_path, num_generations=2)
+    trainer = ESTrainer(tiny_model, token_rate, args=sampled, train_dataset=prompt_dataset, processing_class=tokenizer)
+    assert trainer.generation_config.do_sample is True
+
+
+# ---- reward functions are called as TRL calls them -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dataset_fixture", ["prompt_dataset", "chat_dataset"])
+def test_reward_functions_get_trl_arguments(tmp_path, tiny_model, tokenizer, dataset_fixture, request):
+    dataset = request.getfixturevalue(dataset_fixture)
+    calls = []
+
+    def recorder(prompts, completions, completion_ids, target, trainer_state, **kwargs):
+        calls.append(dict(prompts=prompts, completions=completions, ids=completion_ids, target=target))
+        return [float(len(ids)) for ids in completion_ids]
+
+    args = es_args(tmp_path, max_steps=1, num_generations=2)
+    ESTrainer(tiny_model, [recorder, token_rate], args=args, train_dataset=dataset, processing_class=tokenizer).train()
+    assert len(calls) == args.population_size
+    first = calls[0]
+    assert len(first["prompts"]) == len(first["completions"]) == len(first["target"]) == 4  # 2 prompts x 2
+    assert first["prompts"][0] == first["prompts"][1]  # num_generations copies of each prompt
+    assert all(calls[0]["prompts"] == c["prompts"] for c in calls)  # every member answers the same prompts
+    if dataset_fixture == "chat_dataset":
+        assert first["completions"][0][0]["role"] == "assistant"
+    else:
+        assert isinstance(first["completions"][0], str)
+
+
+def test_reward_weights_and_none_rewards(tmp_path, tiny_model, tokenizer, prompt_dataset):
+    def ones(completions, **kwargs):
+        return [1.0] * len(completions)
+
+    def sometimes_none(completions, **kwargs):
+        return [None if i % 2 else 2.0 for i in range(len(completions))]
+
+    args = es_args(tmp_path, max_steps=1, reward_weights=[1.0, 0.5])
+    trainer = ESTrainer(tiny_model, [ones, sometimes_none], args=args, train_dataset=prompt_dataset, processing_class=tokenizer)
+    trainer.train()
+    logged = trainer.state.log_history[0]
+    assert logged["rewards/sometimes_none/mean"] == 2.0
+    assert logged["reward"] == pytest.approx((2.0 + 1.0) / 2)  # rows: 1 + 0.5 * 2, and 1 + nothing
+
+
+# ---- bad input -------------------------------------------------------------------------------------------------
+
+
+def broken(completions, **kwargs):
+    raise KeyError("answer")
+
+
+def too_few(completions, **kwargs):
+    return [0.0]
+
+
+def nan_reward(completions, **kwargs):
+    return [math.nan] * len(completions)
+
+
+def all_none(completions, **kwargs):
+    return [None] * len(completions)
+
+
+@pytest.mark.parametrize(
+    ("reward", "message"),
+    [
+        (broken, r"reward function 'broken' raised KeyError at step 0"),
+        (too_few, r"'too_few' returned 1 rewards at step 0, expected 4"),
+        (nan_reward, r"'nan_reward' returned NaN for completion 0 at step 0"),
+        (all_none, r"returned None for every completion of members \[0, 1, 2, 3\] at step 0"),
+    ],
+)
+def test_bad_reward_functions_fail_with_their_name_and_step(tmp_path, tiny_model, tokenizer, prompt_dataset, reward, message):
+    before = weights(tiny_model)
+    trainer = ESTrainer(tiny_model, reward, args=es_args(tmp_path), train_dataset=prompt_dataset, processing_class=tokenizer)
+    with pytest.raises((RewardFunctionError, ValueError), match=message):
+        trainer.train()
+    assert all(torch.equal(p, before[n]) for n, p in trainer.model.named_parameters())  # failure left weights intact
+
+
+def test_dataset_without_prompt_column(tmp_path, tiny_model, tokenizer):
+    dataset = Dataset.from_dict({"question": ["a", "b"]})
+    with pytest.raises(ValueError, match=r"train_dataset has no 'prompt' column .*'question'.*rename_column"):
+        ESTrainer(tiny_model, token_rate, args=es_args(tmp_path), train_dataset=dataset, processing_class=tokenizer)
+
+
+def test_es_params_selecting_nothing(tmp_path, tiny_model, tokenizer, prompt_dataset):
+    args = es_args(tmp_path, es_params=["no_such_layer"])
+    with pytest.raises(ValueError, match=r"es_params=\['no_such_layer'\] selects no parameter"):
+        ESTrainer(tiny_model, token_rate, args=args, train_dataset=prompt_dataset, processing_class=tokenizer)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (dict(population_size=1), "population_size must be at least 2"),
+        (dict(population_size=7), "population_size must be even when antithetic=True"),
+        (dict(sigma=0.0), "sigma must be positive"),
+        (dict(sigma=-1e-3), "sigma must be positive"),
+        (dict(fitness_shaping="softmax"), "fitness_shaping must be one of"),
+        (dict(es_optimizer="adam"), "es_optimizer must be one of"),
+    ],
+)
+def test_bad_es_config_values(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        es_args(tmp_path, **overrides)
+
+
+def test_odd_population_without_antithetic_is_fine(tmp_path):
+    assert es_args(tmp_path, population_size=7, antithetic=False).population_size == 7
+
+
+# ---- training behaviour ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_reward_rises_over_steps(tmp_path, tiny_model, tokenizer):
+    dataset = Dataset.from_dict({"prompt": ["the quick", "what is 12", "count the", "brown fox"]})
+    args = es_args(tmp_path, max_steps=20, population_size=16, max_completion_length=6)
+    trainer = ESTrainer(tiny_model, token_rate, args=args, train_dataset=dataset, processing_class=tokenizer)
+    trainer.train()
+    rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
+    assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.2
+
+
+def test_lora_adapters_evolve_and_the_base_stays(tmp_path, tiny_model, tokenizer, prompt_dataset):
+    peft = pytest.importorskip("peft")
+    config = peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    trainer = ESTrainer(tiny_model, token_rate, args=es_args(tmp_path), train_dataset=prompt_dataset,
+                        processing_class=tokenizer, peft_config=config)
+    before = weights(trainer.model)
+    trainer.train()
+    for name, p in trainer.model.named_parameters():
+        assert torch.equal(p, before[name]) != ("lora_" in name), name
+
+
+def test_callbacks_logging_evaluate_and_save_model(tmp_path, tiny_model, tokenizer, prompt_dataset):
+    seen = []
+
+    class Recorder(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            seen.append(dict(logs))
+
+    args = es_args(tmp_path, per_device_eval_batch_size=4)
+    trainer = ESTrainer(tiny_model, token_rate, args=args, train_dataset=prompt_dataset, eval_dataset=prompt_dataset,
+                        processing_class=tokenizer, callbacks=[Recorder()])
+    trainer.train()
+    assert [log["es/lr"] for log in seen if "es/lr" in log] == [1e-3, 1e-3]
+    metrics = trainer.evaluate()
+    assert 0.0 <= metrics["eval_reward"] <= 1.0 and "eval_rewards/token_rate/mean" in metrics
+    assert metrics["eval_loss"] == pytest.approx(-metrics["eval_reward"])
+    trainer.save_model(str(tmp_path / "final"))
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "final")
+    assert all(torch.equal(p, q) for p, q in zip(reloaded.parameters(), trainer.model.parameters()))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_resume_from_checkpoint_continues_exactly(tmp_path, tokenizer, prompt_dataset, dtype):
+    def run(output_dir, resume=None):
+        model = build_model(tokenizer, dtype=dtype)
+        args = es_args(tmp_path, output_dir=str(output_dir), max_steps=4, save_strategy="steps", save_steps=2,
+                       num_generations=2, per_device_train_batch_size=2)  # sampled decoding: RNG must resume too
+        trainer = ESTrainer(model, token_rate, args=args, train_dataset=prompt_dataset, processing_class=tokenizer)
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer
+
+    uninterrupted = run(tmp_path / "a")
+    checkpoint = tmp_path / "a" / "checkpoint-2"
+    assert (checkpoint / "es_state.pt").exists()
+    resumed = run(tmp_path / "b", resume=str(checkpoint))
+    for (name, p), q in zip(uninterrupted.model.named_parameters(), resumed.model.parameters()):
+        assert torch.equal(p, q), name
+    if dtype == torch.bfloat16:
+        for name, master in uninterrupted.es.master.copies.items():
+            assert torch.equal(master, resumed.es.master.copies[name])
+    rewards = lambda t: [h["reward"] for h in t.state.log_history if "reward" in h]  # noqa: E731
+    assert rewards(resumed)[2:] == rewards(uninterrupted)[2:]  # steps 3 and 4 replayed exactly
+
+
+def test_resume_refuses_a_checkpoint_without_es_state(tmp_path, tiny_model, tokenizer, prompt_dataset):
+    args = es_args(tmp_path, max_steps=2, save_strategy="steps", save_steps=1)
+    ESTrainer(tiny_model, token_rate, args=args, train_dataset=prompt_dataset, processing_class=tokenizer).train()
+    checkpoint = Path(args.output_dir) / "checkpoint-1"
+    (checkpoint / "es_state.pt").unlink()
+    trainer = ESTrainer(build_model(tokenizer), token_rate, args=args, train_dataset=prompt_dataset, processing_class=tokenizer)
+    with pytest.raises(FileNotFoundError, match="has no es_state.pt"):
+        trainer.train(resume_from_checkpoint=str(checkpoint))
