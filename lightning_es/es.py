@@ -10,7 +10,13 @@ One ES step, as in OpenAI-ES and the ES-at-scale paper:
 
 The ES-at-scale paper writes its step as ``alpha / N * sum_i f_i * eps_i``; that is ``lr * g`` with
 ``lr = alpha * sigma`` (alpha = 5e-4 and sigma = 1e-3 give the default lr = 5e-7).
+
+``perturbation="full"`` writes full-rank noise into the weights, one member at a time. ``perturbation="lowrank"``
+applies rank-``rank`` noise to the ``nn.Linear`` weights through forward hooks, so a whole population runs as one
+batch (``perturbation.apply_population``); it needs ``model`` to find the layers.
 """
+
+PERTURBATIONS = ("full", "lowrank")
 
 import math
 from collections.abc import Callable, Mapping
@@ -19,7 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .estimator import estimate_gradient, noise_coefficients
+from .estimator import noise_coefficients
+from .lowrank import LowRankPerturbation, hookable_linear_weights
 from .master import MasterWeights
 from .noise import GaussianNoise
 from .perturbation import InPlacePerturbation
@@ -46,6 +53,9 @@ class EvolutionStrategy:
         fitness_shaping: str | Callable[[torch.Tensor], torch.Tensor] = "zscore",
         seed: int = 0,
         master_device: torch.device | str | None = None,
+        perturbation: str = "full",
+        rank: int = 1,
+        model: torch.nn.Module | None = None,
     ):
         if not sigma > 0 or not math.isfinite(sigma):
             raise ValueError(f"sigma must be a positive finite number, got {sigma}.")
@@ -53,14 +63,24 @@ class EvolutionStrategy:
             raise ValueError(f"lr must be a non-negative finite number, got {lr}.")
         if not params:
             raise ValueError("params is empty: ES needs at least one parameter to evolve.")
-        self.params = dict(params)
+        if perturbation not in PERTURBATIONS:
+            raise ValueError(f"perturbation must be one of {PERTURBATIONS}, got {perturbation!r}.")
         self.population = Population(population_size, antithetic, seed)
         self.sigma = sigma
         self.lr = lr
         self.shape_fitness = fitness_shaping if callable(fitness_shaping) else get_fitness_shaping(fitness_shaping)
         self.noise = GaussianNoise()
-        self.master = MasterWeights(self.params, device=master_device)
-        self.perturbation = InPlacePerturbation(self.params, self.master, self.noise, sigma)
+        if perturbation == "full":
+            self.params = dict(params)
+            self.master = MasterWeights(self.params, device=master_device)
+            self.perturbation = InPlacePerturbation(self.params, self.master, self.noise, sigma)
+        else:
+            if model is None:
+                raise ValueError("perturbation='lowrank' needs model= to find the nn.Linear layers.")
+            layers = hookable_linear_weights(model, params)
+            self.params = {name: params[name] for name in layers}
+            self.master = MasterWeights(self.params, device=master_device, only_low_precision=True)
+            self.perturbation = LowRankPerturbation(layers, self.noise, sigma, rank)
 
     @property
     def population_size(self) -> int:
@@ -89,9 +109,7 @@ class EvolutionStrategy:
         shaped = self.shape_fitness(self._check_fitness(fitness))
         coefficients = noise_coefficients(self.members(step), shaped)
         for name, p in self.params.items():
-            yield name, estimate_gradient(
-                self.noise, coefficients, name, p.shape, p.device, self.population_size, self.sigma
-            )
+            yield name, self.perturbation.noise_sum(coefficients, name, p).div_(self.population_size * self.sigma)
 
     def step(self, step: int, fitness: torch.Tensor, lr: float | None = None) -> StepStats:
         """Apply ``theta += lr * g`` through the fp32 master copy."""

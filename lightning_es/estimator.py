@@ -1,11 +1,10 @@
-"""The OpenAI-ES gradient estimate ``g = sum_i f_i * eps_i / (N * sigma)``, one parameter tensor at a time."""
+"""Weights of the noise terms in the OpenAI-ES estimate ``g = sum_i f_i * eps_i / (N * sigma)``."""
 
 from collections import defaultdict
 from collections.abc import Sequence
 
 import torch
 
-from .noise import GaussianNoise
 from .population import Member
 
 
@@ -15,18 +14,3 @@ def noise_coefficients(members: Sequence[Member], shaped_fitness: torch.Tensor) 
     for member in members:
         coefficients[member.seed] += member.sign * float(shaped_fitness[member.index])
     return {seed: c for seed, c in coefficients.items() if c != 0.0}
-
-
-def estimate_gradient(
-    noise: GaussianNoise,
-    coefficients: dict[int, float],
-    name: str,
-    shape: torch.Size,
-    device: torch.device | str,
-    population_size: int,
-    sigma: float,
-) -> torch.Tensor:
-    gradient = torch.zeros(shape, device=device, dtype=torch.float32)
-    for seed, coefficient in coefficients.items():
-        gradient.add_(noise.sample(seed, name, shape, device), alpha=coefficient)
-    return gradient.div_(population_size * sigma)

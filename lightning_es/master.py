@@ -13,12 +13,21 @@ import torch
 
 
 class MasterWeights:
-    def __init__(self, params: Mapping[str, torch.nn.Parameter], device: torch.device | str | None = None):
+    """Copies of ``params``; with ``only_low_precision`` just of those not stored in fp32 (when nothing perturbs the
+    weights in place, fp32 weights need no restore source and take their updates directly)."""
+
+    def __init__(
+        self,
+        params: Mapping[str, torch.nn.Parameter],
+        device: torch.device | str | None = None,
+        only_low_precision: bool = False,
+    ):
         self.params = dict(params)
         with torch.no_grad():
             self.copies = {
                 name: p.detach().to(device=device or p.device, dtype=torch.float32, copy=True)
                 for name, p in self.params.items()
+                if not (only_low_precision and p.dtype == torch.float32)
             }
 
     def __getitem__(self, name: str) -> torch.Tensor:
@@ -27,20 +36,24 @@ class MasterWeights:
     @torch.no_grad()
     def restore(self) -> None:
         """Write the master values back into the model (rounded once to the model's dtype)."""
-        for name, p in self.params.items():
-            p.copy_(self.copies[name])
+        for name, master in self.copies.items():
+            self.params[name].copy_(master)
 
     @torch.no_grad()
     def add_(self, name: str, delta: torch.Tensor) -> None:
+        param = self.params[name]
+        if name not in self.copies:
+            param.add_(delta.to(param.device))
+            return
         master = self.copies[name]
         master.add_(delta.to(master.device))
-        self.params[name].copy_(master)
+        param.copy_(master)
 
     @torch.no_grad()
     def sync_from_model(self) -> None:
         """Adopt the model's values, after something other than ES (an optimizer step, a checkpoint load) moved them."""
-        for name, p in self.params.items():
-            self.copies[name].copy_(p)
+        for name, master in self.copies.items():
+            master.copy_(self.params[name])
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {name: t.cpu() for name, t in self.copies.items()}

@@ -16,6 +16,8 @@ from .population import Member
 
 
 class InPlacePerturbation:
+    batched = False
+
     def __init__(
         self,
         params: Mapping[str, torch.nn.Parameter],
@@ -41,3 +43,10 @@ class InPlacePerturbation:
             yield
         finally:
             self.master.restore()
+
+    def noise_sum(self, coefficients: dict[int, float], name: str, weight: torch.Tensor) -> torch.Tensor:
+        """``sum_s c_s * eps_s`` for one weight, regenerating one seed's noise at a time."""
+        total = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32)
+        for seed, coefficient in coefficients.items():
+            total.add_(self.noise.sample(seed, name, weight.shape, weight.device), alpha=coefficient)
+        return total

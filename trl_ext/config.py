@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from transformers.trainer_utils import SchedulerType
 from trl import GRPOConfig
 
+from lightning_es.es import PERTURBATIONS
 from lightning_es.shaping import FITNESS_SHAPING
 
 logger = logging.getLogger(__name__)
@@ -73,6 +74,14 @@ class ESConfig(GRPOConfig):
             "-g to the Trainer's optimizer (`optim`, e.g. AdamW), with its weight decay and gradient clipping."
         },
     )
+    perturbation: str = field(
+        default="full",
+        metadata={
+            "help": "'full': full-rank noise written into the weights, one member at a time. 'lowrank': rank-"
+            "`perturbation_rank` noise on nn.Linear weights through forward hooks, the whole population in one batch."
+        },
+    )
+    perturbation_rank: int = field(default=1, metadata={"help": "Rank of the low-rank perturbations."})
     es_master_device: str | None = field(
         default=None,
         metadata={"help": "Where the fp32 master copy of the evolved weights lives (default: beside each weight)."},
@@ -109,6 +118,10 @@ class ESConfig(GRPOConfig):
             raise ValueError(f"fitness_shaping must be one of {sorted(FITNESS_SHAPING)}, got {self.fitness_shaping!r}.")
         if self.es_optimizer not in ES_OPTIMIZERS:
             raise ValueError(f"es_optimizer must be one of {ES_OPTIMIZERS}, got {self.es_optimizer!r}.")
+        if self.perturbation not in PERTURBATIONS:
+            raise ValueError(f"perturbation must be one of {PERTURBATIONS}, got {self.perturbation!r}.")
+        if self.perturbation_rank < 1:
+            raise ValueError(f"perturbation_rank must be at least 1, got {self.perturbation_rank}.")
         if self.num_generations < 1:
             raise ValueError(f"num_generations must be at least 1, got {self.num_generations}.")
 

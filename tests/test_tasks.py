@@ -1,0 +1,141 @@
+import time
+
+import pytest
+from datasets import Dataset
+
+from lightning_es.tasks import countdown, gsm8k
+
+
+# ---- GSM8K -----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("completion", "answer", "reward"),
+    [
+        ("12 + 30 = 42\n#### 42", "42", 1.0),
+        ("The total is 1,234 apples.\n#### 1,234", "1234", 1.0),
+        ("She pays $1,234.50 in all. #### $1,234.50", "1234.5", 1.0),
+        ("3 boxes of 4 make 12, minus 2 is 10", "10", 1.0),  # no marker: the last number counts
+        ("#### 10\nActually 7 + 4 = 11", "10", 1.0),  # the marked number beats later numbers
+        ("#### 10\n#### 11", "11", 1.0),  # the last marker wins
+        ("I think 10. Then 12.", "10", 0.0),
+        ("The temperature fell to -5 degrees. #### -5", "-5", 1.0),
+        ("#### 72.0", "72", 1.0),
+        ("I do not know.", "3", 0.0),
+        ("", "3", 0.0),
+    ],
+)
+def test_gsm8k_correctness(completion, answer, reward):
+    assert gsm8k.correctness_reward([completion], answer=[answer]) == [reward]
+
+
+def test_gsm8k_reference_answers_in_the_dataset_format():
+    assert gsm8k.reference_answer("Natalia sold 48/2 = 24 clips.\n#### 72") == 72
+    assert gsm8k.reference_answer("#### 1,000") == 1000
+    with pytest.raises(ValueError, match="holds no number"):
+        gsm8k.reference_answer("no number here")
+
+
+def test_gsm8k_rewards_take_conversational_completions():
+    completions = [[{"role": "assistant", "content": "#### 5"}], [{"role": "assistant", "content": "five"}]]
+    assert gsm8k.correctness_reward(completions, answer=["5", "5"]) == [1.0, 0.0]
+    assert gsm8k.format_reward(completions) == [1.0, 0.0]
+
+
+def test_gsm8k_format_reward():
+    assert gsm8k.format_reward(["#### 12", "####", "answer: 12", "#### -3.5"]) == [1.0, 0.0, 0.0, 1.0]
+
+
+def test_gsm8k_rows_without_the_expected_columns():
+    with pytest.raises(ValueError, match=r"lacks the GSM8K columns \['answer'\].*'question'"):
+        gsm8k.from_rows(Dataset.from_dict({"question": ["q"], "solution": ["#### 1"]}), "my copy")
+
+
+def test_gsm8k_local_copy_and_missing_path(tmp_path):
+    rows = Dataset.from_dict({"question": ["1+1?", "2+2?", "3+3?"], "answer": ["#### 2", "#### 4", "#### 6"]})
+    from datasets import DatasetDict
+
+    DatasetDict({"train": rows, "test": rows}).save_to_disk(tmp_path / "gsm8k")
+    train, test = gsm8k.load_splits(dataset_path=str(tmp_path / "gsm8k"), train_size=2, eval_size=3)
+    assert len(train) == 2 and test["answer"] == ["2", "4", "6"]
+    assert test["prompt"][0][0]["content"].startswith("1+1?")
+    with pytest.raises(FileNotFoundError, match="dataset_path .* does not exist"):
+        gsm8k.load_splits(dataset_path=str(tmp_path / "missing"))
+
+
+def test_gsm8k_offline_generation_has_exact_answers(monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    train, test = gsm8k.load_splits(train_size=3, eval_size=2, seed=1)
+    assert "generated offline" in capsys.readouterr().out
+    assert len(train) == 3 and len(test) == 2
+    assert set(train["prompt"][0][0]["content"].split()) != set(test["prompt"][0][0]["content"].split())
+    assert all(gsm8k.parse_number(a) is not None for a in train["answer"])
+
+
+# ---- Countdown -------------------------------------------------------------------------------------------------
+
+
+def score(expression, numbers=(3, 5, 7), target=22):
+    return countdown.correctness_reward([f"<answer>{expression}</answer>"], numbers=[list(numbers)], target=[target])[0]
+
+
+@pytest.mark.parametrize(
+    ("expression", "reward"),
+    [
+        ("3 * 5 + 7", 1.0),
+        ("(7 + 5) * 3 - 14", 0.0),  # uses a number that was not given
+        ("7 * 3 + 1", 0.0),  # misses 5 and invents 1
+        ("3 * 5 + 7 + 0", 0.0),
+        ("5 * 3 + 7 * 1", 0.0),
+        ("7 * 5 - 3 * 3", 0.0),  # 3 used twice
+        ("3 * 5 + 6", 0.0),  # wrong value and number
+        ("(3 * 5 + 7", 0.0),  # syntax error
+        ("7 / (5 - 5) + 3", 0.0),  # division by zero
+        ("3.0 * 5 + 7", 0.0),  # only the integers given
+        ("-3 * -5 + 7", 0.0),  # no unary minus
+    ],
+)
+def test_countdown_correctness(expression, reward):
+    assert score(expression) == reward
+
+
+def test_countdown_exact_division():
+    assert score("(5 + 7) / 3 * 6", numbers=(5, 7, 3, 6), target=24) == 1.0
+    assert score("7 / 3 * 3 + 5", numbers=(7, 3, 3, 5), target=12) == 1.0  # exact fractions, no float error
+
+
+@pytest.mark.parametrize(
+    "expression",
+    [
+        "__import__('os').system('touch /tmp/pwned')",
+        "open('/etc/passwd').read()",
+        "(lambda: 22)()",
+        "3 ** 5 ** 7",
+        "[3, 5, 7][0] * 7",
+        "x * 5 + 7",
+        "(" * 150 + "3" + ")" * 150,
+    ],
+)
+def test_countdown_never_evaluates_code(expression, tmp_path):
+    started = time.perf_counter()
+    assert score(expression) == 0.0
+    assert time.perf_counter() - started < 1.0
+    assert not (tmp_path / "pwned").exists()
+    with pytest.raises(ValueError):
+        countdown.evaluate_expression(expression)
+
+
+def test_countdown_answer_extraction_and_format():
+    text = "First <answer>1 + 2</answer> then <answer> 3 * 5 + 7 </answer>"
+    assert countdown.extract_answer(text) == "3 * 5 + 7"
+    assert countdown.format_reward([text, "3 * 5 + 7", [{"role": "assistant", "content": "<answer>1</answer>"}]]) == [
+        1.0, 0.0, 1.0,
+    ]
+
+
+def test_countdown_generation_is_seeded_and_solvable():
+    first, again = countdown.generate(4, seed=3), countdown.generate(4, seed=3)
+    assert first["numbers"] == again["numbers"] and first["target"] == again["target"]
+    assert countdown.generate(4, seed=4)["numbers"] != first["numbers"]
+    assert all(3 <= len(n) <= 4 for n in first["numbers"])
+    assert str(first["target"][0]) in first["prompt"][0][0]["content"]

@@ -1,0 +1,19 @@
+"""Argument parsing for the recipes: TRL's `TrlParser` with recipe defaults and a `--quick` smoke mode."""
+
+from trl import TrlParser
+
+
+def parse_recipe_args(dataclass_types, defaults: dict, quick: dict, argv=None):
+    """Parse CLI flags and `--config` YAML over `defaults`; with `--quick`, over `defaults | quick`.
+
+    Defaults naming a field that none of the dataclasses has (an ES field under `GRPOConfig`) are skipped, so
+    that ES and GRPO recipes can share one table.
+    """
+    parser = TrlParser(dataclass_types)
+    known = {action.dest for action in parser._actions}
+    parser.set_defaults(**{k: v for k, v in defaults.items() if k in known})
+    parsed = parser.parse_args_and_config(argv)
+    if getattr(parsed[0], "quick", False):  # parse again so that derived fields see the smoke-mode values
+        parser.set_defaults(**{k: v for k, v in quick.items() if k in known})
+        parsed = parser.parse_args_and_config(argv)
+    return parsed
