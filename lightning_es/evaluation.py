@@ -12,16 +12,16 @@ def render_prompts(tokenizer, prompts: list) -> list[str]:
 
 
 @torch.no_grad()
-def greedy_accuracy(
+def greedy_scores(
     model,
     tokenizer,
     dataset,
-    reward: Callable[..., list[float]],
+    rewards: dict[str, Callable[..., list[float]]],
     max_new_tokens: int,
     batch_size: int = 16,
     accelerator=None,
-) -> float:
-    """Mean of ``reward`` (TRL signature, 1.0 = correct) over greedy completions of ``dataset["prompt"]``."""
+) -> dict[str, float]:
+    """Mean of each reward function (TRL signature) over greedy completions of ``dataset["prompt"]``."""
     indices = list(range(len(dataset)))
     if accelerator is not None:
         with accelerator.split_between_processes(indices) as local:
@@ -30,7 +30,7 @@ def greedy_accuracy(
     model.eval()
     tokenizer.padding_side = "left"
     device = next(model.parameters()).device
-    scores = []
+    scores = {name: [] for name in rewards}
     for start in range(0, len(indices), batch_size):
         rows = dataset.select(indices[start : start + batch_size])
         text = render_prompts(tokenizer, rows["prompt"])
@@ -41,10 +41,11 @@ def greedy_accuracy(
         )
         completions = tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
         columns = {k: rows[k] for k in rows.column_names if k != "prompt"}
-        scores += reward(completions=completions, **columns)
+        for name, reward in rewards.items():
+            scores[name] += reward(completions=completions, **columns)
     model.train(was_training)
     if accelerator is not None:
         from accelerate.utils import gather_object
 
-        scores = gather_object(scores)
-    return sum(scores) / max(1, len(scores))
+        scores = {name: gather_object(values) for name, values in scores.items()}
+    return {name: sum(values) / max(1, len(values)) for name, values in scores.items()}

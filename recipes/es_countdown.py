@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from trl import ModelConfig, get_peft_config
 
-from lightning_es.evaluation import greedy_accuracy
+from lightning_es.evaluation import greedy_scores
 from lightning_es.models import resolve_model
 from lightning_es.tasks import countdown
 from trl_ext import ESConfig, ESTrainer
@@ -19,15 +19,16 @@ from trl_ext.recipes import parse_recipe_args
 
 RECIPE_DEFAULTS = dict(
     output_dir="outputs/countdown",
-    max_steps=12,
-    per_device_train_batch_size=8,
-    max_completion_length=64,
-    population_size=8,
+    max_steps=20,
+    per_device_train_batch_size=16,
+    max_completion_length=48,
+    population_size=16,
+    perturbation="lowrank",
     sigma=1e-3,
     learning_rate=1e-6,
     reward_weights=[1.0, 0.5],
     logging_steps=1,
-    save_steps=6,
+    save_steps=10,
     save_total_limit=1,
     bf16=False,
     report_to="none",
@@ -58,18 +59,21 @@ def main(script_args, training_args, model_args):
         peft_config=get_peft_config(model_args),
     )
 
-    def accuracy():
-        return greedy_accuracy(
-            trainer.model, trainer.processing_class, eval_dataset, countdown.correctness_reward,
+    def scores():
+        rewards = {"accuracy": countdown.correctness_reward, "answer format": countdown.format_reward}
+        return greedy_scores(
+            trainer.model, trainer.processing_class, eval_dataset, rewards,
             max_new_tokens=training_args.max_completion_length, accelerator=trainer.accelerator,
         )
 
-    before = accuracy()
+    before = scores()
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    after = accuracy()
+    after = scores()
     trainer.save_model(training_args.output_dir)
     if trainer.accelerator.is_main_process:
-        print(f"Countdown accuracy on {len(eval_dataset)} held-out problems: before {before:.1%}, after {after:.1%}")
+        for name in before:
+            print(f"Countdown {name} on {len(eval_dataset)} held-out problems: before {before[name]:.1%}, "
+                  f"after {after[name]:.1%}")
     return before, after
 
 

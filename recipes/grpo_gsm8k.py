@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from trl import ModelConfig, ScriptArguments, get_peft_config
 
-from lightning_es.evaluation import greedy_accuracy
+from lightning_es.evaluation import greedy_scores
 from lightning_es.models import resolve_model
 from lightning_es.tasks import gsm8k
 from trl_ext.recipes import parse_recipe_args
@@ -22,15 +22,16 @@ from trl import GRPOConfig, GRPOTrainer
 # Chosen so that the default run finishes in under 15 minutes on a 2-core CPU; fields a config lacks are skipped.
 RECIPE_DEFAULTS = dict(
     output_dir="outputs/gsm8k",
-    max_steps=15,
-    per_device_train_batch_size=8,
+    max_steps=20,
+    per_device_train_batch_size=16,
     max_completion_length=32,
-    population_size=8,
+    population_size=16,
+    perturbation="lowrank",
     sigma=1e-3,
-    learning_rate=2e-6,
+    learning_rate=1e-6,
     reward_weights=[1.0, 0.5],
     logging_steps=1,
-    save_steps=6,
+    save_steps=10,
     save_total_limit=1,
     bf16=False,
     report_to="none",
@@ -69,18 +70,21 @@ def main(script_args, training_args, model_args):
         peft_config=get_peft_config(model_args),
     )
 
-    def accuracy():
-        return greedy_accuracy(
-            trainer.model, trainer.processing_class, eval_dataset, gsm8k.correctness_reward,
+    def scores():
+        rewards = {"accuracy": gsm8k.correctness_reward, "answer format": gsm8k.format_reward}
+        return greedy_scores(
+            trainer.model, trainer.processing_class, eval_dataset, rewards,
             max_new_tokens=training_args.max_completion_length, accelerator=trainer.accelerator,
         )
 
-    before = accuracy()
+    before = scores()
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    after = accuracy()
+    after = scores()
     trainer.save_model(training_args.output_dir)
     if trainer.accelerator.is_main_process:
-        print(f"GSM8K accuracy on {len(eval_dataset)} held-out problems: before {before:.1%}, after {after:.1%}")
+        for name in before:
+            print(f"GSM8K {name} on {len(eval_dataset)} held-out problems: before {before[name]:.1%}, "
+                  f"after {after[name]:.1%}")
     return before, after
 
 

@@ -1,0 +1,104 @@
+"""Peak memory of an ES step against plain generation of the same batch, with GRPOTrainer's step beside them.
+
+    python benchmarks/es_memory.py --model tiny|smollm2 [--population 8] [--prompts 8] [--new_tokens 32]
+
+Each variant runs in a fresh process; the figure is that process's peak resident memory (CPU) or peak allocated
+accelerator memory (CUDA), so variants do not see each other's allocations.
+"""
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+from common import encode, generate, load
+
+
+def peak_megabytes() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_variant(args):
+    from datasets import Dataset
+
+    from lightning_es import EvolutionStrategy, select_parameters
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, tokenizer = load(args.model)
+    model.to(device)
+    inputs = encode(tokenizer, args.prompts, device)
+    population_batch = {k: v.repeat(args.population, 1) for k, v in inputs.items()}
+    if args.variant == "generate":
+        generate(model, inputs, args.new_tokens)
+    elif args.variant == "generate_population":
+        generate(model, population_batch, args.new_tokens)
+    elif args.variant in ("es_full", "es_lowrank"):
+        lowrank = args.variant == "es_lowrank"
+        es = EvolutionStrategy(select_parameters(model), population_size=args.population,
+                               perturbation="lowrank" if lowrank else "full", model=model)
+        members = es.members(0)
+        if lowrank:
+            with es.perturbation.apply_population(members):
+                generate(model, population_batch, args.new_tokens)
+        else:
+            for member in members:
+                with es.perturbed(member):
+                    generate(model, inputs, args.new_tokens)
+        es.step(0, torch.randn(args.population))
+    elif args.variant == "grpo_step":
+        from trl import GRPOConfig, GRPOTrainer
+
+        dataset = Dataset.from_dict({"prompt": [[{"role": "user", "content": "What is 12 + 30?"}]] * 64})
+        config = GRPOConfig(output_dir=tempfile.mkdtemp(), max_steps=1, per_device_train_batch_size=args.prompts,
+                            num_generations=min(args.prompts, 8), max_completion_length=args.new_tokens,
+                            report_to="none", bf16=False, save_strategy="no", disable_tqdm=True,
+                            gradient_checkpointing=False, generation_kwargs={"min_new_tokens": args.new_tokens})
+        GRPOTrainer(model, lambda completions, **kw: [float(len(c)) for c in completions], args=config,
+                    train_dataset=dataset, processing_class=tokenizer).train()
+    print(json.dumps({"variant": args.variant, "peak_mb": peak_megabytes()}))
+
+
+VARIANTS = {
+    "generate": "plain generate, prompts",
+    "es_full": "ES step, full-rank, member by member",
+    "generate_population": "plain generate, population x prompts",
+    "es_lowrank": "ES step, low-rank, one batch",
+    "grpo_step": "GRPOTrainer step (AdamW), same prompts",
+}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--population", type=int, default=8)
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--new_tokens", type=int, default=32)
+    parser.add_argument("--variant", choices=sorted(VARIANTS))
+    args = parser.parse_args()
+    if args.variant:
+        return run_variant(args)
+    peaks = {}
+    for variant in VARIANTS:
+        command = [sys.executable, __file__, "--variant", variant] + [
+            f"--{k}={getattr(args, k)}" for k in ("model", "population", "prompts", "new_tokens")
+        ]
+        output = subprocess.run(command, capture_output=True, text=True, check=True, env={**os.environ}).stdout
+        peaks[variant] = json.loads(output.strip().splitlines()[-1])["peak_mb"]
+    print(f"model={args.model} population={args.population} prompts={args.prompts} new_tokens={args.new_tokens}")
+    print(f"{'variant':42s} {'peak MB':>9s} {'ratio':>6s}")
+    baselines = {"generate": "generate", "es_full": "generate", "grpo_step": "generate",
+                 "generate_population": "generate_population", "es_lowrank": "generate_population"}
+    for variant, label in VARIANTS.items():
+        ratio = peaks[variant] / peaks[baselines[variant]]
+        print(f"{label:42s} {peaks[variant]:9.0f} {ratio:6.2f}  (vs {VARIANTS[baselines[variant]]})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""ES iteration time with 2 processes against 1 process at a fixed population (each process holds the model).
+
+    python benchmarks/es_processes.py --model tiny|smollm2 [--population 16] [--prompts 8] [--new_tokens 32]
+
+Launches the same worker with torchrun (gloo) on 1 and on 2 processes; the machine's cores are split evenly among
+the processes (torch threads per process = cores / processes), so both runs use the same hardware.
+"""
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+from common import encode, generate, load
+
+
+def worker(args):
+    from lightning_es import EvolutionStrategy, select_parameters
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model, tokenizer = load(args.model)
+    inputs = encode(tokenizer, args.prompts)
+    es = EvolutionStrategy(select_parameters(model), population_size=args.population, seed=0)
+    times = []
+    for step in range(args.steps + 1):
+        started = time.perf_counter()
+        fitness = torch.zeros(args.population)
+        for member in es.local_members(step, rank, world):
+            with es.perturbed(member):
+                output = generate(model, inputs, args.new_tokens)
+            fitness[member.index] = float(output.float().mean())
+        dist.all_reduce(fitness)  # members not evaluated here are 0 on this process
+        es.step(step, fitness)
+        times.append(time.perf_counter() - started)
+    if rank == 0:
+        print(f"SECONDS_PER_ITERATION {min(times[1:])}")  # the first iteration warms up
+    dist.destroy_process_group()
+
+
+def launch(args, processes: int) -> float:
+    threads = max(1, (os.cpu_count() or 1) // processes)
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}", "--master_port=29533",
+               __file__, "--worker"] + [f"--{k}={getattr(args, k)}" for k in ("model", "population", "prompts",
+                                                                               "new_tokens", "steps")]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    output = subprocess.run(command, capture_output=True, text=True, check=True, env=env).stdout
+    return float(next(line for line in output.splitlines() if line.startswith("SECONDS")).split()[1])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--population", type=int, default=16)
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--new_tokens", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--worker", action="store_true")
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args)
+    one, two = launch(args, 1), launch(args, 2)
+    print(f"model={args.model} population={args.population} prompts={args.prompts} new_tokens={args.new_tokens} "
+          f"cores={os.cpu_count()}")
+    print(f"1 process:   {one:7.2f} s/iteration")
+    print(f"2 processes: {two:7.2f} s/iteration   (2 / 1 = {two / one:.2f}; ideal 0.5 with one core per process)")
+
+
+if __name__ == "__main__":
+    main()
