@@ -36,8 +36,8 @@ RECIPE_DEFAULTS = dict(
     bf16=False,
     report_to="none",
 )
-QUICK = dict(max_steps=2, per_device_train_batch_size=2, max_completion_length=8, population_size=4, save_steps=1,
-             train_size=8, eval_size=4)
+QUICK = dict(max_steps=2, per_device_train_batch_size=2, num_generations=2, max_completion_length=8, population_size=4,
+             save_steps=1, train_size=8, eval_size=4)
 
 
 @dataclass
