@@ -15,7 +15,7 @@ from lightning_es.evaluation import greedy_scores
 from lightning_es.models import resolve_model
 from lightning_es.tasks import countdown
 from trl_ext import ESConfig, ESTrainer
-from trl_ext.recipes import parse_recipe_args
+from trl_ext.recipes import parse_recipe_args, use_all_cpu_cores
 
 RECIPE_DEFAULTS = dict(
     output_dir="outputs/countdown",
@@ -78,4 +78,5 @@ def main(script_args, training_args, model_args):
 
 
 if __name__ == "__main__":
+    use_all_cpu_cores()
     main(*parse_recipe_args((CountdownArguments, ESConfig, ModelConfig), RECIPE_DEFAULTS, QUICK))

@@ -16,7 +16,7 @@ from trl import ModelConfig, ScriptArguments, get_peft_config
 from lightning_es.evaluation import greedy_scores
 from lightning_es.models import resolve_model
 from lightning_es.tasks import gsm8k
-from trl_ext.recipes import parse_recipe_args
+from trl_ext.recipes import parse_recipe_args, use_all_cpu_cores
 from trl_ext import ESConfig as GRPOConfig, ESTrainer as GRPOTrainer
 
 # Chosen so that the default run finishes in under 15 minutes on a 2-core CPU; fields a config lacks are skipped.
@@ -89,4 +89,5 @@ def main(script_args, training_args, model_args):
 
 
 if __name__ == "__main__":
+    use_all_cpu_cores()
     main(*parse_recipe_args((GSM8KArguments, GRPOConfig, ModelConfig), RECIPE_DEFAULTS, QUICK))

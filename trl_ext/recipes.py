@@ -1,5 +1,8 @@
 """Argument parsing for the recipes: TRL's `TrlParser` with recipe defaults and a `--quick` smoke mode."""
 
+import os
+
+import torch
 from trl import TrlParser
 
 
@@ -17,3 +20,15 @@ def parse_recipe_args(dataclass_types, defaults: dict, quick: dict, argv=None):
         parser.set_defaults(**{k: v for k, v in quick.items() if k in known})
         parsed = parser.parse_args_and_config(argv)
     return parsed
+
+
+def use_all_cpu_cores() -> None:
+    """Give each local process an equal share of the CPU's logical cores.
+
+    `accelerate launch` sets OMP_NUM_THREADS=1 on a host where it counts one physical core, which halves generation
+    speed on a 2-vCPU machine. No effect when a GPU is visible.
+    """
+    if torch.cuda.is_available():
+        return
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // processes))

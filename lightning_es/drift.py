@@ -1,0 +1,109 @@
+"""Off-task drift: KL between the current policy and its starting weights on probe prompts.
+
+The reference weights are kept as one fp32 copy in host memory, never a second model on the accelerator; they are
+swapped into the model for the reference pass and the current weights swapped back exactly.
+"""
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from .metrics import KLDrift, exact_token_kl, sampled_token_kl
+from .noise import derive_seed
+
+ESTIMATORS = ("sampled", "exact")
+
+
+class DriftProbe:
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        prompts: Sequence[str],
+        estimator: str = "sampled",
+        max_new_tokens: int = 32,
+        batch_size: int = 8,
+        seed: int = 0,
+    ):
+        if not prompts:
+            raise ValueError("prompts is empty: the drift probe needs at least one off-task prompt.")
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}.")
+        self.tokenizer = tokenizer
+        self.prompts = list(prompts)
+        self.estimator = estimator
+        self.max_new_tokens = max_new_tokens
+        self.batch_size = batch_size
+        self.seed = seed
+        context = getattr(model.config, "max_position_embeddings", None)
+        longest = max(len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in self.prompts)
+        needed = longest + (max_new_tokens if estimator == "sampled" else 0)
+        if context is not None and needed > context:
+            raise ValueError(
+                f"probe sequences need {needed} tokens (longest prompt {longest}"
+                f"{f' + {max_new_tokens} new' if estimator == 'sampled' else ''}) but the model's context is "
+                f"{context}: shorten the probe prompts or max_new_tokens."
+            )
+        self.reference = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters()}
+
+    @contextmanager
+    def reference_weights(self, model: nn.Module) -> Iterator[None]:
+        params = dict(model.named_parameters())
+        current = {n: p.detach().to("cpu", copy=True) for n, p in params.items()}
+        try:
+            with torch.no_grad():
+                for n, p in params.items():
+                    p.copy_(self.reference[n])
+            yield
+        finally:
+            with torch.no_grad():
+                for n, p in params.items():
+                    p.copy_(current[n])
+
+    def _batches(self, device):
+        self.tokenizer.padding_side = "left"
+        for start in range(0, len(self.prompts), self.batch_size):
+            chunk = self.prompts[start : start + self.batch_size]
+            yield self.tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+
+    @staticmethod
+    def _logits(model, ids, mask):
+        return model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+
+    @torch.no_grad()
+    def measure(self, model: nn.Module, metric: KLDrift | None = None, step: int = 0) -> KLDrift:
+        """Feed this process's probe tokens into ``metric`` (a fresh `KLDrift` if None) and return it."""
+        metric = metric if metric is not None else KLDrift()
+        was_training = model.training
+        model.eval()
+        device = next(model.parameters()).device
+        for index, batch in enumerate(self._batches(device)):
+            ids, mask = batch["input_ids"], batch["attention_mask"]
+            if self.estimator == "sampled":
+                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                    torch.manual_seed(derive_seed(self.seed, "drift", step, index))
+                    ids = model.generate(
+                        input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
+                        max_new_tokens=self.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
+                    )
+                generated = ids[:, batch["input_ids"].shape[1] :]
+                mask = torch.cat([mask, (generated != self.tokenizer.pad_token_id).long()], dim=1)
+            targets = ids[:, 1:]
+            scored = mask[:, 1:].clone()
+            if self.estimator == "sampled":
+                scored[:, : batch["input_ids"].shape[1] - 1] = 0  # only the sampled continuation
+            current = self._logits(model, ids, mask)
+            with self.reference_weights(model):
+                reference = self._logits(model, ids, mask)
+            if self.estimator == "sampled":
+                per_token = sampled_token_kl(
+                    torch.log_softmax(current, -1).gather(-1, targets[..., None]).squeeze(-1),
+                    torch.log_softmax(reference, -1).gather(-1, targets[..., None]).squeeze(-1),
+                )
+            else:
+                per_token = exact_token_kl(current, reference)
+            metric.update(per_token, scored)
+        model.train(was_training)
+        return metric
