@@ -56,6 +56,7 @@ class EvolutionStrategy:
         perturbation: str = "full",
         rank: int = 1,
         model: torch.nn.Module | None = None,
+        anchor_decay: float = 0.0,
     ):
         if not sigma > 0 or not math.isfinite(sigma):
             raise ValueError(f"sigma must be a positive finite number, got {sigma}.")
@@ -63,6 +64,8 @@ class EvolutionStrategy:
             raise ValueError(f"lr must be a non-negative finite number, got {lr}.")
         if not params:
             raise ValueError("params is empty: ES needs at least one parameter to evolve.")
+        if not anchor_decay >= 0:
+            raise ValueError(f"anchor_decay must be non-negative, got {anchor_decay}.")
         if perturbation not in PERTURBATIONS:
             raise ValueError(f"perturbation must be one of {PERTURBATIONS}, got {perturbation!r}.")
         self.population = Population(population_size, antithetic, seed)
@@ -81,6 +84,12 @@ class EvolutionStrategy:
             self.params = {name: params[name] for name in layers}
             self.master = MasterWeights(self.params, device=master_device, only_low_precision=True)
             self.perturbation = LowRankPerturbation(layers, self.noise, sigma, rank)
+        self.anchor_decay = anchor_decay
+        self.anchor = (
+            {n: self.master.value(n).to(master_device or p.device, copy=True) for n, p in self.params.items()}
+            if anchor_decay
+            else None
+        )
 
     @property
     def population_size(self) -> int:
@@ -112,11 +121,19 @@ class EvolutionStrategy:
             yield name, self.perturbation.noise_sum(coefficients, name, p).div_(self.population_size * self.sigma)
 
     def step(self, step: int, fitness: torch.Tensor, lr: float | None = None) -> StepStats:
-        """Apply ``theta += lr * g`` through the fp32 master copy."""
+        """Apply ``theta += lr * g`` through the fp32 master copy.
+
+        With ``anchor_decay`` (lambda) the step is followed by ``theta <- theta_0 + (1 - lr * lambda) (theta -
+        theta_0)``: a pull towards the starting weights that bounds the random walk of weakly constrained directions.
+        """
         lr = self.lr if lr is None else lr
         squared_norm = 0.0
         for name, gradient in self.gradients(step, fitness):
             gradient.mul_(lr)
+            if self.anchor is not None:
+                anchor = self.anchor[name].to(gradient.device)
+                moved = self.master.value(name).to(gradient.device) + gradient - anchor
+                gradient.sub_(moved, alpha=lr * self.anchor_decay)
             squared_norm += float(gradient.double().pow(2).sum())
             self.master.add_(name, gradient)
         return self._stats(fitness, math.sqrt(squared_norm))

@@ -49,6 +49,10 @@ class MasterWeights:
         master.add_(delta.to(master.device))
         param.copy_(master)
 
+    def value(self, name: str) -> torch.Tensor:
+        """The exact current value of a parameter, in fp32."""
+        return self.copies[name] if name in self.copies else self.params[name].detach().float()
+
     @torch.no_grad()
     def sync_from_model(self) -> None:
         """Adopt the model's values, after something other than ES (an optimizer step, a checkpoint load) moved them."""

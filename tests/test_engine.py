@@ -243,3 +243,22 @@ def test_parameter_selection_by_name_filter_and_lora():
     assert trainable and all("lora_" in n for n in trainable)
     assert set(select_parameters(lora_model, "lora")) == set(trainable)
     assert len(select_parameters(lora_model, "all")) > len(trainable)
+
+
+def test_anchored_weight_decay_pulls_towards_the_start():
+    start = torch.linspace(-1, 1, 40)
+    fitness = [torch.randn(8, generator=torch.Generator().manual_seed(s)) for s in range(5)]
+    plain, anchored = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+    settings = dict(population_size=8, sigma=0.1, lr=0.05, seed=1)
+    es_plain = EvolutionStrategy({"theta": plain}, **settings)
+    es_anchored = EvolutionStrategy({"theta": anchored}, anchor_decay=2.0, **settings)
+    for step, f in enumerate(fitness):
+        before = anchored.detach().clone()
+        es_anchored.step(step, f)
+        (_, g), = es_anchored.gradients(step, f)
+        expected = start + (1 - 0.05 * 2.0) * (before + 0.05 * g - start)
+        torch.testing.assert_close(anchored.detach(), expected)
+        es_plain.step(step, f)
+    assert (anchored - start).norm() < (plain - start).norm()
+    with pytest.raises(ValueError, match="anchor_decay"):
+        EvolutionStrategy({"theta": plain}, anchor_decay=-1.0)

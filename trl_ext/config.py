@@ -82,6 +82,11 @@ class ESConfig(GRPOConfig):
         },
     )
     perturbation_rank: int = field(default=1, metadata={"help": "Rank of the low-rank perturbations."})
+    es_anchor_decay: float = field(
+        default=0.0,
+        metadata={"help": "Anchored weight decay lambda: after each step theta <- theta_0 + (1 - lr*lambda) "
+                  "(theta - theta_0). 0 (default) is off; costs one more fp32 copy of the evolved weights."},
+    )
     es_master_device: str | None = field(
         default=None,
         metadata={"help": "Where the fp32 master copy of the evolved weights lives (default: beside each weight)."},
@@ -118,6 +123,8 @@ class ESConfig(GRPOConfig):
             raise ValueError(f"fitness_shaping must be one of {sorted(FITNESS_SHAPING)}, got {self.fitness_shaping!r}.")
         if self.es_optimizer not in ES_OPTIMIZERS:
             raise ValueError(f"es_optimizer must be one of {ES_OPTIMIZERS}, got {self.es_optimizer!r}.")
+        if self.es_anchor_decay < 0:
+            raise ValueError(f"es_anchor_decay must be non-negative, got {self.es_anchor_decay}.")
         if self.perturbation not in PERTURBATIONS:
             raise ValueError(f"perturbation must be one of {PERTURBATIONS}, got {self.perturbation!r}.")
         if self.perturbation_rank < 1:

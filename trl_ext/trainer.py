@@ -132,6 +132,7 @@ class ESTrainer(GRPOTrainer):
             perturbation=args.perturbation,
             rank=args.perturbation_rank,
             model=self.model,
+            anchor_decay=args.es_anchor_decay,
         )
         self.es.local_members(0, self.accelerator.process_index, self.accelerator.num_processes)  # validates the split
 

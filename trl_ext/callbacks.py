@@ -1,0 +1,107 @@
+"""Drift callbacks for transformers Trainers: they work with `ESTrainer` and with TRL's `GRPOTrainer` alike.
+
+Like TRL's own callbacks they take the trainer, and add their values to the trainer's next log entry, under the same
+names as the Lightning callbacks: ``drift/kl``; ``drift/update_norm``, ``drift/relative_norm``,
+``drift/moved_fraction``, ``drift/norm/<layer type>``, and for ESTrainer ``drift/realised_fraction``.
+"""
+
+from transformers import TrainerCallback
+
+from lightning_es.drift import DriftProbe, parameter_drift
+from lightning_es.geometry import snapshot
+from lightning_es.metrics import KLDrift
+
+
+class _TrainerDriftCallback(TrainerCallback):
+    def __init__(self, trainer, every_n_steps: int):
+        if every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be at least 1, got {every_n_steps}.")
+        self.trainer = trainer
+        self.every_n_steps = every_n_steps
+
+    @property
+    def model(self):
+        return self.trainer.accelerator.unwrap_model(self.trainer.model)
+
+    def due(self, step: int) -> bool:
+        return step % self.every_n_steps == 0
+
+    def log(self, values: dict[str, float]) -> None:
+        """Join the trainer's next log entry (TRL trainers buffer metrics in ``_metrics``), else log now."""
+        buffered = getattr(self.trainer, "_metrics", None)
+        if buffered is None:
+            self.trainer.log(values)
+            return
+        for key, value in values.items():
+            buffered["train"][key].append(value)
+
+
+class KLDriftCallback(_TrainerDriftCallback):
+    """KL(current || starting policy) on off-task probe prompts, every ``every_n_steps`` steps.
+
+    ``estimator="sampled"`` samples continuations at temperature 1 and averages the log-probability difference of the
+    sampled tokens (the ES-vs-GRPO paper's estimate); ``"exact"`` takes the full next-token KL on the probe text.
+    Conversational probes (lists of messages) are rendered with the chat template. The processes split the probes.
+    """
+
+    def __init__(self, trainer, probe_prompts, every_n_steps: int = 10, estimator: str = "sampled",
+                 max_new_tokens: int = 32, batch_size: int = 8):
+        super().__init__(trainer, every_n_steps)
+        tokenizer = getattr(trainer.processing_class, "tokenizer", trainer.processing_class)
+        prompts = [
+            p if isinstance(p, str) else tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
+            for p in probe_prompts
+        ]
+        accelerator = trainer.accelerator
+        self.probe = DriftProbe(self.model, tokenizer, prompts[accelerator.process_index :: accelerator.num_processes]
+                                or prompts[:1], estimator=estimator, max_new_tokens=max_new_tokens,
+                                batch_size=batch_size, seed=trainer.args.seed)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.global_step == 0:  # a resumed run keeps the reference of its start
+            self.probe.reference = {n: p.detach().to("cpu", copy=True) for n, p in self.model.named_parameters()}
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.due(state.global_step):
+            metric = self.probe.measure(self.model, KLDrift(), step=state.global_step)
+            self.log({"drift/kl": float(metric.compute())})
+
+
+class ParameterDriftCallback(_TrainerDriftCallback):
+    """How far the weights moved from the start: L2 norm, norm relative to the start, per layer type, the fraction
+    of weights moved beyond ``threshold``, and for ESTrainer the fraction of the last step realised in the model's
+    dtype (projection of the realised change on the intended fp32 change; 1.0 = fully realised)."""
+
+    def __init__(self, trainer, every_n_steps: int = 10, threshold: float = 1e-6):
+        super().__init__(trainer, every_n_steps)
+        self.threshold = threshold
+        self.start = None
+        self.before_step = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = snapshot(self.model)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        es = getattr(self.trainer, "es", None)
+        if es is not None and self.due(state.global_step + 1):
+            self.before_step = (snapshot(self.model), {n: es.master.copies[n].cpu().clone() for n in es.master.copies})
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if not self.due(state.global_step):
+            return
+        values = parameter_drift(self.model, self.start, self.threshold)
+        if self.before_step is not None:
+            values["drift/realised_fraction"] = self._realised_fraction(*self.before_step)
+            self.before_step = None
+        self.log(values)
+
+    def _realised_fraction(self, params_before, master_before) -> float:
+        es = self.trainer.es
+        params = dict(self.model.named_parameters())
+        dot = intended_sq = 0.0
+        for name, master in es.master.copies.items():
+            intended = master.cpu().double() - master_before[name].double()
+            realised = params[name].detach().cpu().double() - params_before[name].double()
+            dot += float((realised * intended).sum())
+            intended_sq += float(intended.pow(2).sum())
+        return dot / intended_sq if intended_sq else float("nan")
