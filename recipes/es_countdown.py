@@ -20,9 +20,9 @@ from trl_ext.recipes import parse_recipe_args, use_all_cpu_cores
 RECIPE_DEFAULTS = dict(
     output_dir="outputs/countdown",
     max_steps=20,
-    per_device_train_batch_size=16,
+    per_device_train_batch_size=8,
     max_completion_length=48,
-    population_size=16,
+    population_size=8,
     perturbation="lowrank",
     sigma=1e-3,
     learning_rate=1e-6,
