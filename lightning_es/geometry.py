@@ -41,9 +41,13 @@ def update_norm(delta: Delta) -> float:
 
 
 def cosine_similarity(delta_a: Delta, delta_b: Delta) -> float:
+    """Cosine of the angle between two updates; NaN when either did not move (no direction to compare)."""
     check_same_parameters(delta_a, delta_b, "delta_a", "delta_b")
+    norms = update_norm(delta_a) * update_norm(delta_b)
+    if norms == 0:
+        return float("nan")
     dot = sum(float((delta_a[k].double() * delta_b[k].double()).sum()) for k in delta_a)
-    return dot / (update_norm(delta_a) * update_norm(delta_b))
+    return dot / norms
 
 
 def moved_fraction(delta: Delta, threshold: float = 1e-6) -> float:

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -46,6 +48,7 @@ def test_update_geometry():
     assert cosine_similarity(delta, {k: -v for k, v in delta.items()}) == pytest.approx(-1.0)
     assert cosine_similarity({"a": torch.tensor([1.0, 0.0])}, {"a": torch.tensor([0.0, 2.0])}) == 0.0
     assert moved_fraction(delta) == pytest.approx(2 / 3)
+    assert math.isnan(cosine_similarity(delta, {k: torch.zeros_like(v) for k, v in delta.items()}))
     with pytest.raises(ValueError, match="different parameter sets"):
         cosine_similarity(delta, {"a": delta["a"]})
     with pytest.raises(ValueError, match="has shape"):

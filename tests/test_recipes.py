@@ -77,3 +77,19 @@ def test_embedded_model_converts_to_a_plain_checkpoint(monkeypatch, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(directory)
     model.save_pretrained(tmp_path / "saved")  # a GGUF-loaded model would refuse this
     assert (tmp_path / "saved" / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_compare_es_grpo_writes_a_report(tiny_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    report = tmp_path / "report"
+    monkeypatch.setattr(sys, "argv", ["compare", "--quick", "--model_name_or_path", str(tiny_dir), "--report_dir",
+                                      str(report)])
+    runpy.run_path(str(RECIPES / "compare_es_grpo.py"), run_name="__main__")
+    text = (report / "report.md").read_text()
+    assert "| off-task KL (last probe) |" in text and "cosine(ES update, GRPO update)" in text
+    for image in ("reward.png", "kl_drift.png", "interpolation.png"):
+        assert (report / image).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert metrics["interpolation"]["alphas"] == [0.0, 0.5, 1.0]
+    assert {"es", "grpo", "before", "cosine_es_grpo"} <= set(metrics)
