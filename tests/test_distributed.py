@@ -30,3 +30,12 @@ def test_two_processes_give_the_weights_of_one(tmp_path):
     assert single["rewards"] == double["rewards"]
     for name, tensor in single["weights"].items():
         torch.testing.assert_close(double["weights"][name], tensor, rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+def test_kl_drift_reduces_over_two_processes(tmp_path):
+    out = tmp_path / "kl.txt"
+    launch([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519",
+            str(SCRIPT.parent / "kl_drift_two_processes.py"), str(out)], tmp_path)
+    value, world = out.read_text().split()
+    assert world == "2" and float(value) > 0
