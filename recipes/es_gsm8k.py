@@ -13,10 +13,9 @@ from dataclasses import dataclass, field
 
 from trl import ModelConfig, ScriptArguments, get_peft_config
 
-from lightning_es.evaluation import greedy_scores
 from lightning_es.models import resolve_model
 from lightning_es.tasks import gsm8k
-from trl_ext.recipes import parse_recipe_args, use_all_cpu_cores
+from trl_ext.recipes import parse_recipe_args, train_and_report, use_all_cpu_cores
 from trl_ext import ESConfig as GRPOConfig, ESTrainer as GRPOTrainer
 
 # Chosen so that the default run finishes in under 15 minutes on a 2-core CPU, where prefilling the ~200-token
@@ -70,23 +69,8 @@ def main(script_args, training_args, model_args):
         train_dataset=train_dataset,
         peft_config=get_peft_config(model_args),
     )
-
-    def scores():
-        rewards = {"accuracy": gsm8k.correctness_reward, "answer format": gsm8k.format_reward}
-        return greedy_scores(
-            trainer.model, trainer.processing_class, eval_dataset, rewards,
-            max_new_tokens=training_args.max_completion_length, accelerator=trainer.accelerator,
-        )
-
-    before = scores()
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    after = scores()
-    trainer.save_model(training_args.output_dir)
-    if trainer.accelerator.is_main_process:
-        for name in before:
-            print(f"GSM8K {name} on {len(eval_dataset)} held-out problems: before {before[name]:.1%}, "
-                  f"after {after[name]:.1%}")
-    return before, after
+    rewards = {"accuracy": gsm8k.correctness_reward, "answer format": gsm8k.format_reward}
+    return train_and_report(trainer, eval_dataset, rewards, "GSM8K")
 
 
 if __name__ == "__main__":

@@ -32,3 +32,22 @@ def use_all_cpu_cores() -> None:
         return
     processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // processes))
+
+
+def train_and_report(trainer, eval_dataset, rewards: dict, task: str) -> tuple[dict, dict]:
+    """Score greedy completions of ``eval_dataset`` before and after ``trainer.train()``, save, and print both."""
+    from lightning_es.evaluation import greedy_scores
+
+    def scores():
+        return greedy_scores(trainer.model, trainer.processing_class, eval_dataset, rewards,
+                             max_new_tokens=trainer.args.max_completion_length, accelerator=trainer.accelerator)
+
+    before = scores()
+    trainer.train(resume_from_checkpoint=trainer.args.resume_from_checkpoint)
+    after = scores()
+    trainer.save_model(trainer.args.output_dir)
+    if trainer.accelerator.is_main_process:
+        for name in before:
+            print(f"{task} {name} on {len(eval_dataset)} held-out problems: before {before[name]:.1%}, "
+                  f"after {after[name]:.1%}")
+    return before, after
