@@ -48,6 +48,10 @@ class CompareArguments:
     train_size: int = field(default=160, metadata={"help": "Training problems."})
     eval_size: int = field(default=16, metadata={"help": "Held-out problems for the task reward."})
     kl_every: int = field(default=5, metadata={"help": "Measure drift every this many iterations."})
+    kl_estimator: str = field(
+        default="sampled",
+        metadata={"help": "'sampled' (the ES-vs-GRPO paper's Monte Carlo estimate; noisy for small drifts) or 'exact'."},
+    )
     grid_points: int = field(default=5, metadata={"help": "Points on the interpolation line, endpoints included."})
     report_dir: str = field(default="outputs/compare", metadata={"help": "Where the report is written."})
     seed: int = field(default=0, metadata={"help": "Seed for data, noise and sampling."})
@@ -94,7 +98,8 @@ def train(method, args, base_path, module, train_dataset, tokenizer):
     trainer = trainer_class(model=base_path, reward_funcs=[module.correctness_reward, module.format_reward],
                             args=config, train_dataset=train_dataset, processing_class=tokenizer)
     probes = chat(OFF_TASK_PROMPTS[: 2 if args.quick else None])
-    trainer.add_callback(KLDriftCallback(trainer, probes, every_n_steps=args.kl_every, max_new_tokens=16))
+    trainer.add_callback(KLDriftCallback(trainer, probes, every_n_steps=args.kl_every, estimator=args.kl_estimator,
+                                         max_new_tokens=16))
     trainer.add_callback(ParameterDriftCallback(trainer, every_n_steps=args.kl_every))
     trainer.train()
     return trainer
