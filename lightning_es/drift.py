@@ -10,7 +10,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .geometry import moved_fraction, parameter_delta, update_norm
+from .geometry import moved_fraction, parameter_delta, update_norm, weights_restored
 from .metrics import KLDrift, exact_token_kl, sampled_token_kl
 from .noise import derive_seed
 
@@ -67,21 +67,18 @@ class DriftProbe:
                 f"{f' + {max_new_tokens} new' if estimator == 'sampled' else ''}) but the model's context is "
                 f"{context}: shorten the probe prompts or max_new_tokens."
             )
+        self.set_reference(model)
+
+    def set_reference(self, model: nn.Module) -> None:
+        """Take the model's current weights as the reference (a host-memory copy)."""
         self.reference = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters()}
 
     @contextmanager
     def reference_weights(self, model: nn.Module) -> Iterator[None]:
-        params = dict(model.named_parameters())
-        current = {n: p.detach().to("cpu", copy=True) for n, p in params.items()}
-        try:
-            with torch.no_grad():
-                for n, p in params.items():
-                    p.copy_(self.reference[n])
+        with weights_restored(model) as params, torch.no_grad():
+            for n, p in params.items():
+                p.copy_(self.reference[n])
             yield
-        finally:
-            with torch.no_grad():
-                for n, p in params.items():
-                    p.copy_(current[n])
 
     def _batches(self, device):
         self.tokenizer.padding_side = "left"

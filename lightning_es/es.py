@@ -16,8 +16,6 @@ applies rank-``rank`` noise to the ``nn.Linear`` weights through forward hooks, 
 batch (``perturbation.apply_population``); it needs ``model`` to find the layers.
 """
 
-PERTURBATIONS = ("full", "lowrank")
-
 import math
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
@@ -32,6 +30,8 @@ from .noise import GaussianNoise
 from .perturbation import InPlacePerturbation
 from .population import Member, Population
 from .shaping import get_fitness_shaping
+
+PERTURBATIONS = ("full", "lowrank")
 
 
 @dataclass

@@ -4,7 +4,8 @@ A delta is ``theta_final - theta_start`` as a mapping from parameter name to an 
 """
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,19 @@ Delta = Mapping[str, torch.Tensor]
 def snapshot(model: nn.Module, device: str = "cpu") -> dict[str, torch.Tensor]:
     """fp32 copies of every parameter (on ``device``), the start point of a delta."""
     return {n: p.detach().to(device=device, dtype=torch.float32, copy=True) for n, p in model.named_parameters()}
+
+
+@contextmanager
+def weights_restored(model: nn.Module) -> Iterator[dict[str, nn.Parameter]]:
+    """Yield the model's parameters to overwrite freely; their values are copied back exactly on exit."""
+    params = dict(model.named_parameters())
+    saved = {n: p.detach().to("cpu", copy=True) for n, p in params.items()}
+    try:
+        yield params
+    finally:
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(saved[name])
 
 
 def parameter_delta(model: nn.Module, start: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -79,20 +93,15 @@ def linear_connectivity(
     alphas = sorted(float(a) for a in grid)
     if not alphas or alphas[0] != 0.0 or alphas[-1] != 1.0:
         raise ValueError(f"grid must contain 0 and 1 (the endpoints themselves), got {list(grid)}.")
-    params = dict(model.named_parameters())
     check_same_parameters(endpoint_a, endpoint_b, "endpoint_a", "endpoint_b")
-    check_same_parameters(params, endpoint_a, "model", "endpoint_a")
-    original = {n: p.detach().to("cpu", copy=True) for n, p in params.items()}
+    check_same_parameters(dict(model.named_parameters()), endpoint_a, "model", "endpoint_a")
     values = []
-    try:
+    with weights_restored(model) as params:
         for alpha in alphas:
             for name, p in params.items():
                 a, b = endpoint_a[name].to(p.device, torch.float32), endpoint_b[name].to(p.device, torch.float32)
                 p.copy_(torch.lerp(a, b, alpha))
             values.append(float(evaluate(model)))
-    finally:
-        for name, p in params.items():
-            p.copy_(original[name])
     line = [(1 - a) * values[0] + a * values[-1] for a in alphas]
     gaps = [(l - v) if higher_is_better else (v - l) for l, v in zip(line, values)]
     return Connectivity(alphas, values, max(0.0, max(gaps)))

@@ -59,7 +59,7 @@ class KLDriftCallback(_TrainerDriftCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.global_step == 0:  # a resumed run keeps the reference of its start
-            self.probe.reference = {n: p.detach().to("cpu", copy=True) for n, p in self.model.named_parameters()}
+            self.probe.set_reference(self.model)
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.due(state.global_step):
