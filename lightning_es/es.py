@@ -14,6 +14,8 @@ The ES-at-scale paper writes its step as ``alpha / N * sum_i f_i * eps_i``; that
 ``perturbation="full"`` writes full-rank noise into the weights, one member at a time. ``perturbation="lowrank"``
 applies rank-``rank`` noise to the ``nn.Linear`` weights through forward hooks, so a whole population runs as one
 batch (``perturbation.apply_population``); it needs ``model`` to find the layers.
+
+``noise`` replaces the Gaussian noise source, e.g. with ``sharding.ShardedNoise`` when ``params`` are ZeRO-3 slices.
 """
 
 import math
@@ -57,6 +59,7 @@ class EvolutionStrategy:
         rank: int = 1,
         model: torch.nn.Module | None = None,
         anchor_decay: float = 0.0,
+        noise: GaussianNoise | None = None,
     ):
         if not sigma > 0 or not math.isfinite(sigma):
             raise ValueError(f"sigma must be a positive finite number, got {sigma}.")
@@ -72,7 +75,7 @@ class EvolutionStrategy:
         self.sigma = sigma
         self.lr = lr
         self.shape_fitness = fitness_shaping if callable(fitness_shaping) else get_fitness_shaping(fitness_shaping)
-        self.noise = GaussianNoise()
+        self.noise = noise or GaussianNoise()
         if perturbation == "full":
             self.params = dict(params)
             self.master = MasterWeights(self.params, device=master_device)

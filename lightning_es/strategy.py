@@ -1,0 +1,361 @@
+"""``ESStrategy``: Evolution Strategies as a Lightning strategy (``Trainer(strategy="es")``).
+
+The LightningModule's ``training_step`` returns a fitness (a scalar, higher is better) for the module's current
+weights on the batch. Per batch the strategy evaluates its share of the population (perturb, ``training_step``,
+restore), combines only the fitness scalars across processes, and applies the same update on every process:
+
+- ``configure_optimizers`` returns an optimizer: ``-g`` is written into ``.grad`` and that optimizer steps (Adam on
+  ES estimates, schedulers, weight decay, gradient clipping);
+- it returns nothing: ``theta += lr * g`` is applied in place, with no gradient buffers.
+
+Replicated layout (default): every process holds the model, sees the same batch and scores
+``population_size / world_size`` members. Sharded layout (``deepspeed_config`` with ZeRO stage 3): the processes hold
+one model partitioned by DeepSpeed, score every member together, each on its own part of the batch, and perturb and
+update only their slices (``sharding.ShardedNoise``), so the weights follow the replicated run's.
+
+``self.log`` inside ``training_step`` logs the population mean under the name and the fittest member's value under
+``<name>/best`` (``population_log``). The strategy logs ``es/fitness_mean``, ``es/fitness_std``, ``es/fitness_max``,
+``es/sigma``, and with the in-place update ``es/lr`` and ``es/update_norm``; the returned loss is
+``-es/fitness_mean``.
+
+Importing this module registers ``"es"`` (and ``"es_zero3"``, the sharded layout with a minimal ZeRO-3 config) in
+Lightning's strategy registry.
+"""
+
+import json
+import math
+import os
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from pytorch_lightning.core.optimizer import _MockOptimizer
+from pytorch_lightning.strategies import DDPStrategy, StrategyRegistry
+from pytorch_lightning.trainer.states import TrainerFn
+
+from .checkpoint_io import AtomicCheckpointIO
+from .es import EvolutionStrategy
+from .params import select_parameters
+from .population_log import PopulationLog
+from .sharding import ShardedNoise, gather_full, load_slices, release_gathered, zero3_shards
+
+ES_STATE_KEY = "es_strategy"
+ZERO3_DEFAULTS = {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1}
+
+
+def _zero3_config(deepspeed_config: dict | str | os.PathLike) -> dict:
+    if not isinstance(deepspeed_config, dict):
+        path = Path(deepspeed_config)
+        if not path.is_file():
+            raise FileNotFoundError(f"deepspeed_config {path} does not exist; pass a dict or a DeepSpeed JSON file.")
+        deepspeed_config = json.loads(path.read_text())
+    stage = deepspeed_config.get("zero_optimization", {}).get("stage")
+    if stage != 3:
+        raise ValueError(
+            f"deepspeed_config has zero_optimization.stage={stage!r}; the sharded ES layout needs stage 3 (stages 1 "
+            "and 2 shard optimizer state and gradients, which ES does not have). Set it to 3, or drop deepspeed_config "
+            "to replicate the model on every process."
+        )
+    return {"train_micro_batch_size_per_gpu": 1, **deepspeed_config}
+
+
+def _fitness_value(output, step: int, member: int) -> float:
+    where = f"training_step (step {step}, population member {member})"
+    if output is None:
+        raise ValueError(
+            f"{where} returned None. Under strategy='es' it must return the fitness of the current weights on the "
+            "batch: a scalar (float or one-element tensor), higher is better."
+        )
+    if isinstance(output, dict):
+        raise ValueError(
+            f"{where} returned a dict ({sorted(output)}). Under strategy='es' return the fitness itself: a scalar, "
+            "higher is better (log other values with self.log)."
+        )
+    value = torch.as_tensor(output, dtype=torch.float64)
+    if value.numel() != 1:
+        raise ValueError(
+            f"{where} returned a tensor of shape {tuple(value.shape)}; the fitness must be a scalar. "
+            "Reduce it, e.g. rewards.mean()."
+        )
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{where} returned a fitness of {value}; it must be finite. Check the reward for NaN or inf.")
+    return value
+
+
+class ESStrategy(DDPStrategy):
+    strategy_name = "es"
+
+    def __init__(
+        self,
+        population_size: int = 32,
+        sigma: float = 1e-3,
+        lr: float = 5e-7,
+        antithetic: bool = True,
+        fitness_shaping: str = "zscore",
+        params: str | list[str] | None = None,
+        seed: int | None = None,
+        perturbation: str = "full",
+        rank: int = 1,
+        anchor_decay: float = 0.0,
+        master_device: str | None = None,
+        deepspeed_config: dict | str | os.PathLike | None = None,
+        **kwargs,
+    ):
+        """
+        Args:
+            population_size, sigma, antithetic, fitness_shaping, perturbation, rank, anchor_decay, master_device:
+                as in ``lightning_es.EvolutionStrategy``.
+            lr: step size of the in-place update ``theta += lr * g`` (unused when ``configure_optimizers`` returns an
+                optimizer: its learning rate applies).
+            params: which parameters evolve (``select_parameters``): None for every trainable one, "all", "lora", or
+                regular expressions.
+            seed: noise seed; None takes ``seed_everything``'s seed (``PL_GLOBAL_SEED``), else 0.
+            deepspeed_config: a DeepSpeed config (dict or JSON path) with ZeRO stage 3 for the sharded layout.
+            kwargs: passed to ``DDPStrategy`` (``process_group_backend``, ``timeout``, ``start_method``, ...).
+        """
+        kwargs.setdefault("checkpoint_io", AtomicCheckpointIO())
+        super().__init__(**kwargs)
+        self.es_options = dict(
+            population_size=population_size, sigma=sigma, lr=lr, antithetic=antithetic,
+            fitness_shaping=fitness_shaping, perturbation=perturbation, rank=rank, anchor_decay=anchor_decay,
+            master_device=master_device,
+        )
+        self.params_spec = params
+        self.seed = seed
+        self.deepspeed_config = _zero3_config(deepspeed_config) if deepspeed_config is not None else None
+        if self.deepspeed_config is not None and perturbation != "full":
+            raise ValueError("The sharded layout (deepspeed_config) supports perturbation='full' only.")
+        self.es: EvolutionStrategy | None = None
+        self._fitness: torch.Tensor | None = None
+        self._layouts = None
+        self._engine = None
+
+    # ---- layout ----------------------------------------------------------------------------------------------
+
+    @property
+    def sharded(self) -> bool:
+        return self.deepspeed_config is not None
+
+    @property
+    def distributed_sampler_kwargs(self) -> dict:
+        if self.sharded:  # the group splits each batch
+            return super().distributed_sampler_kwargs
+        return {"num_replicas": 1, "rank": 0}  # every process scores its members on the same batch
+
+    @property
+    def restore_checkpoint_after_setup(self) -> bool:
+        return True  # the ES state (and ZeRO-3 partitions) exist only after setup
+
+    def _configure_launcher(self) -> None:
+        groups = 1 if self.sharded else self.world_size  # checked here, before any process starts
+        if self.es_options["population_size"] < groups:
+            raise ValueError(
+                f"population_size={self.es_options['population_size']} is smaller than the {groups} process groups "
+                "that each score at least one member; raise population_size or use fewer devices."
+            )
+        if self.es_options["population_size"] % groups:
+            raise ValueError(
+                f"population_size={self.es_options['population_size']} does not split evenly over {groups} processes; "
+                "use a multiple of the number of devices."
+            )
+        super()._configure_launcher()
+
+    def configure_ddp(self) -> None:
+        """No DDP wrapper: nothing is differentiated, so there are no gradients to all-reduce."""
+        if self.sharded:
+            import deepspeed
+
+            self._engine, *_ = deepspeed.initialize(model=self.model, config=self.deepspeed_config, dist_init_required=False)
+
+    def setup_optimizers(self, trainer) -> None:
+        with warnings.catch_warnings():  # no optimizer is the in-place ES update, not a mistake
+            warnings.filterwarnings("ignore", message=".*configure_optimizers.*returned `None`")
+            super().setup_optimizers(trainer)
+
+    @property
+    def has_optimizer(self) -> bool:
+        return not all(isinstance(o, _MockOptimizer) for o in self.optimizers)
+
+    def setup(self, trainer) -> None:
+        if trainer.state.fn == TrainerFn.FITTING:
+            self._check_trainer(trainer)
+        super().setup(trainer)
+        if trainer.state.fn == TrainerFn.FITTING:
+            self._check_optimizers(trainer)
+            self.es = self._build_es()
+
+    def _check_trainer(self, trainer) -> None:
+        if trainer.accumulate_grad_batches != 1:
+            raise ValueError(
+                f"Trainer(accumulate_grad_batches={trainer.accumulate_grad_batches}) does not apply to strategy='es': "
+                "each batch is one ES iteration. Use a larger batch (or a larger population) instead."
+            )
+        if self.precision_plugin.precision == "16-mixed":
+            raise ValueError(
+                "precision='16-mixed' scales a loss for backward, which ES never calls; use '32-true', 'bf16-mixed' "
+                "or 'bf16-true'."
+            )
+
+    def _check_optimizers(self, trainer) -> None:
+        if trainer.gradient_clip_val and not self.has_optimizer:
+            raise ValueError(
+                f"Trainer(gradient_clip_val={trainer.gradient_clip_val}) clips gradients, but configure_optimizers "
+                "returned no optimizer, so ES updates in place and there are none. Return an optimizer from "
+                "configure_optimizers, or drop gradient_clip_val."
+            )
+        if self.sharded and self.has_optimizer:
+            raise ValueError(
+                "The sharded layout (deepspeed_config) updates the ZeRO-3 partitions in place; configure_optimizers "
+                "must return None (a torch optimizer cannot step partitioned parameters)."
+            )
+
+    def _build_es(self) -> EvolutionStrategy:
+        module = self.lightning_module
+        selected = select_parameters(module, self.params_spec)
+        noise = None
+        if self.sharded:
+            selected, self._layouts = zero3_shards(selected)
+            noise = ShardedNoise(self._layouts)
+        seed = self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
+        return EvolutionStrategy(selected, seed=seed, model=module, noise=noise, **self.es_options)
+
+    # ---- one ES iteration per batch --------------------------------------------------------------------------
+
+    def training_step(self, *args, **kwargs):
+        module = self.lightning_module
+        step = self.lightning_module.trainer.global_step
+        if self.has_optimizer:
+            self.es.master.sync_from_model()  # the optimizer moved the weights since the last iteration
+        members = self.es.members(step) if self.sharded else self.es.local_members(step, self.global_rank, self.world_size)
+        fitness = torch.zeros(self.es.population_size, dtype=torch.float64)
+        logs = PopulationLog(self.es.population_size)
+        with torch.no_grad(), self.precision_plugin.train_step_context():
+            for member in members:
+                with self.es.perturbed(member), logs.capture(module, member.index):
+                    self._refresh_partitions()
+                    output = module.training_step(*args, **kwargs)
+                fitness[member.index] = _fitness_value(output, step, member.index)
+        names, values = logs.matrix()
+        self._check_same_names(names)
+        combined = self._combine(torch.cat([fitness[None], values]))
+        fitness, values = combined[0], combined[1:]
+        logs.flush(module.log, names, values, fitness)
+
+        self._fitness = fitness
+        stats = None if self.has_optimizer else self.es.step(step, fitness)
+        self._refresh_partitions()
+        self._log_step(fitness, stats)
+        return torch.tensor(-float(fitness.mean()), device=self.root_device)
+
+    def _refresh_partitions(self) -> None:
+        """Sharded: make the next forward gather the partitions just written, not a kept full copy."""
+        if self.sharded:
+            release_gathered(self.lightning_module.parameters())
+
+    def _combine(self, per_member: torch.Tensor) -> torch.Tensor:
+        """Every process's members (replicated: disjoint, summed) or every process's share of the batch (sharded:
+        averaged) into one table, identical on all processes."""
+        if self.world_size == 1:
+            return per_member
+        per_member = per_member.to(self.root_device)
+        dist.all_reduce(per_member, op=dist.ReduceOp.SUM)
+        if self.sharded:
+            per_member /= self.world_size
+        return per_member.cpu()
+
+    def _check_same_names(self, names: list[str]) -> None:
+        if self.world_size > 1 and self.broadcast(names) != names:
+            raise RuntimeError(
+                f"Process {self.global_rank} logged {names} from training_step, process 0 other names; under "
+                "strategy='es' every process must log the same names."
+            )
+
+    def _log_step(self, fitness: torch.Tensor, stats) -> None:
+        metrics = {
+            "es/fitness_mean": float(fitness.mean()),
+            "es/fitness_std": float(fitness.std(unbiased=False)),
+            "es/fitness_max": float(fitness.max()),
+            "es/sigma": self.es.sigma,
+        }
+        if stats is not None:
+            norm = stats.update_norm
+            if self.sharded:  # each process measured its slices
+                squared = torch.tensor(norm**2, dtype=torch.float64)
+                dist.all_reduce(squared)
+                norm = math.sqrt(float(squared))
+            metrics |= {"es/update_norm": norm, "es/lr": self.es.lr}
+        self.lightning_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
+
+    def backward(self, closure_loss, optimizer, *args, **kwargs):
+        """Write ``-g`` into ``.grad`` for the optimizer (after the loop's ``zero_grad``); no autograd."""
+        if self.has_optimizer:
+            self.es.write_gradients(self.lightning_module.trainer.global_step, self._fitness)
+        return closure_loss
+
+    # ---- checkpoints carry the ES state ----------------------------------------------------------------------
+
+    def lightning_module_state_dict(self) -> dict:
+        if not self.sharded or self.es is None:
+            return super().lightning_module_state_dict()
+        import deepspeed
+
+        module = self.lightning_module
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            return {name: t.detach().cpu().clone() for name, t in module.state_dict().items()}
+
+    def save_checkpoint(self, checkpoint, filepath, storage_options=None) -> None:
+        if self.es is not None:
+            state = {"seed": self.es.population.seed}
+            if any(p.dtype != torch.float32 for p in self.es.params.values()):
+                # the weights are rounded; the fp32 master holds the exact ones, kept unsharded in the file
+                master = self.es.master
+                state["master"] = gather_full(master.copies, self._layouts) if self.sharded else master.state_dict()
+            checkpoint[ES_STATE_KEY] = state
+        super().save_checkpoint(checkpoint, filepath, storage_options)
+
+    def load_model_state_dict(self, checkpoint, strict: bool = True) -> None:
+        if self.sharded and self.es is not None:
+            import deepspeed
+
+            module = self.lightning_module
+            saved = checkpoint["state_dict"]
+            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=0):
+                if self.global_rank == 0:  # DeepSpeed re-partitions rank 0's values on exit
+                    module.load_state_dict(saved, strict=strict)
+            parameters = dict(module.named_parameters())
+            module.load_state_dict({k: v for k, v in saved.items() if k not in parameters}, strict=False)  # buffers
+        else:
+            super().load_model_state_dict(checkpoint, strict)
+        if self.es is None:
+            return
+        state = checkpoint.get(ES_STATE_KEY)
+        if state is not None and state["seed"] != self.es.population.seed:
+            raise ValueError(
+                f"The checkpoint was trained with ES seed {state['seed']}, this strategy has {self.es.population.seed}; "
+                "resume with the seed it was trained with (ESStrategy(seed=...) or seed_everything)."
+            )
+        if state is not None and "master" in state:
+            master = state["master"]
+            if self.sharded:
+                shards = {n: torch.empty_like(t) for n, t in self.es.master.copies.items()}
+                load_slices(shards, self._layouts, master)
+                master = shards
+            self.es.master.load_state_dict(master)
+        else:
+            self.es.master.sync_from_model()
+
+    @classmethod
+    def register_strategies(cls, strategy_registry) -> None:
+        strategy_registry.register(
+            "es", cls, description="Evolution Strategies: population scored across processes, no gradients"
+        )
+        strategy_registry.register(
+            "es_zero3", cls, description="Evolution Strategies over one DeepSpeed ZeRO-3 sharded model",
+            deepspeed_config=ZERO3_DEFAULTS,
+        )
+
+
+if "es" not in StrategyRegistry:
+    ESStrategy.register_strategies(StrategyRegistry)
