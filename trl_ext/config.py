@@ -2,8 +2,10 @@
 
 import dataclasses
 import logging
+import os
 from dataclasses import dataclass, field
 
+import torch
 from transformers.trainer_utils import SchedulerType
 from trl import GRPOConfig
 
@@ -94,6 +96,7 @@ class ESConfig(GRPOConfig):
 
     def __post_init__(self):
         self._check_es_fields()
+        self._use_gloo_without_accelerator()
         # GRPO needs two completions per prompt for its group advantages and checks for it; ES does not.
         requested_generations = self.num_generations
         split_untouched = self.generation_batch_size is None and self.steps_per_generation is None
@@ -108,6 +111,16 @@ class ESConfig(GRPOConfig):
         if self.gradient_accumulation_steps != 1:
             logger.warning("ES applies one update per iteration; gradient_accumulation_steps is set to 1.")
             self.gradient_accumulation_steps = 1
+
+    def _use_gloo_without_accelerator(self) -> None:
+        """Several processes on a host without GPUs: create the process group with gloo (otherwise accelerate leaves
+        the backend unset and each process trains alone) and, outside DeepSpeed, run on the CPU."""
+        if torch.cuda.is_available() or int(os.environ.get("WORLD_SIZE", "1")) < 2:
+            return
+        if self.ddp_backend is None:
+            self.ddp_backend = "gloo"
+        if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+            self.use_cpu = True
 
     def _check_es_fields(self) -> None:
         if self.population_size < 2:

@@ -17,6 +17,7 @@ from trl.trainer.utils import identity
 
 from lightning_es import EvolutionStrategy, derive_seed, select_parameters
 from lightning_es.population import Member
+from lightning_es.sharding import ShardedNoise, gather_full, load_slices, release_gathered, zero3_shards
 
 from .config import ESConfig, to_es_config
 from .data import SeededShuffleSampler, SharedPromptLoader
@@ -120,8 +121,36 @@ class ESTrainer(GRPOTrainer):
             for key, value in greedy.items():
                 setattr(self.generation_config, key, value)
 
-        self.es = EvolutionStrategy(
-            select_parameters(self.model, args.es_param_spec),
+        self.sharded = self._check_deepspeed()
+        self._layouts = None
+        if self.sharded:
+            self.es = None  # built over the ZeRO-3 partitions once DeepSpeed has created them, in train()
+        else:
+            self.es = self._build_es(select_parameters(self.model, args.es_param_spec))
+            self.es.local_members(0, self.accelerator.process_index, self.accelerator.num_processes)  # checks the split
+
+    def _check_deepspeed(self) -> bool:
+        """True for the sharded layout: DeepSpeed ZeRO-3, one model over all processes."""
+        if not self.is_deepspeed_enabled:
+            return False
+        stage = self.accelerator.state.deepspeed_plugin.zero_stage
+        if stage != 3:
+            raise ValueError(
+                f"ESTrainer runs under DeepSpeed with ZeRO stage 3 only (the accelerate config has zero_stage {stage}): "
+                "stages 1 and 2 shard optimizer state and gradients, which ES does not have. Use zero_stage 3 to shard "
+                "a model too large for one device, or a config without DeepSpeed to replicate it on every process."
+            )
+        if self.args.es_optimizer != "sgd" or self.args.perturbation != "full":
+            raise ValueError(
+                "Under DeepSpeed ZeRO-3, ESTrainer updates the partitions in place: use es_optimizer='sgd' and "
+                "perturbation='full'."
+            )
+        return True
+
+    def _build_es(self, params, noise=None) -> EvolutionStrategy:
+        args = self.args
+        return EvolutionStrategy(
+            params,
             population_size=args.population_size,
             sigma=args.sigma,
             lr=args.learning_rate,
@@ -133,8 +162,13 @@ class ESTrainer(GRPOTrainer):
             rank=args.perturbation_rank,
             model=self.model,
             anchor_decay=args.es_anchor_decay,
+            noise=noise,
         )
-        self.es.local_members(0, self.accelerator.process_index, self.accelerator.num_processes)  # validates the split
+
+    def _ensure_sharded_es(self) -> None:
+        if self.es is None:
+            shards, self._layouts = zero3_shards(select_parameters(self.model, self.args.es_param_spec))
+            self.es = self._build_es(shards, ShardedNoise(self._layouts))
 
     # ---- data: every process sees the same prompts -------------------------------------------------------------
 
@@ -145,9 +179,11 @@ class ESTrainer(GRPOTrainer):
             sampler = SeededShuffleSampler(len(dataset), seed=self.args.seed, shuffle=self.shuffle_dataset)
         else:
             sampler = None
+        # sharded: each process takes its own prompts_per_step rows of the batch (training_step)
+        prompts = self.args.prompts_per_step * (self.accelerator.num_processes if self.sharded else 1)
         return SharedPromptLoader(
             dataset,
-            batch_size=self.args.prompts_per_step,
+            batch_size=prompts,
             sampler=sampler,
             collate_fn=identity,
             drop_last=self.args.dataloader_drop_last,
@@ -161,17 +197,26 @@ class ESTrainer(GRPOTrainer):
         if self.args.es_optimizer == "trainer":
             self.es.master.sync_from_model()
         step = self.state.global_step
-        rows = [row for row in inputs for _ in range(self.num_generations)]
         world_size = self.accelerator.num_processes
-        local = self.es.local_members(step, self.accelerator.process_index, world_size)
+        if self.sharded:
+            self._ensure_sharded_es()
+            inputs = inputs[self.accelerator.process_index :: world_size]
+        rows = [row for row in inputs for _ in range(self.num_generations)]
 
         fitness = torch.full((self.es.population_size,), math.nan, dtype=torch.float64)
         member_rewards = []  # per member: (rows, n_funcs)
-        for round_index, group in self._evaluation_rounds(step, local, rows):
-            for rank, block in enumerate(group.cpu().chunk(world_size)):
-                for offset, member_block in enumerate(block.chunk(len(group) // (world_size * len(rows)))):
-                    member_rewards.append(member_block)
-                    fitness[(round_index + offset) * world_size + rank] = self._weighted_rewards(member_block).nanmean()
+        if self.sharded:
+            for member in self.es.members(step):
+                rewards = self._score_sharded(step, member, rows)
+                member_rewards.append(rewards)
+                fitness[member.index] = self._weighted_rewards(rewards).nanmean()
+        else:
+            local = self.es.local_members(step, self.accelerator.process_index, world_size)
+            for round_index, group in self._evaluation_rounds(step, local, rows):
+                for rank, block in enumerate(group.cpu().chunk(world_size)):
+                    for offset, member_block in enumerate(block.chunk(len(group) // (world_size * len(rows)))):
+                        member_rewards.append(member_block)
+                        fitness[(round_index + offset) * world_size + rank] = self._weighted_rewards(member_block).nanmean()
         if fitness.isnan().any():
             bad = torch.nonzero(fitness.isnan()).flatten().tolist()
             raise ValueError(
@@ -184,6 +229,10 @@ class ESTrainer(GRPOTrainer):
             stats = self.es.step(step, fitness, lr=lr)
         else:
             stats = self.es.write_gradients(step, fitness)
+        if self.sharded:
+            release_gathered(self.model.parameters())
+            squared = torch.tensor(stats.update_norm**2, dtype=torch.float64, device=self.accelerator.device)
+            stats.update_norm = math.sqrt(float(self.accelerator.reduce(squared, reduction="sum")))
         self._log_step(torch.cat(member_rewards), stats, lr, time.perf_counter() - started)
         return torch.tensor(-stats.fitness_mean, device=self.args.device)
 
@@ -199,6 +248,12 @@ class ESTrainer(GRPOTrainer):
         for round_index, member in enumerate(members):
             with self.es.perturbed(member), self._sampling_seed(step, member):
                 yield round_index, self._score(rows)
+
+    def _score_sharded(self, step: int, member: Member, rows: list[dict]) -> torch.Tensor:
+        """Every process applies the member to its partitions and scores its own rows; rewards of all rows."""
+        with self.es.perturbed(member), self._sampling_seed(step, member):
+            release_gathered(self.model.parameters())  # gather the perturbed partitions, not a kept full copy
+            return self._score(rows).cpu()
 
     @contextmanager
     def _sampling_seed(self, step: int, member: Member):
@@ -253,12 +308,14 @@ class ESTrainer(GRPOTrainer):
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
+        state = {"seed": self.es.population.seed, "step": self.state.global_step}
+        if any(p.dtype != torch.float32 for p in self.es.params.values()):
+            # the model files hold only the rounded weights; the master is stored unsharded (gathered if sharded)
+            master = self.es.master
+            state["master"] = gather_full(master.copies, self._layouts) if self.sharded else master.state_dict()
         if not self.args.should_save:
             return
         checkpoint = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
-        state = {"seed": self.es.population.seed, "step": self.state.global_step}
-        if any(p.dtype != torch.float32 for p in self.es.params.values()):
-            state["master"] = self.es.master.state_dict()  # the model files hold only the rounded weights
         path = os.path.join(checkpoint, ES_STATE_NAME)
         torch.save(state, path + ".tmp")
         os.replace(path + ".tmp", path)
@@ -267,6 +324,8 @@ class ESTrainer(GRPOTrainer):
         super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is None:
             return
+        if self.sharded:
+            self._ensure_sharded_es()
         path = os.path.join(checkpoint, ES_STATE_NAME)
         if not os.path.exists(path):
             raise FileNotFoundError(
@@ -279,6 +338,11 @@ class ESTrainer(GRPOTrainer):
                 f"{checkpoint} was trained with another seed; resume with the seed it was trained with (args.seed)."
             )
         if "master" in state:
-            self.es.master.load_state_dict(state["master"])
+            master = state["master"]
+            if self.sharded:
+                shards = {n: torch.empty_like(t) for n, t in self.es.master.copies.items()}
+                load_slices(shards, self._layouts, master)
+                master = shards
+            self.es.master.load_state_dict(master)
         else:
             self.es.master.sync_from_model()
