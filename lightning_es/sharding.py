@@ -81,13 +81,13 @@ def gather_full(shards: Mapping[str, torch.Tensor], layouts: Mapping[str, ShardL
     return full
 
 
-@torch.no_grad()
-def load_slices(shards: Mapping[str, torch.Tensor], layouts: Mapping[str, ShardLayout], full: Mapping[str, torch.Tensor]):
-    """Write this process's slice of each full tensor into its partition (no communication)."""
-    for name, shard in shards.items():
-        layout = layouts[name]
+def slices_of(full: Mapping[str, torch.Tensor], layouts: Mapping[str, ShardLayout]) -> dict[str, torch.Tensor]:
+    """This process's slice of each full tensor, shaped like its partition (no communication)."""
+    slices = {}
+    for name, layout in layouts.items():
         if tuple(full[name].shape) != tuple(layout.shape):
             raise ValueError(f"{name}: the saved tensor has shape {tuple(full[name].shape)}, the model {tuple(layout.shape)}.")
-        flat = full[name].reshape(-1)
-        shard.zero_()
-        shard[: layout.held].copy_(flat[layout.start : layout.start + layout.held])
+        shard = torch.zeros(layout.size, dtype=full[name].dtype)
+        shard[: layout.held] = full[name].reshape(-1)[layout.start : layout.start + layout.held]
+        slices[name] = shard
+    return slices

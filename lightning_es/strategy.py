@@ -38,7 +38,7 @@ from .checkpoint_io import AtomicCheckpointIO
 from .es import EvolutionStrategy
 from .params import select_parameters
 from .population_log import PopulationLog
-from .sharding import ShardedNoise, gather_full, load_slices, release_gathered, zero3_shards
+from .sharding import ShardedNoise, gather_full, slices_of, release_gathered, zero3_shards
 
 ES_STATE_KEY = "es_strategy"
 ZERO3_DEFAULTS = {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1}
@@ -339,9 +339,7 @@ class ESStrategy(DDPStrategy):
         if state is not None and "master" in state:
             master = state["master"]
             if self.sharded:
-                shards = {n: torch.empty_like(t) for n, t in self.es.master.copies.items()}
-                load_slices(shards, self._layouts, master)
-                master = shards
+                master = slices_of(master, self._layouts)
             self.es.master.load_state_dict(master)
         else:
             self.es.master.sync_from_model()

@@ -17,7 +17,7 @@ from trl.trainer.utils import identity
 
 from lightning_es import EvolutionStrategy, derive_seed, select_parameters
 from lightning_es.population import Member
-from lightning_es.sharding import ShardedNoise, gather_full, load_slices, release_gathered, zero3_shards
+from lightning_es.sharding import ShardedNoise, gather_full, slices_of, release_gathered, zero3_shards
 
 from .config import ESConfig, to_es_config
 from .data import SeededShuffleSampler, SharedPromptLoader
@@ -340,9 +340,7 @@ class ESTrainer(GRPOTrainer):
         if "master" in state:
             master = state["master"]
             if self.sharded:
-                shards = {n: torch.empty_like(t) for n, t in self.es.master.copies.items()}
-                load_slices(shards, self._layouts, master)
-                master = shards
+                master = slices_of(master, self._layouts)
             self.es.master.load_state_dict(master)
         else:
             self.es.master.sync_from_model()
