@@ -32,6 +32,7 @@ from .noise import GaussianNoise
 from .perturbation import InPlacePerturbation
 from .population import Member, Population
 from .shaping import get_fitness_shaping
+from .sharding import ShardedNoise, gather_full, slices_of
 
 PERTURBATIONS = ("full", "lowrank")
 
@@ -139,7 +140,7 @@ class EvolutionStrategy:
                 gradient.sub_(moved, alpha=lr * self.anchor_decay)
             squared_norm += float(gradient.double().pow(2).sum())
             self.master.add_(name, gradient)
-        return self._stats(fitness, math.sqrt(squared_norm))
+        return self._stats(fitness, self._norm(squared_norm))
 
     def write_gradients(self, step: int, fitness: torch.Tensor) -> StepStats:
         """Store ``-g`` in ``.grad`` (optimizers minimise), for a torch optimizer to take the step.
@@ -151,7 +152,37 @@ class EvolutionStrategy:
             squared_norm += float(gradient.double().pow(2).sum())
             p = self.params[name]
             p.grad = gradient.neg_().to(p.dtype)
-        return self._stats(fitness, math.sqrt(squared_norm))
+        return self._stats(fitness, self._norm(squared_norm))
+
+    @property
+    def sharded(self) -> bool:
+        return isinstance(self.noise, ShardedNoise)
+
+    def _norm(self, squared_norm: float) -> float:
+        """L2 norm of the whole update; sharded, each process holds a slice, so the squares are summed over them."""
+        if self.sharded and torch.distributed.is_initialized():
+            device = next(iter(self.params.values())).device
+            squared = torch.tensor(squared_norm, dtype=torch.float64, device=device)
+            torch.distributed.all_reduce(squared)
+            squared_norm = float(squared)
+        return math.sqrt(squared_norm)
+
+    def state_dict(self) -> dict:
+        """What a checkpoint needs beyond the model's weights: the noise seed and, for weights stored below fp32,
+        the exact fp32 master copy, as full tensors (gathered from every process when sharded: a collective)."""
+        state = {"seed": self.population.seed}
+        if any(p.dtype != torch.float32 for p in self.params.values()):
+            master = self.master
+            state["master"] = gather_full(master.copies, self.noise.layouts) if self.sharded else master.state_dict()
+        return state
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Adopt ``state_dict()`` after the model's weights were loaded; without a master copy they are exact."""
+        if "master" not in state:
+            self.master.sync_from_model()
+            return
+        master = state["master"]
+        self.master.load_state_dict(slices_of(master, self.noise.layouts) if self.sharded else master)
 
     def _stats(self, fitness: torch.Tensor, update_norm: float) -> StepStats:
         fitness = self._check_fitness(fitness)

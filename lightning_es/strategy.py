@@ -38,7 +38,7 @@ from .checkpoint_io import AtomicCheckpointIO
 from .es import EvolutionStrategy
 from .params import select_parameters
 from .population_log import PopulationLog
-from .sharding import ShardedNoise, gather_full, slices_of, release_gathered, zero3_shards
+from .sharding import ShardedNoise, release_gathered, zero3_shards
 
 ES_STATE_KEY = "es_strategy"
 ZERO3_DEFAULTS = {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1}
@@ -129,7 +129,6 @@ class ESStrategy(DDPStrategy):
             raise ValueError("The sharded layout (deepspeed_config) supports perturbation='full' only.")
         self.es: EvolutionStrategy | None = None
         self._fitness: torch.Tensor | None = None
-        self._layouts = None
         self._engine = None
 
     # ---- layout ----------------------------------------------------------------------------------------------
@@ -216,8 +215,8 @@ class ESStrategy(DDPStrategy):
         selected = select_parameters(module, self.params_spec)
         noise = None
         if self.sharded:
-            selected, self._layouts = zero3_shards(selected)
-            noise = ShardedNoise(self._layouts)
+            selected, layouts = zero3_shards(selected)
+            noise = ShardedNoise(layouts)
         seed = self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
         return EvolutionStrategy(selected, seed=seed, model=module, noise=noise, **self.es_options)
 
@@ -280,12 +279,7 @@ class ESStrategy(DDPStrategy):
             "es/sigma": self.es.sigma,
         }
         if stats is not None:
-            norm = stats.update_norm
-            if self.sharded:  # each process measured its slices
-                squared = torch.tensor(norm**2, dtype=torch.float64)
-                dist.all_reduce(squared)
-                norm = math.sqrt(float(squared))
-            metrics |= {"es/update_norm": norm, "es/lr": self.es.lr}
+            metrics |= {"es/update_norm": stats.update_norm, "es/lr": self.es.lr}
         self.lightning_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
 
     def backward(self, closure_loss, optimizer, *args, **kwargs):
@@ -307,12 +301,7 @@ class ESStrategy(DDPStrategy):
 
     def save_checkpoint(self, checkpoint, filepath, storage_options=None) -> None:
         if self.es is not None:
-            state = {"seed": self.es.population.seed}
-            if any(p.dtype != torch.float32 for p in self.es.params.values()):
-                # the weights are rounded; the fp32 master holds the exact ones, kept unsharded in the file
-                master = self.es.master
-                state["master"] = gather_full(master.copies, self._layouts) if self.sharded else master.state_dict()
-            checkpoint[ES_STATE_KEY] = state
+            checkpoint[ES_STATE_KEY] = self.es.state_dict()
         super().save_checkpoint(checkpoint, filepath, storage_options)
 
     def load_model_state_dict(self, checkpoint, strict: bool = True) -> None:
@@ -336,13 +325,7 @@ class ESStrategy(DDPStrategy):
                 f"The checkpoint was trained with ES seed {state['seed']}, this strategy has {self.es.population.seed}; "
                 "resume with the seed it was trained with (ESStrategy(seed=...) or seed_everything)."
             )
-        if state is not None and "master" in state:
-            master = state["master"]
-            if self.sharded:
-                master = slices_of(master, self._layouts)
-            self.es.master.load_state_dict(master)
-        else:
-            self.es.master.sync_from_model()
+        self.es.load_state_dict(state or {})
 
     @classmethod
     def register_strategies(cls, strategy_registry) -> None:

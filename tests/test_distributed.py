@@ -50,6 +50,8 @@ def test_estrainer_under_the_zero3_accelerate_config_follows_the_unsharded_run(t
     single, zero3 = torch.load(one), torch.load(sharded)
     assert zero3["processes"] == 2
     torch.testing.assert_close(torch.tensor(zero3["rewards"]), torch.tensor(single["rewards"]))
+    # each process measures its slices of the update; the logged norm is of the whole update
+    torch.testing.assert_close(torch.tensor(zero3["update_norms"]), torch.tensor(single["update_norms"]))
     assert single["weights"].keys() == zero3["weights"].keys()
     for name, tensor in single["weights"].items():
         torch.testing.assert_close(zero3["weights"][name], tensor, rtol=0, atol=1e-5, msg=name)

@@ -17,7 +17,7 @@ from trl.trainer.utils import identity
 
 from lightning_es import EvolutionStrategy, derive_seed, select_parameters
 from lightning_es.population import Member
-from lightning_es.sharding import ShardedNoise, gather_full, slices_of, release_gathered, zero3_shards
+from lightning_es.sharding import ShardedNoise, release_gathered, zero3_shards
 
 from .config import ESConfig, to_es_config
 from .data import SeededShuffleSampler, SharedPromptLoader
@@ -122,7 +122,6 @@ class ESTrainer(GRPOTrainer):
                 setattr(self.generation_config, key, value)
 
         self.sharded = self._check_deepspeed()
-        self._layouts = None
         if self.sharded:
             self.es = None  # built over the ZeRO-3 partitions once DeepSpeed has created them, in train()
         else:
@@ -167,8 +166,8 @@ class ESTrainer(GRPOTrainer):
 
     def _ensure_sharded_es(self) -> None:
         if self.es is None:
-            shards, self._layouts = zero3_shards(select_parameters(self.model, self.args.es_param_spec))
-            self.es = self._build_es(shards, ShardedNoise(self._layouts))
+            shards, layouts = zero3_shards(select_parameters(self.model, self.args.es_param_spec))
+            self.es = self._build_es(shards, ShardedNoise(layouts))
 
     # ---- data: every process sees the same prompts -------------------------------------------------------------
 
@@ -231,8 +230,6 @@ class ESTrainer(GRPOTrainer):
             stats = self.es.write_gradients(step, fitness)
         if self.sharded:
             release_gathered(self.model.parameters())
-            squared = torch.tensor(stats.update_norm**2, dtype=torch.float64, device=self.accelerator.device)
-            stats.update_norm = math.sqrt(float(self.accelerator.reduce(squared, reduction="sum")))
         self._log_step(torch.cat(member_rewards), stats, lr, time.perf_counter() - started)
         return torch.tensor(-stats.fitness_mean, device=self.args.device)
 
@@ -308,11 +305,7 @@ class ESTrainer(GRPOTrainer):
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
-        state = {"seed": self.es.population.seed, "step": self.state.global_step}
-        if any(p.dtype != torch.float32 for p in self.es.params.values()):
-            # the model files hold only the rounded weights; the master is stored unsharded (gathered if sharded)
-            master = self.es.master
-            state["master"] = gather_full(master.copies, self._layouts) if self.sharded else master.state_dict()
+        state = {**self.es.state_dict(), "step": self.state.global_step}  # a collective when sharded
         if not self.args.should_save:
             return
         checkpoint = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
@@ -337,10 +330,4 @@ class ESTrainer(GRPOTrainer):
             raise ValueError(
                 f"{checkpoint} was trained with another seed; resume with the seed it was trained with (args.seed)."
             )
-        if "master" in state:
-            master = state["master"]
-            if self.sharded:
-                master = slices_of(master, self._layouts)
-            self.es.master.load_state_dict(master)
-        else:
-            self.es.master.sync_from_model()
+        self.es.load_state_dict(state)

@@ -35,7 +35,8 @@ def main(weights_path: str, output_dir: str, per_device_prompts: int = 2, num_ge
     weights = trainer.accelerator.get_state_dict(trainer.model_wrapped)  # gathers a ZeRO-3 model (collective)
     if trainer.accelerator.is_main_process:
         rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
-        torch.save({"weights": weights, "rewards": rewards,
+        update_norms = [h["es/update_norm"] for h in trainer.state.log_history if "es/update_norm" in h]
+        torch.save({"weights": weights, "rewards": rewards, "update_norms": update_norms,
                     "processes": trainer.accelerator.num_processes}, weights_path)
     trainer.accelerator.wait_for_everyone()
     if dist.is_initialized():
