@@ -22,7 +22,7 @@ def load(model_name: str):
 
         tokenizer = build_tokenizer()
         return build_model(tokenizer), tokenizer
-    from lightning_es.models import resolve_model
+    from lightning_es.tasks.models import resolve_model
 
     path = resolve_model(None if model_name == "smollm2" else model_name)
     return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path, padding_side="left")

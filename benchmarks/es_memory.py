@@ -28,7 +28,7 @@ def peak_megabytes() -> float:
 def run_variant(args):
     from datasets import Dataset
 
-    from lightning_es import EvolutionStrategy, select_parameters
+    from lightning_es import EvolutionStrategy, build_perturbation, select_parameters
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tokenizer = load(args.model)
@@ -41,8 +41,8 @@ def run_variant(args):
         generate(model, population_batch, args.new_tokens)
     elif args.variant in ("es_full", "es_lowrank"):
         lowrank = args.variant == "es_lowrank"
-        es = EvolutionStrategy(select_parameters(model), population_size=args.population,
-                               perturbation="lowrank" if lowrank else "full", model=model)
+        perturbation = build_perturbation("lowrank" if lowrank else "full", select_parameters(model), 1e-3, model=model)
+        es = EvolutionStrategy(perturbation, population_size=args.population)
         members = es.members(0)
         if lowrank:
             with es.perturbation.apply_population(members):

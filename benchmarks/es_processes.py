@@ -19,25 +19,27 @@ from common import encode, generate, load
 
 
 def worker(args):
-    from lightning_es import EvolutionStrategy, select_parameters
+    from lightning_es import EvolutionStrategy, FullRankPerturbation, Processes, evaluate_population, select_parameters
+    from lightning_es.engine.evaluation import FITNESS, WEIGHT
 
     dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
     model, tokenizer = load(args.model)
     inputs = encode(tokenizer, args.prompts)
-    es = EvolutionStrategy(select_parameters(model), population_size=args.population, seed=0)
+    es = EvolutionStrategy(FullRankPerturbation(select_parameters(model), sigma=1e-3), population_size=args.population)
+    processes = Processes.current()
+
+    def score(members):
+        (member,) = members
+        with es.perturbed(member):
+            output = generate(model, inputs, args.new_tokens)
+        return {FITNESS: [float(output.float().mean())], WEIGHT: [1.0]}
+
     times = []
     for step in range(args.steps + 1):
         started = time.perf_counter()
-        fitness = torch.zeros(args.population)
-        for member in es.local_members(step, rank, world):
-            with es.perturbed(member):
-                output = generate(model, inputs, args.new_tokens)
-            fitness[member.index] = float(output.float().mean())
-        dist.all_reduce(fitness)  # members not evaluated here are 0 on this process
-        es.step(step, fitness)
+        es.step(step, evaluate_population(es.members(step), step, score, processes).fitness)
         times.append(time.perf_counter() - started)
-    if rank == 0:
+    if processes.rank == 0:
         print(f"SECONDS_PER_ITERATION {min(times[1:])}")  # the first iteration warms up
     dist.destroy_process_group()
 

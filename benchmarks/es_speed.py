@@ -13,7 +13,7 @@ import argparse
 import torch
 
 from common import encode, generate, load, timed
-from lightning_es import EvolutionStrategy, select_parameters
+from lightning_es import EvolutionStrategy, build_perturbation, select_parameters
 
 
 def es_iteration(model, es, inputs, new_tokens, step=0):
@@ -42,9 +42,9 @@ def main():
     model.to(args.device).eval()
     inputs = encode(tokenizer, args.prompts, args.device)
     everything = {k: v.repeat(args.population, 1) for k, v in inputs.items()}
-    common = dict(population_size=args.population, sigma=1e-3, lr=0.0, seed=0)
-    full = EvolutionStrategy(select_parameters(model), **common)
-    lowrank = EvolutionStrategy(select_parameters(model), perturbation="lowrank", model=model, **common)
+    common = dict(population_size=args.population, lr=0.0, seed=0)
+    full = EvolutionStrategy(build_perturbation("full", select_parameters(model), 1e-3), **common)
+    lowrank = EvolutionStrategy(build_perturbation("lowrank", select_parameters(model), 1e-3, model=model), **common)
 
     plain = timed(lambda: generate(model, everything, args.new_tokens), args.repeats)
     full_time = timed(lambda: es_iteration(model, full, inputs, args.new_tokens), args.repeats)

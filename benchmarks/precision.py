@@ -15,7 +15,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from tiny import build_model, build_tokenizer  # noqa: E402
 
-from lightning_es import EvolutionStrategy, select_parameters  # noqa: E402
+from lightning_es import EvolutionStrategy, FullRankPerturbation, select_parameters  # noqa: E402
 
 
 def naive(p, update, _state):
@@ -57,7 +57,7 @@ def main():
 
     reference = build_model(tokenizer).bfloat16().float()
     start = {n: p.detach().clone() for n, p in reference.named_parameters()}
-    es = EvolutionStrategy(select_parameters(reference), lr=args.lr, seed=1)
+    es = EvolutionStrategy(FullRankPerturbation(select_parameters(reference), sigma=1e-3), lr=args.lr, seed=1)
     for step, f in enumerate(fitness):
         es.step(step, f)
     intended = delta(reference, start)
@@ -68,7 +68,7 @@ def main():
         model.load_state_dict(base.state_dict())
         start16 = {n: p.detach().clone() for n, p in model.named_parameters()}
         params = select_parameters(model)
-        es = EvolutionStrategy(params, lr=args.lr, seed=1)
+        es = EvolutionStrategy(FullRankPerturbation(params, sigma=1e-3), lr=args.lr, seed=1)
         state = {}
         with torch.no_grad():
             for step, f in enumerate(fitness):
@@ -79,7 +79,7 @@ def main():
     model = build_model(tokenizer).bfloat16()
     model.load_state_dict(base.state_dict())
     start16 = {n: p.detach().clone() for n, p in model.named_parameters()}
-    es = EvolutionStrategy(select_parameters(model), lr=args.lr, seed=1)
+    es = EvolutionStrategy(FullRankPerturbation(select_parameters(model), sigma=1e-3), lr=args.lr, seed=1)
     for step, f in enumerate(fitness):
         es.step(step, f)
     rows.append(("fp32 master copy (lightning-es)", delta(model, start16), 4))

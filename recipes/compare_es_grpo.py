@@ -17,10 +17,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import GRPOConfig, GRPOTrainer
 
-from lightning_es.evaluation import greedy_scores
-from lightning_es.geometry import cosine_similarity, linear_connectivity, moved_fraction, parameter_delta, snapshot
-from lightning_es.geometry import update_norm
-from lightning_es.models import resolve_model
+from lightning_es.tasks.evaluation import greedy_scores
+from lightning_es.drift import (
+    cosine_similarity, linear_connectivity, moved_fraction, parameter_delta, snapshot, update_norm,
+)
+from lightning_es.tasks.models import resolve_model
 from lightning_es.tasks import countdown, gsm8k
 from lightning_es.tasks.probes import OFF_TASK_PROMPTS, chat
 from trl_ext import ESConfig, ESTrainer

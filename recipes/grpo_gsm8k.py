@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from trl import ModelConfig, ScriptArguments, get_peft_config
 
-from lightning_es.models import resolve_model
+from lightning_es.tasks.models import resolve_model
 from lightning_es.tasks import gsm8k
 from trl_ext.recipes import parse_recipe_args, train_and_report, use_all_cpu_cores
 from trl import GRPOConfig, GRPOTrainer

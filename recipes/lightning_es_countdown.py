@@ -18,8 +18,8 @@ from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lightning_es import ESStrategy
-from lightning_es.evaluation import render_prompts
-from lightning_es.models import resolve_model
+from lightning_es.tasks.evaluation import render_prompts
+from lightning_es.tasks.models import resolve_model
 from lightning_es.tasks import countdown
 
 ANSWER_PREFILL = "<answer>"

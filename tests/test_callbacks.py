@@ -52,8 +52,8 @@ def test_lightning_drift_callbacks_log_the_same_names(tmp_path, tiny_model, toke
     pl = pytest.importorskip("pytorch_lightning")
     import torch
 
-    from lightning_es.callbacks import KLDriftCallback as LightningKLDrift
-    from lightning_es.callbacks import ParameterDriftCallback as LightningParameterDrift
+    from lightning_es.lightning.callbacks import KLDriftCallback as LightningKLDrift
+    from lightning_es.lightning.callbacks import ParameterDriftCallback as LightningParameterDrift
 
     class LanguageModel(pl.LightningModule):
         def __init__(self, model):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lightning_es.drift import DriftProbe
-from lightning_es.geometry import (
+from lightning_es.drift import (
     cosine_similarity,
     linear_connectivity,
     moved_fraction,
@@ -12,7 +12,7 @@ from lightning_es.geometry import (
     snapshot,
     update_norm,
 )
-from lightning_es.metrics import KLDrift, exact_token_kl, sampled_token_kl
+from lightning_es.drift import KLDrift, exact_token_kl, sampled_token_kl
 from tiny import build_model, build_tokenizer
 
 

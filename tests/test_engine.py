@@ -3,7 +3,15 @@ import math
 import pytest
 import torch
 
-from lightning_es import EvolutionStrategy, GaussianNoise, Population, centered_rank, select_parameters, zscore
+from lightning_es import (
+    EvolutionStrategy,
+    FullRankPerturbation,
+    GaussianNoise,
+    Population,
+    centered_rank,
+    select_parameters,
+    zscore,
+)
 from tiny import build_model, build_tokenizer
 
 
@@ -38,6 +46,10 @@ def test_noise_is_independent_across_tensors_of_the_same_shape():
     assert abs(first.mean()) < 0.05 and abs(first.std() - 1) < 0.05
 
 
+def full_rank_es(params, sigma=1e-3, **kwargs):
+    return EvolutionStrategy(FullRankPerturbation(params, sigma), **kwargs)
+
+
 # ---- population and shaping -----------------------------------------------------------------------------------
 
 
@@ -48,15 +60,6 @@ def test_antithetic_members_share_seeds_with_opposite_signs_and_depend_on_the_st
     assert all(members[2 * k].seed == members[2 * k + 1].seed for k in range(3))
     assert len({m.seed for m in members}) == 3
     assert {m.seed for m in population.members(step=1)}.isdisjoint({m.seed for m in members})
-
-
-def test_each_process_evaluates_a_disjoint_share_of_the_population():
-    population = Population(8, antithetic=True, seed=0)
-    shares = [population.local_members(0, rank, 2) for rank in range(2)]
-    indices = sorted(m.index for share in shares for m in share)
-    assert indices == list(range(8))
-    with pytest.raises(ValueError, match="multiple of the number of processes"):
-        population.local_members(0, 0, 3)
 
 
 @pytest.mark.parametrize(
@@ -85,7 +88,7 @@ def test_zscore_and_centered_rank():
 def test_perturb_and_restore_is_bit_exact(dtype):
     model = build_model(build_tokenizer(), dtype=dtype)
     before = snapshot(model)
-    es = EvolutionStrategy(select_parameters(model), population_size=8, sigma=1e-2, seed=0)
+    es = full_rank_es(select_parameters(model), population_size=8, sigma=1e-2, seed=0)
     for member in es.members(step=0):
         with es.perturbed(member):
             changed = sum(not torch.equal(p, before[n]) for n, p in model.named_parameters())
@@ -98,7 +101,7 @@ def test_perturb_and_restore_is_bit_exact(dtype):
 def test_restore_happens_even_when_the_evaluation_raises():
     model = build_model(build_tokenizer())
     before = snapshot(model)
-    es = EvolutionStrategy(select_parameters(model), population_size=2, sigma=0.1)
+    es = full_rank_es(select_parameters(model), population_size=2, sigma=0.1)
     with pytest.raises(RuntimeError), es.perturbed(es.members(0)[0]):
         raise RuntimeError("reward failed")
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
@@ -113,7 +116,7 @@ def test_naive_bf16_perturb_and_restore_would_drift():
 
 
 def run_steps(model, fitness_per_step, **kwargs):
-    es = EvolutionStrategy(select_parameters(model), **kwargs)
+    es = full_rank_es(select_parameters(model), **kwargs)
     for step, fitness in enumerate(fitness_per_step):
         es.step(step, fitness)
     return es
@@ -141,7 +144,7 @@ def test_bf16_update_matches_the_fp32_update_after_20_steps():
 def test_estimate_on_a_quadratic_points_along_the_true_gradient():
     target = torch.linspace(-1, 1, 20)
     theta = torch.nn.Parameter(torch.zeros(20))
-    es = EvolutionStrategy({"theta": theta}, population_size=1000, sigma=1e-2, lr=0.0, seed=1)
+    es = full_rank_es({"theta": theta}, population_size=1000, sigma=1e-2, lr=0.0, seed=1)
     fitness = torch.empty(es.population_size)
     for member in es.members(0):
         with es.perturbed(member):
@@ -153,11 +156,11 @@ def test_estimate_on_a_quadratic_points_along_the_true_gradient():
 
 def test_plain_update_is_lr_times_the_openai_es_estimate():
     theta = torch.nn.Parameter(torch.zeros(50))
-    es = EvolutionStrategy({"theta": theta}, population_size=4, sigma=0.1, lr=0.3, antithetic=False, seed=2)
+    es = full_rank_es({"theta": theta}, population_size=4, sigma=0.1, lr=0.3, antithetic=False, seed=2)
     fitness = torch.tensor([1.0, 2.0, 3.0, 6.0])
     shaped = zscore(fitness)
     expected = sum(
-        shaped[m.index] * es.noise.sample(m.seed, "theta", theta.shape, "cpu").double() for m in es.members(0)
+        shaped[m.index] * es.perturbation.noise.sample(m.seed, "theta", theta.shape, "cpu").double() for m in es.members(0)
     ) / (4 * 0.1)
     stats = es.step(0, fitness)
     assert torch.allclose(theta.detach().double(), 0.3 * expected, atol=1e-6)
@@ -167,11 +170,11 @@ def test_plain_update_is_lr_times_the_openai_es_estimate():
 def test_reference_step_alpha_over_n_equals_lr_times_g():
     """The ES-at-scale step alpha/N * sum f_i eps_i (alpha=5e-4, sigma=1e-3, N=30) is our default lr=5e-7."""
     theta = torch.nn.Parameter(torch.zeros(100))
-    es = EvolutionStrategy({"theta": theta}, population_size=30, sigma=1e-3, antithetic=False, seed=4)
+    es = full_rank_es({"theta": theta}, population_size=30, sigma=1e-3, antithetic=False, seed=4)
     fitness = torch.randn(30, generator=torch.Generator().manual_seed(0))
     shaped = zscore(fitness)
     reference_step = 5e-4 / 30 * sum(
-        shaped[m.index] * es.noise.sample(m.seed, "theta", theta.shape, "cpu").double() for m in es.members(0)
+        shaped[m.index] * es.perturbation.noise.sample(m.seed, "theta", theta.shape, "cpu").double() for m in es.members(0)
     )
     es.step(0, fitness)
     assert torch.allclose(theta.detach().double(), reference_step, rtol=1e-4, atol=1e-12)
@@ -182,7 +185,7 @@ def test_reward_rises_on_a_problem_with_a_clear_optimum():
     inputs = torch.randn(64, 8)
     labels = inputs @ torch.randn(8, 1)
     model = torch.nn.Linear(8, 1)
-    es = EvolutionStrategy(select_parameters(model), population_size=20, sigma=0.05, lr=0.05 * 0.05, seed=0)
+    es = full_rank_es(select_parameters(model), population_size=20, sigma=0.05, lr=0.05 * 0.05, seed=0)
 
     def reward():
         with torch.no_grad():
@@ -200,7 +203,7 @@ def test_reward_rises_on_a_problem_with_a_clear_optimum():
 
 def test_write_gradients_hands_minus_g_to_a_torch_optimizer():
     theta = torch.nn.Parameter(torch.zeros(30))
-    es = EvolutionStrategy({"theta": theta}, population_size=6, sigma=0.1, lr=0.2, seed=5)
+    es = full_rank_es({"theta": theta}, population_size=6, sigma=0.1, lr=0.2, seed=5)
     fitness = torch.arange(6.0)
     (_, g), = es.gradients(0, fitness)
     optimizer = torch.optim.SGD([theta], lr=0.2)
@@ -213,7 +216,7 @@ def test_write_gradients_hands_minus_g_to_a_torch_optimizer():
 
 @pytest.mark.parametrize(("value", "message"), [(float("nan"), "not finite"), (float("inf"), "not finite")])
 def test_non_finite_fitness_is_rejected(value, message):
-    es = EvolutionStrategy({"theta": torch.nn.Parameter(torch.zeros(3))}, population_size=4)
+    es = full_rank_es({"theta": torch.nn.Parameter(torch.zeros(3))}, population_size=4)
     with pytest.raises(ValueError, match=message):
         es.step(0, torch.tensor([0.0, 1.0, value, 2.0]))
 
@@ -221,11 +224,11 @@ def test_non_finite_fitness_is_rejected(value, message):
 def test_bad_hyperparameters_name_the_argument():
     params = {"theta": torch.nn.Parameter(torch.zeros(3))}
     with pytest.raises(ValueError, match="sigma"):
-        EvolutionStrategy(params, sigma=0.0)
+        full_rank_es(params, sigma=0.0)
     with pytest.raises(ValueError, match="fitness_shaping"):
-        EvolutionStrategy(params, fitness_shaping="softmax")
+        full_rank_es(params, fitness_shaping="softmax")
     with pytest.raises(ValueError, match="population_size"):
-        EvolutionStrategy(params, population_size=7)
+        full_rank_es(params, population_size=7)
 
 
 # ---- parameter selection -------------------------------------------------------------------------------------
@@ -250,8 +253,8 @@ def test_anchored_weight_decay_pulls_towards_the_start():
     fitness = [torch.randn(8, generator=torch.Generator().manual_seed(s)) for s in range(5)]
     plain, anchored = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
     settings = dict(population_size=8, sigma=0.1, lr=0.05, seed=1)
-    es_plain = EvolutionStrategy({"theta": plain}, **settings)
-    es_anchored = EvolutionStrategy({"theta": anchored}, anchor_decay=2.0, **settings)
+    es_plain = full_rank_es({"theta": plain}, **settings)
+    es_anchored = full_rank_es({"theta": anchored}, anchor_decay=2.0, **settings)
     for step, f in enumerate(fitness):
         before = anchored.detach().clone()
         es_anchored.step(step, f)
@@ -261,4 +264,4 @@ def test_anchored_weight_decay_pulls_towards_the_start():
         es_plain.step(step, f)
     assert (anchored - start).norm() < (plain - start).norm()
     with pytest.raises(ValueError, match="anchor_decay"):
-        EvolutionStrategy({"theta": plain}, anchor_decay=-1.0)
+        full_rank_es({"theta": plain}, anchor_decay=-1.0)

@@ -4,8 +4,8 @@ import pytest
 import torch
 from datasets import Dataset
 
-from lightning_es import EvolutionStrategy, select_parameters
-from lightning_es.lowrank import hookable_linear_weights
+from lightning_es import EvolutionStrategy, LowRankPerturbation, select_parameters
+from lightning_es.engine.perturbations import hookable_linear_weights
 from tiny import build_model, build_tokenizer
 from trl_ext import ESConfig, ESTrainer
 
@@ -13,8 +13,8 @@ from trl_ext import ESConfig, ESTrainer
 def test_hooked_forward_equals_explicitly_perturbed_weights():
     tokenizer = build_tokenizer()
     model = build_model(tokenizer)
-    es = EvolutionStrategy(select_parameters(model), population_size=4, sigma=0.05, perturbation="lowrank", rank=2,
-                           model=model, seed=3)
+    es = EvolutionStrategy(LowRankPerturbation(model, select_parameters(model), sigma=0.05, rank=2), population_size=4,
+                           seed=3)
     members = es.members(0)
     inputs = torch.randint(0, len(tokenizer), (3, 7))
     with torch.no_grad(), es.perturbation.apply_population(members):
@@ -45,8 +45,8 @@ def test_lowrank_evolves_linear_weights_and_leaves_tied_or_other_weights():
 
 def test_lowrank_update_equals_the_dense_sum_of_the_factors():
     model = build_model(build_tokenizer())
-    es = EvolutionStrategy(select_parameters(model), population_size=6, sigma=0.1, lr=0.01, perturbation="lowrank",
-                           rank=3, model=model, seed=9)
+    es = EvolutionStrategy(LowRankPerturbation(model, select_parameters(model), sigma=0.1, rank=3), population_size=6,
+                           lr=0.01, seed=9)
     before = {n: p.detach().clone() for n, p in es.params.items()}
     fitness = torch.tensor([0.3, 1.0, -2.0, 0.5, 0.0, 4.0])
     shaped = es.shape_fitness(fitness)
@@ -65,8 +65,8 @@ def test_reward_rises_with_lowrank_noise_on_a_toy_task():
     inputs = torch.randn(64, 8)
     labels = inputs @ torch.randn(8, 4)
     model = torch.nn.Sequential(torch.nn.Linear(8, 4, bias=False))
-    es = EvolutionStrategy(select_parameters(model), population_size=20, sigma=0.05, lr=0.05 * 0.05,
-                           perturbation="lowrank", model=model, seed=0)
+    es = EvolutionStrategy(LowRankPerturbation(model, select_parameters(model), sigma=0.05), population_size=20,
+                           lr=0.05 * 0.05, seed=0)
 
     def errors(batch_outputs, count):
         return [-torch.nn.functional.mse_loss(o, labels).item() for o in batch_outputs.chunk(count)]
@@ -85,10 +85,10 @@ def test_reward_rises_with_lowrank_noise_on_a_toy_task():
 
 def test_lowrank_bf16_model_keeps_an_fp32_master_and_fp32_needs_none():
     model = build_model(build_tokenizer())
-    es = EvolutionStrategy(select_parameters(model), perturbation="lowrank", model=model)
+    es = EvolutionStrategy(LowRankPerturbation(model, select_parameters(model), sigma=1e-3))
     assert es.master.copies == {}
     half = build_model(build_tokenizer(), dtype=torch.bfloat16)
-    es = EvolutionStrategy(select_parameters(half), perturbation="lowrank", model=half)
+    es = EvolutionStrategy(LowRankPerturbation(half, select_parameters(half), sigma=1e-3))
     assert set(es.master.copies) == set(es.params)
 
 

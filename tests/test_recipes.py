@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from lightning_es import models
+from lightning_es.tasks import models
 
 RECIPES = Path(__file__).parents[1] / "recipes"
 

@@ -1,8 +1,7 @@
 import torch
 
-from lightning_es import EvolutionStrategy
-from lightning_es.noise import GaussianNoise
-from lightning_es.sharding import ShardedNoise, ShardLayout, slices_of
+from lightning_es import EvolutionStrategy, FullRankPerturbation, GaussianNoise, ShardedPerturbation
+from lightning_es.engine.perturbations import ShardedNoise, ShardLayout
 
 
 def layouts_for(shapes: dict, world: int, rank: int) -> dict:
@@ -36,7 +35,7 @@ def test_sharded_steps_equal_the_unsharded_step():
     torch.manual_seed(0)
     full = {name: torch.nn.Parameter(torch.randn(shape)) for name, shape in SHAPES.items()}
     fitness = torch.randn(6)
-    unsharded = EvolutionStrategy(full, population_size=6, sigma=0.1, lr=0.05, seed=3)
+    unsharded = EvolutionStrategy(FullRankPerturbation(full, sigma=0.1), population_size=6, lr=0.05, seed=3)
     unsharded.step(0, fitness)
     expected = {name: p.detach().clone() for name, p in full.items()}
     torch.manual_seed(0)
@@ -44,8 +43,13 @@ def test_sharded_steps_equal_the_unsharded_step():
     pieces = {name: [] for name in SHAPES}
     for rank in range(2):
         layouts = layouts_for(SHAPES, 2, rank)
-        shards = {name: torch.nn.Parameter(t) for name, t in slices_of(start, layouts).items()}
-        es = EvolutionStrategy(shards, population_size=6, sigma=0.1, lr=0.05, seed=3, noise=ShardedNoise(layouts))
+        shards = {name: torch.nn.Parameter(torch.zeros(layout.size)) for name, layout in layouts.items()}
+        perturbation = ShardedPerturbation(shards, layouts, sigma=0.1)
+        with torch.no_grad():
+            for name, piece in perturbation.local_tensors(start).items():
+                shards[name].copy_(piece)
+        perturbation.master.sync_from_model()
+        es = EvolutionStrategy(perturbation, population_size=6, lr=0.05, seed=3)
         es.step(0, fitness)
         for name, shard in shards.items():
             pieces[name].append(shard.detach())

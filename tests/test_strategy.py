@@ -11,7 +11,7 @@ import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 
-from lightning_es import ESStrategy
+from lightning_es import ESStrategy, PopulationError
 from lightning_toy import Regression
 
 SCRIPT = Path(__file__).parent / "scripts" / "lightning_toy_run.py"
@@ -138,7 +138,7 @@ def test_an_optimizer_consumes_the_es_gradient():
     ],
 )
 def test_bad_fitness_is_a_clear_error(fitness, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(PopulationError, match=rf"ES step 0, population member 0 \(process 0\): ValueError: .*{message}"):
         fit(Regression(fitness=fitness))
 
 

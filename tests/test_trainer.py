@@ -11,7 +11,7 @@ from trl import GRPOConfig
 
 from tiny import build_model, build_tokenizer
 from trl_ext import ESConfig, ESTrainer
-from trl_ext.reward_checks import RewardFunctionError
+from lightning_es import PopulationError
 
 SCRIPTS = Path(__file__).parent / "scripts"
 
@@ -161,16 +161,18 @@ def all_none(completions, **kwargs):
 @pytest.mark.parametrize(
     ("reward", "message"),
     [
-        (broken, r"reward function 'broken' raised KeyError at step 0"),
-        (too_few, r"'too_few' returned 1 rewards at step 0, expected 4"),
-        (nan_reward, r"'nan_reward' returned NaN for completion 0 at step 0"),
-        (all_none, r"returned None for every completion of members \[0, 1, 2, 3\] at step 0"),
+        (broken, r"ES step 0, population member 0 \(process 0\): RewardFunctionError: reward function 'broken' "
+                 r"raised KeyError: 'answer'"),
+        (too_few, r"ES step 0, population member 0 .*'too_few' returned 1 rewards, expected 4"),
+        (nan_reward, r"ES step 0, population member 0 .*'nan_reward' returned NaN for completion 0"),
+        (all_none, r"ES step 0: population members \[0, 1, 2, 3\] have no fitness: every reward function returned "
+                   r"None"),
     ],
 )
 def test_bad_reward_functions_fail_with_their_name_and_step(tmp_path, tiny_model, tokenizer, prompt_dataset, reward, message):
     before = weights(tiny_model)
     trainer = ESTrainer(tiny_model, reward, args=es_args(tmp_path), train_dataset=prompt_dataset, processing_class=tokenizer)
-    with pytest.raises((RewardFunctionError, ValueError), match=message):
+    with pytest.raises(PopulationError, match=message):
         trainer.train()
     assert all(torch.equal(p, before[n]) for n, p in trainer.model.named_parameters())  # failure left weights intact
 

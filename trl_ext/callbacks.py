@@ -7,9 +7,7 @@ names as the Lightning callbacks: ``drift/kl``; ``drift/update_norm``, ``drift/r
 
 from transformers import TrainerCallback
 
-from lightning_es.drift import DriftProbe, parameter_drift
-from lightning_es.geometry import snapshot
-from lightning_es.metrics import KLDrift
+from lightning_es.drift import DriftProbe, KLDrift, parameter_drift, snapshot
 
 
 class _TrainerDriftCallback(TrainerCallback):

@@ -9,8 +9,7 @@ import torch
 from transformers.trainer_utils import SchedulerType
 from trl import GRPOConfig
 
-from lightning_es.es import PERTURBATIONS
-from lightning_es.shaping import FITNESS_SHAPING
+from lightning_es import FITNESS_SHAPING, PERTURBATIONS
 
 logger = logging.getLogger(__name__)
 
@@ -138,6 +137,12 @@ class ESConfig(GRPOConfig):
             raise ValueError(f"es_optimizer must be one of {ES_OPTIMIZERS}, got {self.es_optimizer!r}.")
         if self.es_anchor_decay < 0:
             raise ValueError(f"es_anchor_decay must be non-negative, got {self.es_anchor_decay}.")
+        if self.es_anchor_decay and self.es_optimizer == "trainer":
+            raise ValueError(
+                f"es_anchor_decay={self.es_anchor_decay} pulls the in-place ES step (es_optimizer='sgd') towards the "
+                "starting weights; with es_optimizer='trainer' the Trainer's optimizer takes the step instead. Use the "
+                "optimizer's weight_decay, or es_optimizer='sgd'."
+            )
         if self.perturbation not in PERTURBATIONS:
             raise ValueError(f"perturbation must be one of {PERTURBATIONS}, got {self.perturbation!r}.")
         if self.perturbation_rank < 1:

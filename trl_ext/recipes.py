@@ -36,7 +36,7 @@ def use_all_cpu_cores() -> None:
 
 def train_and_report(trainer, eval_dataset, rewards: dict, task: str) -> tuple[dict, dict]:
     """Score greedy completions of ``eval_dataset`` before and after ``trainer.train()``, save, and print both."""
-    from lightning_es.evaluation import greedy_scores
+    from lightning_es.tasks.evaluation import greedy_scores
 
     def scores():
         return greedy_scores(trainer.model, trainer.processing_class, eval_dataset, rewards,

@@ -1,4 +1,4 @@
-"""Reward functions wrapped so that a failure names the function and the step.
+"""Reward functions wrapped so that a failure names the function (the population loop adds the step and member).
 
 TRL turns ``None`` into NaN before the trainer sees the rewards, so a NaN *returned* by a reward function would pass
 unnoticed as "no reward"; it is caught here, while ``None`` keeps TRL's meaning.
@@ -15,31 +15,31 @@ class RewardFunctionError(RuntimeError):
     pass
 
 
-def check_rewards(name: str, rewards, expected: int, step: int) -> None:
+def check_rewards(name: str, rewards, expected: int) -> None:
     if not hasattr(rewards, "__len__"):
         raise RewardFunctionError(
-            f"reward function {name!r} returned {type(rewards).__name__} at step {step}; "
+            f"reward function {name!r} returned {type(rewards).__name__}; "
             f"it must return a list of {expected} floats (or None), one per completion."
         )
     if len(rewards) != expected:
         raise RewardFunctionError(
-            f"reward function {name!r} returned {len(rewards)} rewards at step {step}, expected {expected}: "
+            f"reward function {name!r} returned {len(rewards)} rewards, expected {expected}: "
             "return exactly one reward per completion."
         )
     for i, reward in enumerate(rewards):
         if reward is not None and isinstance(reward, float | int) and math.isnan(reward):
             raise RewardFunctionError(
-                f"reward function {name!r} returned NaN for completion {i} at step {step}: return a finite number, "
+                f"reward function {name!r} returned NaN for completion {i}: return a finite number, "
                 "or None to leave that completion unscored."
             )
 
 
-def checked_reward_function(func: Callable, step_of: Callable[[], int]) -> Callable:
-    """Wrap ``func`` (sync or async) so that it raises ``RewardFunctionError`` with its name and the step."""
+def checked_reward_function(func: Callable) -> Callable:
+    """Wrap ``func`` (sync or async) so that it raises ``RewardFunctionError`` with its name."""
     name = get_callable_name(func)
 
     def failure(error: Exception) -> RewardFunctionError:
-        return RewardFunctionError(f"reward function {name!r} raised {type(error).__name__} at step {step_of()}: {error}")
+        return RewardFunctionError(f"reward function {name!r} raised {type(error).__name__}: {error}")
 
     if is_async_callable(func):
 
@@ -48,7 +48,7 @@ def checked_reward_function(func: Callable, step_of: Callable[[], int]) -> Calla
                 rewards = await func(*args, **kwargs)
             except Exception as error:
                 raise failure(error) from error
-            check_rewards(name, rewards, len(kwargs["prompts"]), step_of())
+            check_rewards(name, rewards, len(kwargs["prompts"]))
             return rewards
 
     else:
@@ -58,7 +58,7 @@ def checked_reward_function(func: Callable, step_of: Callable[[], int]) -> Calla
                 rewards = func(*args, **kwargs)
             except Exception as error:
                 raise failure(error) from error
-            check_rewards(name, rewards, len(kwargs["prompts"]), step_of())
+            check_rewards(name, rewards, len(kwargs["prompts"]))
             return rewards
 
     functools.update_wrapper(checked, func, assigned=("__module__", "__doc__"), updated=())

@@ -8,24 +8,46 @@ import logging
 import math
 import os
 import time
+from collections import defaultdict
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
+import trl.trainer.grpo_trainer as grpo_trainer_module
+from accelerate.data_loader import prepare_data_loader
+from accelerate.utils import gather_object
 from datasets import Dataset, IterableDataset
+from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 from trl import GRPOConfig, GRPOTrainer
 from trl.trainer.utils import identity
 
-from lightning_es import EvolutionStrategy, derive_seed, select_parameters
-from lightning_es.population import Member
-from lightning_es.sharding import ShardedNoise, release_gathered, zero3_shards
+from lightning_es import EvolutionStrategy, Processes, build_perturbation, derive_seed, select_parameters
+from lightning_es.engine import Member, evaluate_population
+from lightning_es.engine.evaluation import FITNESS, WEIGHT
 
+from .checkpoints import ES_STATE_NAME, last_resumable_checkpoint, why_not_resumable
 from .config import ESConfig, to_es_config
-from .data import SeededShuffleSampler, SharedPromptLoader
 from .reward_checks import checked_reward_function
 
 logger = logging.getLogger(__name__)
 
-ES_STATE_NAME = "es_state.pt"
+
+@dataclass
+class ScoredRows:
+    """What scoring some rows with one set of weights gave, on this process."""
+
+    rewards: torch.Tensor  # (rows, reward functions), NaN where a function returned None
+    prompt_lengths: list[int]
+    completion_lengths: list[int]
+    truncated: list[bool]
+
+    def split(self, size: int) -> list["ScoredRows"]:
+        """Consecutive groups of ``size`` rows: one per member of a population scored in one batch."""
+        return [
+            ScoredRows(self.rewards[start : start + size], self.prompt_lengths[start : start + size],
+                       self.completion_lengths[start : start + size], self.truncated[start : start + size])
+            for start in range(0, len(self.completion_lengths), size)
+        ]
 
 
 def _check_prompt_column(dataset, argument: str) -> None:
@@ -97,8 +119,7 @@ class ESTrainer(GRPOTrainer):
         if not reward_funcs:
             raise ValueError("reward_funcs is empty: ES needs at least one reward function to compute fitness.")
         reward_funcs = [
-            checked_reward_function(f, lambda: self.state.global_step) if callable(f) and not isinstance(f, torch.nn.Module) else f
-            for f in reward_funcs
+            checked_reward_function(f) if callable(f) and not isinstance(f, torch.nn.Module) else f for f in reward_funcs
         ]
 
         super().__init__(
@@ -121,12 +142,21 @@ class ESTrainer(GRPOTrainer):
             for key, value in greedy.items():
                 setattr(self.generation_config, key, value)
 
+        if self.is_fsdp_enabled:
+            raise ValueError(
+                "ESTrainer does not run under FSDP: ES perturbs and updates the parameters it captured before accelerate "
+                "wraps the model, and FSDP replaces them with flat shards, so every member would score the same and no "
+                "update would happen. Shard a large model with DeepSpeed ZeRO-3 (accelerate launch --config_file "
+                "recipes/configs/deepspeed_zero3.yaml), or replicate it (no FSDP config)."
+            )
         self.sharded = self._check_deepspeed()
+        self.processes = Processes.current(sharded=self.sharded, device=self.accelerator.device)
         if self.sharded:
-            self.es = None  # built over the ZeRO-3 partitions once DeepSpeed has created them, in train()
+            self.es = None  # built over the ZeRO-3 partitions once DeepSpeed has created them (first step or resume)
         else:
-            self.es = self._build_es(select_parameters(self.model, args.es_param_spec))
-            self.es.local_members(0, self.accelerator.process_index, self.accelerator.num_processes)  # checks the split
+            self.es = self._build_es()
+            self.processes.rounds(self.es.members(0), self.es.perturbation.batched)  # checks the population split
+            self._prepare_models_for_evaluation()
 
     def _check_deepspeed(self) -> bool:
         """True for the sharded layout: DeepSpeed ZeRO-3, one model over all processes."""
@@ -146,111 +176,107 @@ class ESTrainer(GRPOTrainer):
             )
         return True
 
-    def _build_es(self, params, noise=None) -> EvolutionStrategy:
+    def _prepare_models_for_evaluation(self) -> None:
+        """Have accelerate place the policy as it places models for evaluation: without DDP, whose reducer would
+        allocate gradient buckets the size of the model. Every process applies the same ES update from the same
+        fitness values, so there are no gradients to all-reduce."""
+        prepare_model = self.accelerator.prepare_model
+
+        def prepare_for_evaluation(model, device_placement=None, evaluation_mode=False):
+            return prepare_model(model, device_placement=device_placement, evaluation_mode=True)
+
+        self.accelerator.prepare_model = prepare_for_evaluation
+
+    def _build_es(self) -> EvolutionStrategy:
         args = self.args
+        perturbation = build_perturbation(
+            args.perturbation, select_parameters(self.model, args.es_param_spec), args.sigma, model=self.model,
+            rank=args.perturbation_rank, master_device=args.es_master_device, sharded=self.sharded,
+        )
         return EvolutionStrategy(
-            params,
+            perturbation,
             population_size=args.population_size,
-            sigma=args.sigma,
             lr=args.learning_rate,
             antithetic=args.antithetic,
             fitness_shaping=args.fitness_shaping,
             seed=derive_seed(args.seed, "es-noise"),
-            master_device=args.es_master_device,
-            perturbation=args.perturbation,
-            rank=args.perturbation_rank,
-            model=self.model,
             anchor_decay=args.es_anchor_decay,
-            noise=noise,
         )
 
-    def _ensure_sharded_es(self) -> None:
+    def _ensure_es(self) -> None:
         if self.es is None:
-            shards, layouts = zero3_shards(select_parameters(self.model, self.args.es_param_spec))
-            self.es = self._build_es(shards, ShardedNoise(layouts))
+            self.es = self._build_es()
 
-    # ---- data: every process sees the same prompts -------------------------------------------------------------
+    # ---- data: every process reads the same batches ------------------------------------------------------------
 
     def get_train_dataloader(self):
+        """The same batch of prompts on every process (replicated: they split the population; sharded: they split the
+        batch in training_step), in an order that depends on (data seed, epoch) only. accelerate's seedable sampler
+        and data loader are what transformers' resume path knows how to fast-forward (skip_first_batches, set_epoch)."""
         dataset = self.train_dataset
+        sampler = None
         if isinstance(dataset, Dataset):
             dataset = self._remove_unused_columns(dataset, description="training")
-            sampler = SeededShuffleSampler(len(dataset), seed=self.args.seed, shuffle=self.shuffle_dataset)
-        else:
-            sampler = None
-        # sharded: each process takes its own prompts_per_step rows of the batch (training_step)
+            sampler = RandomSampler(dataset) if self.shuffle_dataset else SequentialSampler(dataset)
         prompts = self.args.prompts_per_step * (self.accelerator.num_processes if self.sharded else 1)
-        return SharedPromptLoader(
-            dataset,
-            batch_size=prompts,
-            sampler=sampler,
-            collate_fn=identity,
-            drop_last=self.args.dataloader_drop_last,
-        )
+        loader = DataLoader(dataset, batch_size=prompts, sampler=sampler, collate_fn=identity,
+                            drop_last=self.args.dataloader_drop_last)
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        return prepare_data_loader(loader, num_processes=1, process_index=0, use_seedable_sampler=True, data_seed=seed)
 
     # ---- one ES iteration --------------------------------------------------------------------------------------
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         started = time.perf_counter()
         self.model.train()  # GRPO files metrics under "train" or "eval" by reading model.training
+        self._ensure_es()
         if self.args.es_optimizer == "trainer":
             self.es.master.sync_from_model()
         step = self.state.global_step
-        world_size = self.accelerator.num_processes
-        if self.sharded:
-            self._ensure_sharded_es()
-            inputs = inputs[self.accelerator.process_index :: world_size]
-        rows = [row for row in inputs for _ in range(self.num_generations)]
+        rows, padding = self._rows_of_this_process(inputs)
+        scored: list[ScoredRows] = []
 
-        fitness = torch.full((self.es.population_size,), math.nan, dtype=torch.float64)
-        member_rewards = []  # per member: (rows, n_funcs)
-        if self.sharded:
-            for member in self.es.members(step):
-                rewards = self._score_sharded(step, member, rows)
-                member_rewards.append(rewards)
-                fitness[member.index] = self._weighted_rewards(rewards).nanmean()
-        else:
-            local = self.es.local_members(step, self.accelerator.process_index, world_size)
-            for round_index, group in self._evaluation_rounds(step, local, rows):
-                for rank, block in enumerate(group.cpu().chunk(world_size)):
-                    for offset, member_block in enumerate(block.chunk(len(group) // (world_size * len(rows)))):
-                        member_rewards.append(member_block)
-                        fitness[(round_index + offset) * world_size + rank] = self._weighted_rewards(member_block).nanmean()
-        if fitness.isnan().any():
-            bad = torch.nonzero(fitness.isnan()).flatten().tolist()
-            raise ValueError(
-                f"every reward function returned None for every completion of members {bad} at step {step}: "
-                "their fitness is undefined. Return a number for at least one completion."
-            )
+        def score(members: list[Member]) -> dict[str, list[float]]:
+            if self.es.perturbation.batched:
+                with self.es.perturbation.apply_population(members), self._sampling_seed(step, members[0]):
+                    groups = self._score(rows * len(members)).split(len(rows))
+            else:
+                (member,) = members
+                with self.es.perturbed(member), self._sampling_seed(step, member):
+                    groups = [self._score(rows)]
+            fitness, weight = [], []
+            for group in groups:
+                rewards = self._weighted_rewards(group.rewards)
+                counted = ~rewards.isnan() if not padding else torch.zeros_like(rewards, dtype=torch.bool)
+                fitness.append(float(rewards[counted].sum()))
+                weight.append(float(counted.sum()))
+                if not padding:
+                    scored.append(group)
+            return {FITNESS: fitness, WEIGHT: weight}
 
+        scores = evaluate_population(
+            self.es.members(step), step, score, self.processes, batched=self.es.perturbation.batched,
+            unscored="every reward function returned None for every one of their completions; return a number for at "
+                     "least one completion",
+        )
         lr = self.lr_scheduler.get_last_lr()[0] if self.lr_scheduler is not None else self.args.learning_rate
         if self.args.es_optimizer == "sgd":
-            stats = self.es.step(step, fitness, lr=lr)
+            stats = self.es.step(step, scores.fitness, lr=lr)
         else:
-            stats = self.es.write_gradients(step, fitness)
-        if self.sharded:
-            release_gathered(self.model.parameters())
-        self._log_step(torch.cat(member_rewards), stats, lr, time.perf_counter() - started)
+            stats = self.es.write_gradients(step, scores.fitness)
+        self._log_step(scored, stats, lr, time.perf_counter() - started)
         return torch.tensor(-stats.fitness_mean, device=self.args.device)
 
-    def _evaluation_rounds(self, step: int, members: list[Member], rows: list[dict]):
-        """Yield ``(first round, rewards)``: one member at a time, or all of them in one batch with low-rank noise.
-
-        The rewards stack every process's rows; within a process's block, rows are grouped by member.
-        """
-        if self.es.perturbation.batched:
-            with self.es.perturbation.apply_population(members), self._sampling_seed(step, members[0]):
-                yield 0, self._score(rows * len(members))
-            return
-        for round_index, member in enumerate(members):
-            with self.es.perturbed(member), self._sampling_seed(step, member):
-                yield round_index, self._score(rows)
-
-    def _score_sharded(self, step: int, member: Member, rows: list[dict]) -> torch.Tensor:
-        """Every process applies the member to its partitions and scores its own rows; rewards of all rows."""
-        with self.es.perturbed(member), self._sampling_seed(step, member):
-            release_gathered(self.model.parameters())  # gather the perturbed partitions, not a kept full copy
-            return self._score(rows).cpu()
+    def _rows_of_this_process(self, inputs: list[dict]) -> tuple[list[dict], bool]:
+        """The rows this process generates for, each prompt ``num_generations`` times. Sharded, the processes split
+        the batch; one whose share of a short last batch is empty scores a stand-in row that counts for nothing, so
+        that it still joins the forward passes whose parameter gathers the others wait for."""
+        padding = False
+        if self.sharded:
+            share = inputs[self.processes.rank :: self.processes.world_size]
+            padding = not share
+            inputs = share or inputs[:1]
+        return [row for row in inputs for _ in range(self.num_generations)], padding
 
     @contextmanager
     def _sampling_seed(self, step: int, member: Member):
@@ -261,14 +287,39 @@ class ESTrainer(GRPOTrainer):
             torch.manual_seed(derive_seed(self.args.seed, "sampling", step, member.index))
             yield
 
-    def _score(self, rows: list[dict]) -> torch.Tensor:
-        """Generate and score completions for ``rows`` with the current weights; gathered over processes."""
+    def _score(self, rows: list[dict]) -> ScoredRows:
+        """Generate and score completions for ``rows`` with the current weights, on this process only."""
         prompts = [row["prompt"] for row in rows]
-        _, completion_ids, _, completions, *_ = self._generate(prompts)
-        return self._calculate_rewards(rows, prompts, completions, completion_ids)
+        with self._on_this_process():
+            prompt_ids, completion_ids, _, completions, *_ = self._generate(prompts)
+            rewards = self._calculate_rewards(rows, prompts, completions, completion_ids)
+        ends = {*self.eos_token_ids, self._tokenizer.pad_token_id}
+        return ScoredRows(
+            rewards=rewards.cpu().double(),
+            prompt_lengths=[len(ids) for ids in prompt_ids],
+            completion_lengths=[len(ids) for ids in completion_ids],
+            truncated=[bool(ids) and ids[-1] not in ends for ids in completion_ids],
+        )
+
+    @contextmanager
+    def _on_this_process(self):
+        """TRL's ``_generate`` and ``_calculate_rewards`` gather their results over processes. ES scores other members
+        (or other rows) on each process and combines them in the population loop, so here they stay on this process:
+        an error on one process (a reward function raising) then cannot leave its peers waiting in a gather. The
+        per-call metrics and token count TRL records would be this process's only: ES logs its own (``_log_step``)."""
+        metrics, tokens = self._metrics, self.state.num_input_tokens_seen
+        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        saved_gather = grpo_trainer_module.gather
+        grpo_trainer_module.gather = self.accelerator.gather = identity
+        try:
+            yield
+        finally:
+            grpo_trainer_module.gather = saved_gather
+            del self.accelerator.gather  # the instance attribute hid the method
+            self._metrics, self.state.num_input_tokens_seen = metrics, tokens
 
     def _weighted_rewards(self, rewards_per_func: torch.Tensor) -> torch.Tensor:
-        weighted = (rewards_per_func * self.reward_weights.to(rewards_per_func.device)).nansum(dim=1)
+        weighted = (rewards_per_func * self.reward_weights.to(rewards_per_func).cpu()).nansum(dim=1)
         return weighted.masked_fill(rewards_per_func.isnan().all(dim=1), math.nan)
 
     def _log_rewards(self, mode: str, rewards_per_func: torch.Tensor) -> torch.Tensor:
@@ -283,9 +334,23 @@ class ESTrainer(GRPOTrainer):
         metrics["reward_std"].append(valid.std(unbiased=False).item())
         return valid
 
-    def _log_step(self, rewards_per_func: torch.Tensor, stats, lr: float, seconds: float) -> None:
-        self._log_rewards("train", rewards_per_func)
+    def _log_step(self, scored: list[ScoredRows], stats, lr: float, seconds: float) -> None:
+        """TRL's reward and completion metrics over every row any process scored in this step, and the ES ones."""
+        everything = [rows for share in gather_object([scored]) for rows in share]
+        self._log_rewards("train", torch.cat([rows.rewards for rows in everything]))
+        lengths = torch.tensor([n for rows in everything for n in rows.completion_lengths], dtype=torch.float64)
+        truncated = torch.tensor([t for rows in everything for t in rows.truncated])
+        self.state.num_input_tokens_seen += int(lengths.sum()) + sum(sum(rows.prompt_lengths) for rows in everything)
         metrics = self._metrics["train"]
+        metrics["num_tokens"] = [self.state.num_input_tokens_seen]
+        metrics["completions/mean_length"].append(lengths.mean().item())
+        metrics["completions/min_length"].append(lengths.min().item())
+        metrics["completions/max_length"].append(lengths.max().item())
+        metrics["completions/clipped_ratio"].append(truncated.double().mean().item())
+        terminated = lengths[~truncated] if (~truncated).any() else torch.zeros(1, dtype=torch.float64)
+        metrics["completions/mean_terminated_length"].append(terminated.mean().item())
+        metrics["completions/min_terminated_length"].append(terminated.min().item())
+        metrics["completions/max_terminated_length"].append(terminated.max().item())
         metrics["es/fitness_mean"].append(stats.fitness_mean)
         metrics["es/fitness_std"].append(stats.fitness_std)
         metrics["es/fitness_max"].append(stats.fitness_max)
@@ -298,36 +363,46 @@ class ESTrainer(GRPOTrainer):
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         with torch.no_grad():
-            rewards = self._log_rewards("eval", self._score(inputs).cpu())
+            scored = self.processes.together(lambda: self._score(inputs), "evaluation")
+        rewards = self._log_rewards("eval", self.accelerator.gather_for_metrics(scored.rewards.to(self.args.device)).cpu())
         return torch.tensor(-rewards.mean().item(), device=self.args.device), None, None
 
     # ---- checkpoints carry the ES state ------------------------------------------------------------------------
 
-    def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
-        state = {**self.es.state_dict(), "step": self.state.global_step}  # a collective when sharded
-        if not self.args.should_save:
-            return
-        checkpoint = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
-        path = os.path.join(checkpoint, ES_STATE_NAME)
-        torch.save(state, path + ".tmp")
-        os.replace(path + ".tmp", path)
+    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        """As ``Trainer.train``; ``resume_from_checkpoint=True`` takes the newest checkpoint that is complete (one a
+        process killed mid-save left unfinished is skipped), and a given path must be complete."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = last_resumable_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"resume_from_checkpoint=True, but {self.args.output_dir} holds no complete ES checkpoint.")
+        elif resume_from_checkpoint:
+            reason = why_not_resumable(resume_from_checkpoint)
+            if reason is not None:
+                newest = last_resumable_checkpoint(os.path.dirname(os.path.abspath(resume_from_checkpoint)))
+                raise FileNotFoundError(
+                    f"resume_from_checkpoint={resume_from_checkpoint} cannot be resumed: {reason}. "
+                    + (f"The newest complete checkpoint beside it is {newest}." if newest else "Start a new run.")
+                )
+        return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        """Beside the RNG states, the ES state (seed, fp32 master, anchor): written before trainer_state.json, which
+        transformers writes last before it pushes the checkpoint and deletes older ones, so a checkpoint is never
+        pushed, nor its predecessor deleted, before it can be resumed."""
+        super()._save_rng_state(output_dir)
+        self._ensure_es()
+        state = self.es.state_dict()  # a collective when sharded
+        if self.args.should_save:
+            path = os.path.join(output_dir, ES_STATE_NAME)
+            torch.save(state, path + ".tmp")
+            os.replace(path + ".tmp", path)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is None:
             return
-        if self.sharded:
-            self._ensure_sharded_es()
-        path = os.path.join(checkpoint, ES_STATE_NAME)
-        if not os.path.exists(path):
-            raise FileNotFoundError(
-                f"{checkpoint} has no {ES_STATE_NAME}: it was not written by ESTrainer or its save was interrupted. "
-                "Resume from an earlier checkpoint."
-            )
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if state["seed"] != self.es.population.seed:
-            raise ValueError(
-                f"{checkpoint} was trained with another seed; resume with the seed it was trained with (args.seed)."
-            )
-        self.es.load_state_dict(state)
+        self._ensure_es()
+        # memory-mapped: a sharded process reads only its slices of the saved fp32 tensors
+        self.es.load_state_dict(torch.load(os.path.join(checkpoint, ES_STATE_NAME), map_location="cpu",
+                                           weights_only=True, mmap=True))

@@ -95,7 +95,7 @@ def load_splits(
     """(train, held-out) prompt datasets: from a local copy, else the hub, else generated offline."""
     from datasets import load_dataset, load_from_disk
 
-    from ..models import hub_reachable
+    from .models import hub_reachable
 
     source = dataset_path or dataset_name
     if dataset_path:

@@ -5,7 +5,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from lightning_es.metrics import KLDrift, exact_token_kl
+from lightning_es.drift import KLDrift, exact_token_kl
 
 dist.init_process_group("gloo")
 rank = dist.get_rank()

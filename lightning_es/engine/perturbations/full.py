@@ -1,8 +1,8 @@
-"""How a population member is applied to the model.
+"""Full-rank noise written into the weights, one population member at a time (the ES-at-scale method).
 
-A perturbation is any object with ``apply(member)``, a context manager inside which the model behaves as
-``theta + sigma * sign * eps_member`` and after which it is exactly ``theta`` again. ``InPlacePerturbation`` writes the
-perturbed weights; a hook-based or batched low-rank variant can replace it without touching the rest of the engine.
+Inside ``apply(member)`` every evolved tensor holds ``theta + sigma * sign * eps_member``, perturbed from the fp32
+master copy and rounded once; on exit the master is copied back, so the weights are exactly ``theta`` again in any
+dtype.
 """
 
 from collections.abc import Iterator, Mapping
@@ -10,25 +10,27 @@ from contextlib import contextmanager
 
 import torch
 
-from .master import MasterWeights
-from .noise import GaussianNoise
-from .population import Member
+from ..master import MasterWeights
+from ..noise import GaussianNoise
+from ..population import Member
+from .base import Perturbation
 
 
-class InPlacePerturbation:
-    batched = False
+class FullRankPerturbation(Perturbation):
 
     def __init__(
         self,
         params: Mapping[str, torch.nn.Parameter],
-        master: MasterWeights,
-        noise: GaussianNoise,
         sigma: float,
+        noise: GaussianNoise | None = None,
+        master_device: torch.device | str | None = None,
     ):
+        if not params:
+            raise ValueError("params is empty: ES needs at least one parameter to evolve.")
         self.params = dict(params)
-        self.master = master
-        self.noise = noise
         self.sigma = sigma
+        self.noise = noise or GaussianNoise()
+        self.master = MasterWeights(self.params, device=master_device)
 
     @contextmanager
     def apply(self, member: Member) -> Iterator[None]:
@@ -40,12 +42,15 @@ class InPlacePerturbation:
                     eps.mul_(self.sigma * member.sign).add_(self.master[name].to(p.device))
                     p.copy_(eps)
                     del eps
+            self.written()
             yield
         finally:
             self.master.restore()
+            self.written()
 
-    def noise_sum(self, coefficients: dict[int, float], name: str, weight: torch.Tensor) -> torch.Tensor:
-        """``sum_s c_s * eps_s`` for one weight, regenerating one seed's noise at a time."""
+    def noise_sum(self, coefficients: Mapping[int, float], name: str) -> torch.Tensor:
+        """``sum_s c_s * eps_s`` for one evolved tensor, regenerating one seed's noise at a time."""
+        weight = self.params[name]
         total = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32)
         for seed, coefficient in coefficients.items():
             total.add_(self.noise.sample(seed, name, weight.shape, weight.device), alpha=coefficient)

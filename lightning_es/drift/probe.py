@@ -10,9 +10,9 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from ..engine.noise import derive_seed
 from .geometry import moved_fraction, parameter_delta, update_norm, weights_restored
 from .metrics import KLDrift, exact_token_kl, sampled_token_kl
-from .noise import derive_seed
 
 ESTIMATORS = ("sampled", "exact")
 LAYER_TYPES = (("attention", ("attn",)), ("mlp", ("mlp",)), ("embedding", ("embed",)), ("norm", ("norm",)),

@@ -17,8 +17,10 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .noise import GaussianNoise
-from .population import Member
+from ..master import MasterWeights
+from ..noise import GaussianNoise
+from ..population import Member
+from .base import Perturbation
 
 
 def hookable_linear_weights(model: nn.Module, params: Mapping[str, nn.Parameter]) -> dict[str, nn.Linear]:
@@ -32,20 +34,29 @@ def hookable_linear_weights(model: nn.Module, params: Mapping[str, nn.Parameter]
     }
 
 
-class LowRankPerturbation:
+class LowRankPerturbation(Perturbation):
     batched = True
 
     def __init__(
-        self, layers: Mapping[str, nn.Linear], noise: GaussianNoise, sigma: float, rank: int = 1
+        self,
+        model: nn.Module,
+        params: Mapping[str, nn.Parameter],
+        sigma: float,
+        rank: int = 1,
+        noise: GaussianNoise | None = None,
+        master_device: torch.device | str | None = None,
     ):
         if rank < 1:
             raise ValueError(f"rank must be at least 1, got {rank}.")
-        if not layers:
+        self.layers = hookable_linear_weights(model, params)
+        if not self.layers:
             raise ValueError("low-rank perturbations need at least one nn.Linear weight among the evolved parameters.")
-        self.layers = dict(layers)
-        self.noise = noise
+        self.params = {name: params[name] for name in self.layers}
         self.sigma = sigma
         self.rank = rank
+        self.noise = noise or GaussianNoise()
+        # nothing is written into the weights, so fp32 weights need no restore source and take updates directly
+        self.master = MasterWeights(self.params, device=master_device, only_low_precision=True)
 
     def factors(self, seed: int, name: str, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out_features, in_features = weight.shape
@@ -89,13 +100,14 @@ class LowRankPerturbation:
 
         return hook
 
-    def noise_sum(self, coefficients: dict[int, float], name: str, weight: torch.Tensor) -> torch.Tensor:
+    def noise_sum(self, coefficients: Mapping[int, float], name: str) -> torch.Tensor:
         """``sum_s c_s * eps_s`` for one weight, as a single matmul of the stacked factors."""
+        weight = self.params[name]
         a_columns, b_columns = [], []
         for seed, coefficient in coefficients.items():
             a, b = self.factors(seed, name, weight)
             a_columns.append(a * coefficient)
             b_columns.append(b)
         if not a_columns:
-            return torch.zeros(weight.shape, device=weight.device)
+            return torch.zeros(weight.shape, device=weight.device, dtype=torch.float32)
         return (torch.cat(a_columns, dim=1) @ torch.cat(b_columns, dim=1).T) / math.sqrt(self.rank)

@@ -1,4 +1,4 @@
-"""Which noise each population member uses at a given step, and which members a process evaluates."""
+"""Which noise each population member uses at a given step."""
 
 from dataclasses import dataclass
 
@@ -35,12 +35,3 @@ class Population:
             pair_seed = derive_seed(self.seed, step, pair)
             members += [Member(2 * pair, pair_seed, 1.0), Member(2 * pair + 1, pair_seed, -1.0)]
         return members
-
-    def local_members(self, step: int, rank: int, world_size: int) -> list[Member]:
-        """Round ``r`` of process ``k`` evaluates member ``r * world_size + k``."""
-        if self.size % world_size:
-            raise ValueError(
-                f"population_size ({self.size}) must be a multiple of the number of processes ({world_size}): "
-                "every process evaluates the same number of members."
-            )
-        return self.members(step)[rank::world_size]

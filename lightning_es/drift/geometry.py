@@ -1,0 +1,107 @@
+"""Update geometry: how far fine-tuning moved the weights, in which direction, and whether two solutions connect.
+
+A delta is ``theta_final - theta_start`` as a mapping from parameter name to an fp32 tensor.
+"""
+
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+Delta = Mapping[str, torch.Tensor]
+
+
+def snapshot(model: nn.Module, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """fp32 copies of every parameter (on ``device``), the start point of a delta."""
+    return {n: p.detach().to(device=device, dtype=torch.float32, copy=True) for n, p in model.named_parameters()}
+
+
+@contextmanager
+def weights_restored(model: nn.Module) -> Iterator[dict[str, nn.Parameter]]:
+    """Yield the model's parameters to overwrite freely; their values are copied back exactly on exit."""
+    params = dict(model.named_parameters())
+    saved = {n: p.detach().to("cpu", copy=True) for n, p in params.items()}
+    try:
+        yield params
+    finally:
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(saved[name])
+
+
+def parameter_delta(model: nn.Module, start: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    current = dict(model.named_parameters())
+    check_same_parameters(current, start, "model", "start")
+    return {n: current[n].detach().to(start[n].device, torch.float32) - start[n] for n in start}
+
+
+def check_same_parameters(a: Mapping, b: Mapping, name_a: str = "a", name_b: str = "b") -> None:
+    if set(a) != set(b):
+        only_a, only_b = sorted(set(a) - set(b))[:3], sorted(set(b) - set(a))[:3]
+        raise ValueError(
+            f"{name_a} and {name_b} hold different parameter sets (only in {name_a}: {only_a}; only in {name_b}: "
+            f"{only_b}): compare updates of the same architecture from the same base."
+        )
+    for key in a:
+        if a[key].shape != b[key].shape:
+            raise ValueError(f"{key} has shape {tuple(a[key].shape)} in {name_a} but {tuple(b[key].shape)} in {name_b}.")
+
+
+def update_norm(delta: Delta) -> float:
+    return math.sqrt(sum(float(d.double().pow(2).sum()) for d in delta.values()))
+
+
+def cosine_similarity(delta_a: Delta, delta_b: Delta) -> float:
+    """Cosine of the angle between two updates; NaN when either did not move (no direction to compare)."""
+    check_same_parameters(delta_a, delta_b, "delta_a", "delta_b")
+    norms = update_norm(delta_a) * update_norm(delta_b)
+    if norms == 0:
+        return float("nan")
+    dot = sum(float((delta_a[k].double() * delta_b[k].double()).sum()) for k in delta_a)
+    return dot / norms
+
+
+def moved_fraction(delta: Delta, threshold: float = 1e-6) -> float:
+    """Fraction of weights whose absolute change exceeds ``threshold`` (1 minus the update's sparsity)."""
+    moved = sum(int((d.abs() > threshold).sum()) for d in delta.values())
+    return moved / sum(d.numel() for d in delta.values())
+
+
+@dataclass
+class Connectivity:
+    alphas: list[float]
+    values: list[float]
+    barrier: float  # largest gap between the straight line joining the endpoints and the path (0 = no barrier)
+
+
+@torch.no_grad()
+def linear_connectivity(
+    model: nn.Module,
+    endpoint_a: Mapping[str, torch.Tensor],
+    endpoint_b: Mapping[str, torch.Tensor],
+    evaluate: Callable[[nn.Module], float],
+    grid: Sequence[float] = tuple(i / 10 for i in range(11)),
+    higher_is_better: bool = True,
+) -> Connectivity:
+    """Evaluate ``(1 - a) * theta_A + a * theta_B`` for each ``a`` in ``grid``, using ``model`` as the only copy.
+
+    The endpoints may live on the CPU; the model's own weights are written back when done.
+    """
+    alphas = sorted(float(a) for a in grid)
+    if not alphas or alphas[0] != 0.0 or alphas[-1] != 1.0:
+        raise ValueError(f"grid must contain 0 and 1 (the endpoints themselves), got {list(grid)}.")
+    check_same_parameters(endpoint_a, endpoint_b, "endpoint_a", "endpoint_b")
+    check_same_parameters(dict(model.named_parameters()), endpoint_a, "model", "endpoint_a")
+    values = []
+    with weights_restored(model) as params:
+        for alpha in alphas:
+            for name, p in params.items():
+                a, b = endpoint_a[name].to(p.device, torch.float32), endpoint_b[name].to(p.device, torch.float32)
+                p.copy_(torch.lerp(a, b, alpha))
+            values.append(float(evaluate(model)))
+    line = [(1 - a) * values[0] + a * values[-1] for a in alphas]
+    gaps = [(l - v) if higher_is_better else (v - l) for l, v in zip(line, values)]
+    return Connectivity(alphas, values, max(0.0, max(gaps)))

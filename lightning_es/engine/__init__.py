@@ -1,0 +1,41 @@
+"""The ES engine: no Lightning, no TRL. Integrations (``lightning_es.lightning``, ``trl_ext``) build on it."""
+
+from .es import EvolutionStrategy, StepStats
+from .evaluation import PopulationError, PopulationScores, Processes, evaluate_population
+from .master import MasterWeights
+from .noise import GaussianNoise, derive_seed
+from .params import select_parameters
+from .perturbations import (
+    PERTURBATIONS,
+    FullRankPerturbation,
+    LowRankPerturbation,
+    Perturbation,
+    ShardedPerturbation,
+    build_perturbation,
+)
+from .population import Member, Population
+from .shaping import FITNESS_SHAPING, centered_rank, zscore
+
+__all__ = [
+    "FITNESS_SHAPING",
+    "PERTURBATIONS",
+    "EvolutionStrategy",
+    "FullRankPerturbation",
+    "GaussianNoise",
+    "LowRankPerturbation",
+    "MasterWeights",
+    "Member",
+    "Perturbation",
+    "Population",
+    "PopulationError",
+    "PopulationScores",
+    "Processes",
+    "ShardedPerturbation",
+    "StepStats",
+    "build_perturbation",
+    "centered_rank",
+    "derive_seed",
+    "evaluate_population",
+    "select_parameters",
+    "zscore",
+]

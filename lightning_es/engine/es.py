@@ -1,0 +1,183 @@
+"""Evolution Strategies over the tensors of a perturbation: where the estimate ``g`` is assembled and applied.
+
+One ES step, as in OpenAI-ES and the ES-at-scale paper:
+
+1. ``members(step)``: N members, each with an integer seed (antithetic pairs share one seed with opposite signs);
+2. for every member, inside ``perturbed(member)``, measure its fitness (higher is better; ``evaluation`` runs this
+   loop over processes);
+3. ``step(step, fitness)`` shapes the fitness (``zscore`` or ``centered_rank``), forms
+   ``g = sum_i f_i * eps_i / (N * sigma)`` and applies ``theta += lr * g``; or ``write_gradients`` puts ``-g`` into
+   ``.grad`` for a torch optimizer to consume.
+
+The ES-at-scale paper writes its step as ``alpha / N * sum_i f_i * eps_i``; that is ``lr * g`` with
+``lr = alpha * sigma`` (alpha = 5e-4 and sigma = 1e-3 give the default lr = 5e-7).
+
+What a member does to the model (full-rank noise in place, low-rank hooks, ZeRO-3 slices) is the ``perturbation``
+object's business; this file only asks it for ``noise_sum`` and writes updates through its fp32 master copy.
+"""
+
+import math
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+
+import torch
+
+from .population import Member, Population
+from .perturbations import Perturbation
+from .shaping import get_fitness_shaping
+
+
+@dataclass
+class StepStats:
+    update_norm: float
+    fitness_mean: float
+    fitness_std: float
+    fitness_max: float
+
+
+def noise_coefficients(members: Sequence[Member], shaped_fitness: torch.Tensor) -> dict[int, float]:
+    """Weight of each distinct noise seed: an antithetic pair contributes ``(f_plus - f_minus) * eps`` once."""
+    coefficients: dict[int, float] = defaultdict(float)
+    for member in members:
+        coefficients[member.seed] += member.sign * float(shaped_fitness[member.index])
+    return {seed: c for seed, c in coefficients.items() if c != 0.0}
+
+
+class EvolutionStrategy:
+    def __init__(
+        self,
+        perturbation: Perturbation,
+        population_size: int = 32,
+        lr: float = 5e-7,
+        antithetic: bool = True,
+        fitness_shaping: str | Callable[[torch.Tensor], torch.Tensor] = "zscore",
+        seed: int = 0,
+        anchor_decay: float = 0.0,
+    ):
+        sigma = perturbation.sigma
+        if not sigma > 0 or not math.isfinite(sigma):
+            raise ValueError(f"sigma must be a positive finite number, got {sigma}.")
+        if not lr >= 0 or not math.isfinite(lr):
+            raise ValueError(f"lr must be a non-negative finite number, got {lr}.")
+        if not anchor_decay >= 0:
+            raise ValueError(f"anchor_decay must be non-negative, got {anchor_decay}.")
+        self.perturbation = perturbation
+        self.population = Population(population_size, antithetic, seed)
+        self.lr = lr
+        self.shape_fitness = fitness_shaping if callable(fitness_shaping) else get_fitness_shaping(fitness_shaping)
+        self.anchor_decay = anchor_decay
+        self.anchor = (
+            {name: self.master.value(name).detach().clone() for name in self.params} if anchor_decay else None
+        )
+
+    @property
+    def params(self) -> dict[str, torch.Tensor]:
+        return self.perturbation.params
+
+    @property
+    def master(self):
+        return self.perturbation.master
+
+    @property
+    def sigma(self) -> float:
+        return self.perturbation.sigma
+
+    @property
+    def population_size(self) -> int:
+        return self.population.size
+
+    def members(self, step: int) -> list[Member]:
+        return self.population.members(step)
+
+    def perturbed(self, member: Member) -> AbstractContextManager[None]:
+        return self.perturbation.apply(member)
+
+    def check_fitness(self, fitness: torch.Tensor) -> torch.Tensor:
+        fitness = torch.as_tensor(fitness, dtype=torch.float64).flatten().cpu()
+        if fitness.numel() != self.population_size:
+            raise ValueError(f"fitness has {fitness.numel()} values for a population of {self.population_size}.")
+        if not torch.isfinite(fitness).all():
+            bad = torch.nonzero(~torch.isfinite(fitness)).flatten().tolist()
+            raise ValueError(f"fitness of members {bad} is not finite ({fitness[bad].tolist()}).")
+        return fitness
+
+    def gradients(self, step: int, fitness: torch.Tensor):
+        """Yield ``(name, g)`` for every evolved tensor; only one tensor's estimate is alive at a time."""
+        shaped = self.shape_fitness(self.check_fitness(fitness))
+        coefficients = noise_coefficients(self.members(step), shaped)
+        for name in self.params:
+            yield name, self.perturbation.noise_sum(coefficients, name).div_(self.population_size * self.sigma)
+
+    def step(self, step: int, fitness: torch.Tensor, lr: float | None = None) -> StepStats:
+        """Apply ``theta += lr * g`` through the fp32 master copy; the reported norm is that of the applied step.
+
+        With ``anchor_decay`` (lambda) the step is followed by ``theta <- theta_0 + (1 - lr * lambda) (theta -
+        theta_0)``: a pull towards the starting weights that bounds the random walk of weakly constrained directions.
+        """
+        lr = self.lr if lr is None else lr
+        squared_norm = 0.0
+        for name, update in self.gradients(step, fitness):
+            update.mul_(lr)
+            if self.anchor is not None:
+                anchor = self.anchor[name].to(update.device)
+                moved = self.master.value(name).to(update.device) + update - anchor
+                update.sub_(moved, alpha=lr * self.anchor_decay)
+            squared_norm += float(update.double().pow(2).sum())
+            self.master.add_(name, update)
+        self.perturbation.written()
+        return self._stats(fitness, squared_norm)
+
+    def write_gradients(self, step: int, fitness: torch.Tensor) -> StepStats:
+        """Store ``-g`` in ``.grad`` (optimizers minimise), for a torch optimizer to take the step.
+
+        Call ``master.sync_from_model()`` after the optimizer has stepped. The reported norm is that of ``g``.
+        """
+        squared_norm = 0.0
+        for name, gradient in self.gradients(step, fitness):
+            squared_norm += float(gradient.double().pow(2).sum())
+            p = self.params[name]
+            p.grad = gradient.neg_().to(p.dtype)
+        return self._stats(fitness, squared_norm)
+
+    def state_dict(self) -> dict:
+        """What a checkpoint needs beyond the model's weights: the noise seed, for weights stored below fp32 the exact
+        fp32 master copy, and the anchor of anchored decay; whole tensors (a collective when sharded, after which
+        only process 0 holds them)."""
+        state = {"seed": self.population.seed}
+        if any(p.dtype != torch.float32 for p in self.params.values()):
+            state["master"] = self.perturbation.full_tensors(self.master.copies)
+        if self.anchor is not None:
+            state["anchor"] = self.perturbation.full_tensors(self.anchor)
+        return state
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Adopt ``state_dict()`` after the model's weights were loaded; without a master copy they are exact."""
+        if state.get("seed", self.population.seed) != self.population.seed:
+            raise ValueError(
+                f"the checkpoint was trained with ES seed {state['seed']}, this run has {self.population.seed}: resume "
+                "with the seed it was trained with (ESConfig.seed; ESStrategy(seed=...) or seed_everything)."
+            )
+        if "master" in state:
+            self.master.load_state_dict(self.perturbation.local_tensors(state["master"]))
+        else:
+            self.master.sync_from_model()
+        if self.anchor is not None:
+            if "anchor" not in state:
+                raise ValueError(
+                    "the checkpoint holds no anchor for anchor_decay (it was trained without it): resume with "
+                    "anchor_decay=0, or start a new run."
+                )
+            for name, saved in self.perturbation.local_tensors(state["anchor"]).items():
+                self.anchor[name].copy_(saved)
+        self.perturbation.written()
+
+    def _stats(self, fitness: torch.Tensor, squared_norm: float) -> StepStats:
+        fitness = self.check_fitness(fitness)
+        return StepStats(
+            update_norm=math.sqrt(self.perturbation.total_squared_norm(squared_norm)),
+            fitness_mean=float(fitness.mean()),
+            fitness_std=float(fitness.std(unbiased=False)),
+            fitness_max=float(fitness.max()),
+        )

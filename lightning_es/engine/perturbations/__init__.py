@@ -1,0 +1,60 @@
+"""How a population member is applied to the model: the swappable part of ``EvolutionStrategy``.
+
+- ``FullRankPerturbation``: full-rank noise written into the weights, one member at a time;
+- ``LowRankPerturbation``: rank-r noise on ``nn.Linear`` weights through forward hooks, a whole population per batch;
+- ``ShardedPerturbation``: full-rank noise on DeepSpeed ZeRO-3 slices, cut from the unsharded run's noise.
+
+``build_perturbation`` maps the integrations' configuration strings to these objects.
+"""
+
+from collections.abc import Mapping
+
+import torch
+
+from .base import Perturbation
+from .full import FullRankPerturbation
+from .lowrank import LowRankPerturbation, hookable_linear_weights
+from .sharded import ShardedNoise, ShardedPerturbation, ShardLayout, release_gathered, zero3_shards
+
+PERTURBATIONS = ("full", "lowrank")
+
+
+def build_perturbation(
+    kind: str,
+    params: Mapping[str, torch.nn.Parameter],
+    sigma: float,
+    model: torch.nn.Module | None = None,
+    rank: int = 1,
+    master_device: torch.device | str | None = None,
+    sharded: bool = False,
+) -> Perturbation:
+    """``kind`` is ``"full"`` or ``"lowrank"``; ``sharded``: ``params`` are parameters of a DeepSpeed ZeRO-3 engine."""
+    if kind not in PERTURBATIONS:
+        raise ValueError(f"perturbation must be one of {PERTURBATIONS}, got {kind!r}.")
+    if sharded:
+        if kind != "full":
+            raise ValueError(
+                f"perturbation={kind!r} does not run on DeepSpeed ZeRO-3 partitions: the sharded layout evolves "
+                "each process's slices with full-rank noise. Use perturbation='full', or drop ZeRO-3."
+            )
+        return ShardedPerturbation.from_zero3(params, sigma, master_device)
+    if kind == "full":
+        return FullRankPerturbation(params, sigma, master_device=master_device)
+    if model is None:
+        raise ValueError("perturbation='lowrank' needs model= to find the nn.Linear layers.")
+    return LowRankPerturbation(model, params, sigma, rank, master_device=master_device)
+
+
+__all__ = [
+    "PERTURBATIONS",
+    "FullRankPerturbation",
+    "LowRankPerturbation",
+    "Perturbation",
+    "ShardLayout",
+    "ShardedNoise",
+    "ShardedPerturbation",
+    "build_perturbation",
+    "hookable_linear_weights",
+    "release_gathered",
+    "zero3_shards",
+]

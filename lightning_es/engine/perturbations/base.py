@@ -1,0 +1,46 @@
+"""What every perturbation provides to ``EvolutionStrategy``.
+
+A perturbation owns the evolved tensors (``params``), their fp32 master copy (``master``) and the noise scale
+(``sigma``). It applies a member (``apply``, a context manager inside which the model behaves as ``theta + sigma *
+sign * eps_member`` and after which it is exactly ``theta`` again) and regenerates the noise of a weighted set of seeds
+(``noise_sum``), which is all the ES estimate needs. The remaining methods describe where the tensors live; the
+defaults are for one process holding whole tensors, ``ShardedPerturbation`` overrides them for ZeRO-3 slices.
+"""
+
+from collections.abc import Mapping
+from contextlib import AbstractContextManager
+
+import torch
+
+from ..master import MasterWeights
+from ..population import Member
+
+
+class Perturbation:
+    batched = False  # True: ``apply_population(members)`` runs a whole population in one batch
+    params: dict[str, torch.Tensor]
+    master: MasterWeights
+    sigma: float
+
+    def apply(self, member: Member) -> AbstractContextManager[None]:
+        raise NotImplementedError
+
+    def noise_sum(self, coefficients: Mapping[int, float], name: str) -> torch.Tensor:
+        """``sum_s c_s * eps_s`` (fp32) for one evolved tensor."""
+        raise NotImplementedError
+
+    def written(self) -> None:
+        """Called after the evolved tensors were written (perturbed, restored or updated)."""
+
+    def total_squared_norm(self, local: float) -> float:
+        """The squared norm of a whole update from this process's part of it."""
+        return local
+
+    def full_tensors(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Checkpoint form of per-parameter state (master, anchor): whole tensors on the host. A collective when the
+        tensors are sharded; then only process 0 receives them (the others get an empty dict)."""
+        return {name: t.detach().cpu() for name, t in tensors.items()}
+
+    def local_tensors(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The inverse of ``full_tensors``: this process's part of each saved tensor."""
+        return dict(tensors)

@@ -1,0 +1,130 @@
+"""Full-rank ES over DeepSpeed ZeRO-3 partitions: each process holds a slice of every weight and evolves only that.
+
+The noise for a slice is the same slice of the full-parameter noise (``ShardedNoise``), so a sharded run perturbs
+and updates exactly as the unsharded run does, while no process ever holds more than one full tensor of noise.
+Everything here reads DeepSpeed's parameter attributes (``ds_tensor``, ``ds_shape``, ``ds_process_group``,
+``ds_status``) and never imports DeepSpeed.
+"""
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ..noise import GaussianNoise
+from .full import FullRankPerturbation
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    shape: torch.Size  # of the full parameter
+    start: int  # first element of the flattened parameter held by this process
+    size: int  # elements held by this process, zero padding after the parameter's end included
+
+    @property
+    def held(self) -> int:
+        """Elements of the real parameter in this slice (the rest is padding)."""
+        return max(0, min(self.size, self.shape.numel() - self.start))
+
+
+class ShardedNoise(GaussianNoise):
+    """Noise for the local slices, cut from the full-parameter noise that an unsharded run would draw."""
+
+    def __init__(self, layouts: Mapping[str, ShardLayout]):
+        self.layouts = dict(layouts)
+
+    def sample(self, member_seed: int, name: str, shape: torch.Size, device: torch.device | str) -> torch.Tensor:
+        layout = self.layouts[name]
+        full = super().sample(member_seed, name, layout.shape, device).view(-1)
+        shard = torch.zeros(layout.size, device=device, dtype=torch.float32)
+        shard[: layout.held] = full[layout.start : layout.start + layout.held]
+        return shard.view(shape)
+
+
+def is_zero3_partitioned(param: torch.Tensor) -> bool:
+    return hasattr(param, "ds_tensor") and hasattr(param, "ds_shape")
+
+
+def zero3_shards(params: Mapping[str, torch.nn.Parameter]) -> tuple[dict[str, torch.Tensor], dict[str, ShardLayout]]:
+    """This process's partitions of ZeRO-3 parameters, and where each sits in its full parameter."""
+    shards, layouts = {}, {}
+    for name, p in params.items():
+        if not is_zero3_partitioned(p):
+            raise ValueError(
+                f"{name} is not partitioned by DeepSpeed ZeRO-3; the sharded layout needs every evolved parameter "
+                "inside a ZeRO-3 engine (deepspeed.initialize with zero_optimization.stage 3)."
+            )
+        size = p.ds_tensor.numel()
+        rank = dist.get_rank(group=p.ds_process_group) if dist.is_initialized() else 0
+        shards[name] = p.ds_tensor
+        layouts[name] = ShardLayout(torch.Size(p.ds_shape), start=rank * size, size=size)
+    return shards, layouts
+
+
+def release_gathered(params) -> None:
+    """Drop full copies that ZeRO-3 keeps around (persistent small parameters), so the next forward re-gathers the
+    partitions ES has just written."""
+    for p in params:
+        if is_zero3_partitioned(p) and p.ds_status.name == "AVAILABLE":
+            p.partition()
+
+
+class ShardedPerturbation(FullRankPerturbation):
+    """``FullRankPerturbation`` on this process's slices (``shards``) of parameters laid out as ``layouts`` say.
+
+    ``partitioned``: the ZeRO-3 parameters the slices belong to, whose gathered copies are dropped after each write.
+    """
+
+    def __init__(self, shards: Mapping[str, torch.Tensor], layouts: Mapping[str, ShardLayout], sigma: float,
+                 master_device: torch.device | str | None = None, partitioned=()):
+        self.layouts = dict(layouts)
+        self.partitioned = list(partitioned)
+        super().__init__(shards, sigma, noise=ShardedNoise(self.layouts), master_device=master_device)
+
+    @classmethod
+    def from_zero3(cls, params: Mapping[str, torch.nn.Parameter], sigma: float,
+                   master_device: torch.device | str | None = None) -> "ShardedPerturbation":
+        """Over the partitions of ``params``, parameters of a DeepSpeed ZeRO-3 engine."""
+        shards, layouts = zero3_shards(params)
+        return cls(shards, layouts, sigma, master_device, partitioned=params.values())
+
+    def written(self) -> None:
+        release_gathered(self.partitioned)
+
+    def total_squared_norm(self, local: float) -> float:
+        if not dist.is_initialized():
+            return local
+        device = next(iter(self.params.values())).device
+        squared = torch.tensor(local, dtype=torch.float64, device=device)
+        dist.all_reduce(squared)
+        return float(squared)
+
+    def full_tensors(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Gather the slices into whole host tensors on process 0 only: one process holds the checkpoint copy."""
+        if not dist.is_initialized():
+            return {name: self._unpadded(name, t.detach().cpu()) for name, t in tensors.items()}
+        rank, world = dist.get_rank(), dist.get_world_size()
+        full = {}
+        for name, shard in tensors.items():
+            pieces = [torch.empty_like(shard) for _ in range(world)] if rank == 0 else None
+            dist.gather(shard.contiguous(), pieces, dst=0)
+            if rank == 0:
+                full[name] = self._unpadded(name, torch.cat(pieces).cpu())
+        return full
+
+    def _unpadded(self, name: str, flat: torch.Tensor) -> torch.Tensor:
+        shape = self.layouts[name].shape
+        return flat.reshape(-1)[: shape.numel()].view(shape)
+
+    def local_tensors(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        slices = {}
+        for name, layout in self.layouts.items():
+            saved = tensors[name]
+            if tuple(saved.shape) != tuple(layout.shape):
+                raise ValueError(f"{name}: the saved tensor has shape {tuple(saved.shape)}, the model {tuple(layout.shape)}.")
+            shard = torch.zeros(layout.size, dtype=saved.dtype)
+            shard[: layout.held] = saved.reshape(-1)[layout.start : layout.start + layout.held]
+            slices[name] = shard
+        return slices
+

@@ -1,0 +1,6 @@
+"""The Lightning integration: ``Trainer(strategy="es")``. Importing this package registers the strategy names."""
+
+from .checkpoint_io import AtomicCheckpointIO
+from .strategy import ESStrategy
+
+__all__ = ["AtomicCheckpointIO", "ESStrategy"]

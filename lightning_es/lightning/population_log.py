@@ -1,0 +1,59 @@
+"""What ``self.log`` does while a LightningModule's ``training_step`` runs once per population member.
+
+Each call is recorded per member instead of reaching Lightning; the records travel with the fitness through the
+population loop (``engine.evaluation``), and every name is then logged once: its population mean under the name
+itself, and the value logged by the fittest member under ``<name>/best``. Values that are not scalars (a torchmetrics
+``Metric`` object) pass through unchanged.
+"""
+
+import inspect
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+
+from ..engine import PopulationScores
+
+PREFIX = "log/"  # keeps logged names apart from the loop's own "fitness" and "weight"
+
+
+class PopulationLog:
+    def __init__(self):
+        self.options: dict[str, dict] = {}
+
+    @contextmanager
+    def capture(self, module) -> Iterator[dict[str, float]]:
+        """Inside, ``module.log`` (and so ``module.log_dict``) records into the yielded dict instead of logging."""
+        real_log = module.log
+        signature = inspect.signature(real_log)
+        recorded: dict[str, float] = {}
+
+        def record(*args, **kwargs):
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            options = dict(bound.arguments)
+            name, value = options.pop("name"), options.pop("value")
+            if isinstance(value, torch.Tensor) and value.numel() == 1:
+                value = value.item()
+            if not isinstance(value, (int, float)):
+                return real_log(*args, **kwargs)
+            recorded[PREFIX + name] = float(value)
+            self.options[name] = options
+
+        module.log = record
+        try:
+            yield recorded
+        finally:
+            del module.log
+
+    def flush(self, log: Callable, scores: PopulationScores) -> None:
+        """Log each name's population mean and the fittest member's value, with the options of the recorded call.
+
+        ``scores`` holds every member's values, combined over processes already, so nothing is synced again.
+        """
+        best = int(torch.argmax(scores.fitness))
+        for name in sorted(self.options):
+            per_member = scores.mean(PREFIX + name)
+            options = {**self.options[name], "sync_dist": False}
+            log(name, float(per_member.mean()), **options)
+            log(f"{name}/best", float(per_member[best]), **{**options, "prog_bar": False})

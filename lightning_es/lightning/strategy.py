@@ -1,0 +1,319 @@
+"""``ESStrategy``: Evolution Strategies as a Lightning strategy (``Trainer(strategy="es")``).
+
+The LightningModule's ``training_step`` returns a fitness (a scalar, higher is better) for the module's current
+weights on the batch. Per batch the strategy runs the engine's population loop (``engine.evaluation``): each process
+scores its share of the population (perturb, ``training_step``, restore), only fitness and logged scalars travel
+between processes, an error on one process (a bad fitness, differing logged names, an exception) is raised with the
+same message on all of them, and every process applies the same update:
+
+- ``configure_optimizers`` returns an optimizer: ``-g`` is written into ``.grad`` and that optimizer steps (Adam on
+  ES estimates, schedulers, weight decay, gradient clipping);
+- it returns nothing: ``theta += lr * g`` is applied in place, with no gradient buffers.
+
+Replicated layout (default): every process holds the model, sees the same batch and scores
+``population_size / world_size`` members. Sharded layout (``deepspeed_config`` with ZeRO stage 3): the processes hold
+one model partitioned by DeepSpeed, score every member together, each on its own part of the batch, and perturb and
+update only their slices (``engine.perturbations.ShardedPerturbation``), so the weights follow the replicated run's.
+
+``self.log`` inside ``training_step`` logs the population mean under the name and the fittest member's value under
+``<name>/best`` (``population_log``). The strategy logs ``es/fitness_mean``, ``es/fitness_std``, ``es/fitness_max``,
+``es/sigma``, and with the in-place update ``es/lr`` and ``es/update_norm``; the returned loss is
+``-es/fitness_mean``.
+
+Importing this module registers ``"es"`` (and ``"es_zero3"``, the sharded layout with a minimal ZeRO-3 config) in
+Lightning's strategy registry.
+"""
+
+import json
+import math
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from pytorch_lightning.core.optimizer import _MockOptimizer
+from pytorch_lightning.strategies import DDPStrategy, StrategyRegistry
+from pytorch_lightning.trainer.states import TrainerFn
+
+from ..engine import EvolutionStrategy, Processes, build_perturbation, evaluate_population, select_parameters
+from ..engine.evaluation import FITNESS, WEIGHT
+from .checkpoint_io import AtomicCheckpointIO
+from .population_log import PopulationLog
+
+ES_STATE_KEY = "es_strategy"
+ZERO3_DEFAULTS = {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1}
+
+
+def _zero3_config(deepspeed_config: dict | str | os.PathLike) -> dict:
+    if not isinstance(deepspeed_config, dict):
+        path = Path(deepspeed_config)
+        if not path.is_file():
+            raise FileNotFoundError(f"deepspeed_config {path} does not exist; pass a dict or a DeepSpeed JSON file.")
+        deepspeed_config = json.loads(path.read_text())
+    stage = deepspeed_config.get("zero_optimization", {}).get("stage")
+    if stage != 3:
+        raise ValueError(
+            f"deepspeed_config has zero_optimization.stage={stage!r}; the sharded ES layout needs stage 3 (stages 1 "
+            "and 2 shard optimizer state and gradients, which ES does not have). Set it to 3, or drop deepspeed_config "
+            "to replicate the model on every process."
+        )
+    return {"train_micro_batch_size_per_gpu": 1, **deepspeed_config}
+
+
+def _fitness_value(output) -> float:
+    if output is None:
+        raise ValueError(
+            "training_step returned None. Under strategy='es' it must return the fitness of the current weights on "
+            "the batch: a scalar (float or one-element tensor), higher is better."
+        )
+    if isinstance(output, dict):
+        raise ValueError(
+            f"training_step returned a dict ({sorted(output)}). Under strategy='es' return the fitness itself: a "
+            "scalar, higher is better (log other values with self.log)."
+        )
+    value = torch.as_tensor(output, dtype=torch.float64)
+    if value.numel() != 1:
+        raise ValueError(
+            f"training_step returned a tensor of shape {tuple(value.shape)}; the fitness must be a scalar. "
+            "Reduce it, e.g. rewards.mean()."
+        )
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"training_step returned a fitness of {value}; it must be finite. Check the reward for NaN or inf.")
+    return value
+
+
+class ESStrategy(DDPStrategy):
+    strategy_name = "es"
+
+    def __init__(
+        self,
+        population_size: int = 32,
+        sigma: float = 1e-3,
+        lr: float = 5e-7,
+        antithetic: bool = True,
+        fitness_shaping: str = "zscore",
+        params: str | list[str] | None = None,
+        seed: int | None = None,
+        perturbation: str = "full",
+        rank: int = 1,
+        anchor_decay: float = 0.0,
+        master_device: str | None = None,
+        deepspeed_config: dict | str | os.PathLike | None = None,
+        **kwargs,
+    ):
+        """
+        Args:
+            population_size, sigma, antithetic, fitness_shaping, perturbation, rank, anchor_decay, master_device:
+                as in ``lightning_es.EvolutionStrategy``.
+            lr: step size of the in-place update ``theta += lr * g`` (unused when ``configure_optimizers`` returns an
+                optimizer: its learning rate applies).
+            params: which parameters evolve (``select_parameters``): None for every trainable one, "all", "lora", or
+                regular expressions.
+            seed: noise seed; None takes ``seed_everything``'s seed (``PL_GLOBAL_SEED``), else 0.
+            deepspeed_config: a DeepSpeed config (dict or JSON path) with ZeRO stage 3 for the sharded layout.
+            kwargs: passed to ``DDPStrategy`` (``process_group_backend``, ``timeout``, ``start_method``, ...).
+        """
+        kwargs.setdefault("checkpoint_io", AtomicCheckpointIO())
+        super().__init__(**kwargs)
+        self.es_options = dict(
+            population_size=population_size, lr=lr, antithetic=antithetic, fitness_shaping=fitness_shaping,
+            anchor_decay=anchor_decay,
+        )
+        self.perturbation_options = dict(kind=perturbation, sigma=sigma, rank=rank, master_device=master_device)
+        self.params_spec = params
+        self.seed = seed
+        self.deepspeed_config = _zero3_config(deepspeed_config) if deepspeed_config is not None else None
+        if self.deepspeed_config is not None and perturbation != "full":
+            raise ValueError("The sharded layout (deepspeed_config) supports perturbation='full' only.")
+        self.es: EvolutionStrategy | None = None
+        self._fitness: torch.Tensor | None = None
+        self._engine = None
+        self._hf_deepspeed_config = None
+
+    # ---- layout ----------------------------------------------------------------------------------------------
+
+    @property
+    def sharded(self) -> bool:
+        return self.deepspeed_config is not None
+
+    @property
+    def distributed_sampler_kwargs(self) -> dict:
+        if self.sharded:  # the group splits each batch
+            return super().distributed_sampler_kwargs
+        return {"num_replicas": 1, "rank": 0}  # every process scores its members on the same batch
+
+    @property
+    def restore_checkpoint_after_setup(self) -> bool:
+        return True  # the ES state (and ZeRO-3 partitions) exist only after setup
+
+    def _configure_launcher(self) -> None:
+        groups = 1 if self.sharded else self.world_size  # checked here, before any process starts
+        if self.es_options["population_size"] < groups:
+            raise ValueError(
+                f"population_size={self.es_options['population_size']} is smaller than the {groups} process groups "
+                "that each score at least one member; raise population_size or use fewer devices."
+            )
+        if self.es_options["population_size"] % groups:
+            raise ValueError(
+                f"population_size={self.es_options['population_size']} does not split evenly over {groups} processes; "
+                "use a multiple of the number of devices."
+            )
+        super()._configure_launcher()
+
+    def configure_ddp(self) -> None:
+        """No DDP wrapper: nothing is differentiated, so there are no gradients to all-reduce."""
+        if self.sharded:
+            import deepspeed
+            from transformers.integrations import HfDeepSpeedConfig
+
+            # transformers reads this (through a weak reference, hence the attribute) to know that ZeRO-3 is on, so
+            # that generate() keeps every process stepping until all are done (synced_gpus): a process whose
+            # sequences end early must still join the parameter gathers of the others' forwards.
+            self._hf_deepspeed_config = HfDeepSpeedConfig(self.deepspeed_config)
+            self._engine, *_ = deepspeed.initialize(model=self.model, config=self.deepspeed_config, dist_init_required=False)
+
+    def setup_optimizers(self, trainer) -> None:
+        with warnings.catch_warnings():  # no optimizer is the in-place ES update, not a mistake
+            warnings.filterwarnings("ignore", message=".*configure_optimizers.*returned `None`")
+            super().setup_optimizers(trainer)
+
+    @property
+    def has_optimizer(self) -> bool:
+        return not all(isinstance(o, _MockOptimizer) for o in self.optimizers)
+
+    def setup(self, trainer) -> None:
+        if trainer.state.fn == TrainerFn.FITTING:
+            self._check_trainer(trainer)
+        super().setup(trainer)
+        if trainer.state.fn == TrainerFn.FITTING:
+            self._check_optimizers(trainer)
+            self.es = self._build_es()
+
+    def _check_trainer(self, trainer) -> None:
+        if trainer.accumulate_grad_batches != 1:
+            raise ValueError(
+                f"Trainer(accumulate_grad_batches={trainer.accumulate_grad_batches}) does not apply to strategy='es': "
+                "each batch is one ES iteration. Use a larger batch (or a larger population) instead."
+            )
+        if self.precision_plugin.precision == "16-mixed":
+            raise ValueError(
+                "precision='16-mixed' scales a loss for backward, which ES never calls; use '32-true', 'bf16-mixed' "
+                "or 'bf16-true'."
+            )
+
+    def _check_optimizers(self, trainer) -> None:
+        if trainer.gradient_clip_val and not self.has_optimizer:
+            raise ValueError(
+                f"Trainer(gradient_clip_val={trainer.gradient_clip_val}) clips gradients, but configure_optimizers "
+                "returned no optimizer, so ES updates in place and there are none. Return an optimizer from "
+                "configure_optimizers, or drop gradient_clip_val."
+            )
+        if self.sharded and self.has_optimizer:
+            raise ValueError(
+                "The sharded layout (deepspeed_config) updates the ZeRO-3 partitions in place; configure_optimizers "
+                "must return None (a torch optimizer cannot step partitioned parameters)."
+            )
+        if self.es_options["anchor_decay"] and self.has_optimizer:
+            raise ValueError(
+                f"ESStrategy(anchor_decay={self.es_options['anchor_decay']}) pulls the in-place ES step towards the "
+                "starting weights, but configure_optimizers returned an optimizer, which takes the step instead. Use "
+                "the optimizer's weight decay, or return None from configure_optimizers."
+            )
+
+    def _build_es(self) -> EvolutionStrategy:
+        module = self.lightning_module
+        options = dict(self.perturbation_options)
+        perturbation = build_perturbation(options.pop("kind"), select_parameters(module, self.params_spec), model=module,
+                                          sharded=self.sharded, **options)
+        seed = self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
+        return EvolutionStrategy(perturbation, seed=seed, **self.es_options)
+
+    # ---- one ES iteration per batch --------------------------------------------------------------------------
+
+    def training_step(self, *args, **kwargs):
+        module = self.lightning_module
+        step = module.trainer.global_step
+        if self.has_optimizer:
+            self.es.master.sync_from_model()  # the optimizer moved the weights since the last iteration
+        logs = PopulationLog()
+
+        def score(members):
+            (member,) = members  # a training_step scores one set of weights
+            with (torch.no_grad(), self.precision_plugin.train_step_context(), self.es.perturbed(member),
+                  logs.capture(module) as logged):
+                fitness = _fitness_value(module.training_step(*args, **kwargs))
+            return {FITNESS: [fitness], WEIGHT: [1.0], **{name: [value] for name, value in logged.items()}}
+
+        processes = Processes(self.global_rank, self.world_size, self.sharded, self.root_device)
+        scores = evaluate_population(self.es.members(step), step, score, processes,
+                                     unscored="no process scored them")
+        logs.flush(module.log, scores)
+        self._fitness = scores.fitness
+        stats = None if self.has_optimizer else self.es.step(step, scores.fitness)
+        self._log_step(scores.fitness, stats)
+        return torch.tensor(-float(scores.fitness.mean()), device=self.root_device)
+
+    def _log_step(self, fitness: torch.Tensor, stats) -> None:
+        metrics = {
+            "es/fitness_mean": float(fitness.mean()),
+            "es/fitness_std": float(fitness.std(unbiased=False)),
+            "es/fitness_max": float(fitness.max()),
+            "es/sigma": self.es.sigma,
+        }
+        if stats is not None:
+            metrics |= {"es/update_norm": stats.update_norm, "es/lr": self.es.lr}
+        self.lightning_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
+
+    def backward(self, closure_loss, optimizer, *args, **kwargs):
+        """Write ``-g`` into ``.grad`` for the optimizer (after the loop's ``zero_grad``); no autograd."""
+        if self.has_optimizer:
+            self.es.write_gradients(self.lightning_module.trainer.global_step, self._fitness)
+        return closure_loss
+
+    # ---- checkpoints carry the ES state ----------------------------------------------------------------------
+
+    def lightning_module_state_dict(self) -> dict:
+        if not self.sharded or self.es is None:
+            return super().lightning_module_state_dict()
+        import deepspeed
+
+        module = self.lightning_module
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            return {name: t.detach().cpu().clone() for name, t in module.state_dict().items()}
+
+    def save_checkpoint(self, checkpoint, filepath, storage_options=None) -> None:
+        if self.es is not None:
+            checkpoint[ES_STATE_KEY] = self.es.state_dict()
+        super().save_checkpoint(checkpoint, filepath, storage_options)
+
+    def load_model_state_dict(self, checkpoint, strict: bool = True) -> None:
+        if self.sharded and self.es is not None:
+            import deepspeed
+
+            module = self.lightning_module
+            saved = checkpoint["state_dict"]
+            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=0):
+                if self.global_rank == 0:  # DeepSpeed re-partitions rank 0's values on exit
+                    module.load_state_dict(saved, strict=strict)
+            parameters = dict(module.named_parameters())
+            module.load_state_dict({k: v for k, v in saved.items() if k not in parameters}, strict=False)  # buffers
+        else:
+            super().load_model_state_dict(checkpoint, strict)
+        if self.es is None:
+            return
+        self.es.load_state_dict(checkpoint.get(ES_STATE_KEY, {}))
+
+    @classmethod
+    def register_strategies(cls, strategy_registry) -> None:
+        strategy_registry.register(
+            "es", cls, description="Evolution Strategies: population scored across processes, no gradients"
+        )
+        strategy_registry.register(
+            "es_zero3", cls, description="Evolution Strategies over one DeepSpeed ZeRO-3 sharded model",
+            deepspeed_config=ZERO3_DEFAULTS,
+        )
+
+
+if "es" not in StrategyRegistry:
+    ESStrategy.register_strategies(StrategyRegistry)
