@@ -1,9 +1,11 @@
 """Peak memory of an ES step against plain generation of the same batch, with GRPOTrainer's step beside them.
 
     python benchmarks/es_memory.py --model tiny|smollm2 [--population 8] [--prompts 8] [--new_tokens 32]
+    python benchmarks/es_memory.py --model smollm2 --processes 2    # an ESTrainer step on each of 2 processes
 
 Each variant runs in a fresh process; the figure is that process's peak resident memory (CPU) or peak allocated
-accelerator memory (CUDA), so variants do not see each other's allocations.
+accelerator memory (CUDA), so variants do not see each other's allocations. With --processes K, an ESTrainer step
+(replicated layout) runs under `accelerate launch --multi_gpu --num_processes K` and every process reports its peak.
 """
 
 import argparse
@@ -52,6 +54,21 @@ def run_variant(args):
                 with es.perturbed(member):
                     generate(model, inputs, args.new_tokens)
         es.step(0, torch.randn(args.population))
+    elif args.variant == "estrainer_step":
+        from trl_ext import ESConfig, ESTrainer
+
+        dataset = Dataset.from_dict({"prompt": [[{"role": "user", "content": "What is 12 + 30?"}]] * 64})
+        config = ESConfig(output_dir=tempfile.mkdtemp(), max_steps=1, per_device_train_batch_size=args.prompts,
+                          population_size=args.population, max_completion_length=args.new_tokens, report_to="none",
+                          bf16=False, save_strategy="no", disable_tqdm=True,
+                          generation_kwargs={"min_new_tokens": args.new_tokens})
+        trainer = ESTrainer(model, lambda completions, **kw: [float(len(c)) for c in completions], args=config,
+                            train_dataset=dataset, processing_class=tokenizer)
+        trainer.train()
+        rank = trainer.accelerator.process_index
+        print(json.dumps({"variant": args.variant, "process": rank, "peak_mb": peak_megabytes(),
+                          "trained_model": type(trainer.model_wrapped).__name__}))
+        return
     elif args.variant == "grpo_step":
         from trl import GRPOConfig, GRPOTrainer
 
@@ -74,16 +91,32 @@ VARIANTS = {
 }
 
 
+def estrainer_processes(args) -> None:
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+               str(args.processes), "--mixed_precision", "no", "--dynamo_backend", "no", __file__,
+               "--variant", "estrainer_step"] + [f"--{k}={getattr(args, k)}" for k in
+                                                 ("model", "population", "prompts", "new_tokens")]
+    output = subprocess.run(command, capture_output=True, text=True, check=True, env={**os.environ}).stdout
+    reports = [json.loads(line) for line in output.splitlines() if line.startswith('{"variant"')]
+    print(f"model={args.model} processes={args.processes} population={args.population} prompts={args.prompts} "
+          f"new_tokens={args.new_tokens}: ESTrainer step, replicated layout")
+    for report in sorted(reports, key=lambda r: r["process"]):
+        print(f"process {report['process']}: peak {report['peak_mb']:.0f} MB, trained {report['trained_model']}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tiny")
     parser.add_argument("--population", type=int, default=8)
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--new_tokens", type=int, default=32)
-    parser.add_argument("--variant", choices=sorted(VARIANTS))
+    parser.add_argument("--processes", type=int, default=1)
+    parser.add_argument("--variant", choices=sorted(VARIANTS) + ["estrainer_step"])
     args = parser.parse_args()
     if args.variant:
         return run_variant(args)
+    if args.processes > 1:
+        return estrainer_processes(args)
     peaks = {}
     for variant in VARIANTS:
         command = [sys.executable, __file__, "--variant", variant] + [

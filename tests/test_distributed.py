@@ -1,66 +1,97 @@
-import os
-import subprocess
+"""ESTrainer over several processes, launched the way users launch it (accelerate launch; gloo on this CPU host)."""
+
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from processes import run_command
+
 SCRIPT = Path(__file__).parent / "scripts" / "train_tiny.py"
-
-
 ZERO3_CONFIG = Path(__file__).parents[1] / "recipes" / "configs" / "deepspeed_zero3.yaml"
+TWO_PROCESSES = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                 "--dynamo_backend", "no"]
 
 
-def launch(command, tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-           "DS_ACCELERATOR": "cpu"}
-    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+def run(tmp_path, name, *flags, launcher=(), port=29517, check=True):
+    """Run train_tiny.py (under ``accelerate launch <launcher>`` if given); its result, or the finished process."""
+    out = tmp_path / f"{name}.pt"
+    prefix = [sys.executable, "-m", "accelerate.commands.launch", *launcher, "--main_process_port", port]
+    command = [*(prefix if launcher else [sys.executable]), SCRIPT, "--out", out, "--output_dir", tmp_path / name, *flags]
+    result = run_command(command, tmp_path, timeout=120 if not check else 600, check=check)
+    return result if not check else torch.load(out)
+
+
+def assert_same_weights(a, b, atol=0.0):
+    assert a.keys() == b.keys()
+    for name, tensor in a.items():
+        torch.testing.assert_close(b[name], tensor, rtol=0, atol=atol, msg=name)
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+    """8 steps over 5 prompts, 2 a step (3 steps an epoch, the last one short), a checkpoint after every step."""
+    tmp = tmp_path_factory.mktemp("two-processes")
+    flags = ["--dataset_size", 5, "--max_steps", 8, "--save_steps", 1]
+    return tmp, flags, run(tmp, "full", *flags, launcher=TWO_PROCESSES)
 
 
 @pytest.mark.slow
-def test_two_processes_give_the_weights_of_one(tmp_path):
-    one, two = tmp_path / "one.pt", tmp_path / "two.pt"
-    launch([sys.executable, str(SCRIPT), str(one), str(tmp_path / "run1")], tmp_path)
-    launch(
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
-         "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517", str(SCRIPT),
-         str(two), str(tmp_path / "run2")],
-        tmp_path,
-    )
-    single, double = torch.load(one), torch.load(two)
-    assert (single["processes"], double["processes"]) == (1, 2)
-    assert single["rewards"] == double["rewards"]
-    for name, tensor in single["weights"].items():
-        torch.testing.assert_close(double["weights"][name], tensor, rtol=0, atol=1e-6, msg=name)
+def test_two_processes_give_the_weights_of_one_without_a_ddp_wrapper(tmp_path, two_process_run):
+    _, flags, two = two_process_run
+    one = run(tmp_path, "one", *flags)
+    assert (one["processes"], two["processes"]) == (1, 2)
+    assert one["rewards"] == two["rewards"] and one["prompts_per_step"] == two["prompts_per_step"]
+    assert_same_weights(one["weights"], two["weights"], atol=1e-6)
+    # ES never calls backward: DDP's reducer would only hold gradient buckets the size of the model
+    assert two["trained_model_type"] == "Qwen2ForCausalLM"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("checkpoint", [4, 7])  # one step into the second epoch, one step into the third
+def test_two_processes_resume_mid_epoch_exactly(two_process_run, checkpoint):
+    tmp, flags, full = two_process_run
+    resumed = run(tmp, f"resumed-{checkpoint}", *flags, "--resume", tmp / "full" / f"checkpoint-{checkpoint}",
+                  launcher=TWO_PROCESSES, port=29518)
+    assert resumed["prompts_per_step"] == {s: p for s, p in full["prompts_per_step"].items() if s >= checkpoint}
+    assert_same_weights(full["weights"], resumed["weights"])
+
+
+@pytest.mark.slow
+def test_a_reward_failing_on_one_process_stops_both_with_the_same_error(tmp_path):
+    started = time.monotonic()
+    result = run(tmp_path, "failing", "--fail_on_process", 1, launcher=TWO_PROCESSES, port=29519, check=False)
+    assert result.returncode != 0
+    assert time.monotonic() - started < 60
+    reports = [(tmp_path / "failing" / f"error-{rank}.txt").read_text() for rank in range(2)]
+    assert reports[0] == reports[1], reports  # each process raised it itself, with the same message
+    assert reports[0].startswith("PopulationError: ES step 0, population member 1 (process 1): RewardFunctionError: "
+                                 "reward function 'token_rate' raised RuntimeError: this reward fails on one process")
 
 
 @pytest.mark.slow
 def test_estrainer_under_the_zero3_accelerate_config_follows_the_unsharded_run(tmp_path):
-    """Two processes hold one ZeRO-3 sharded model, each scoring 2 of the 4 prompts of the one-process run (greedy)."""
-    one, sharded = tmp_path / "one.pt", tmp_path / "zero3.pt"
-    launch([sys.executable, str(SCRIPT), str(one), str(tmp_path / "run1"), "4", "1"], tmp_path)
-    launch(
-        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ZERO3_CONFIG), "--num_processes", "2",
-         "--mixed_precision", "no", "--main_process_port", "29523", str(SCRIPT), str(sharded), str(tmp_path / "run2"),
-         "2", "1"],
-        tmp_path,
-    )
-    single, zero3 = torch.load(one), torch.load(sharded)
+    """Two processes hold one ZeRO-3 sharded model, each scoring 2 of the 4 prompts of the one-process run (greedy).
+    5 prompts: the second batch has one prompt, so one process has no share of it and scores a stand-in row."""
+    flags = ["--num_generations", 1, "--dataset_size", 5]
+    single = run(tmp_path, "one", *flags, "--prompts_per_process", 4)
+    zero3 = run(tmp_path, "zero3", *flags, "--prompts_per_process", 2,
+                launcher=["--config_file", ZERO3_CONFIG, "--num_processes", 2, "--mixed_precision", "no"], port=29523)
     assert zero3["processes"] == 2
+    assert zero3["prompts_per_step"] == single["prompts_per_step"]
+    assert [len(p) for p in single["prompts_per_step"].values()] == [4, 1, 4]
     torch.testing.assert_close(torch.tensor(zero3["rewards"]), torch.tensor(single["rewards"]))
     # each process measures its slices of the update; the logged norm is of the whole update
     torch.testing.assert_close(torch.tensor(zero3["update_norms"]), torch.tensor(single["update_norms"]))
-    assert single["weights"].keys() == zero3["weights"].keys()
-    for name, tensor in single["weights"].items():
-        torch.testing.assert_close(zero3["weights"][name], tensor, rtol=0, atol=1e-5, msg=name)
+    assert_same_weights(single["weights"], zero3["weights"], atol=1e-5)
 
 
 @pytest.mark.slow
 def test_kl_drift_reduces_over_two_processes(tmp_path):
     out = tmp_path / "kl.txt"
-    launch([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519",
-            str(SCRIPT.parent / "kl_drift_two_processes.py"), str(out)], tmp_path)
+    run_command([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", 2, "--master_port", 29521,
+                 SCRIPT.parent / "kl_drift_two_processes.py", out], tmp_path)
     value, world = out.read_text().split()
     assert world == "2" and float(value) > 0

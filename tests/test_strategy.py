@@ -1,9 +1,8 @@
 """Lightning ESStrategy: real multi-process runs launched by Lightning, and in-process checks on one device."""
 
 import math
-import os
-import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,17 +12,16 @@ import torch.distributed as dist
 
 from lightning_es import ESStrategy, PopulationError
 from lightning_toy import Regression
+from processes import run_command
 
-SCRIPT = Path(__file__).parent / "scripts" / "lightning_toy_run.py"
+SCRIPTS = Path(__file__).parent / "scripts"
 
 
-def run_toy(tmp_path, name, *flags):
+def run_toy(tmp_path, name, *flags, check=True):
     out = tmp_path / f"{name}.pt"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
-    result = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out), *flags], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return torch.load(out)
+    result = run_command([sys.executable, SCRIPTS / "lightning_toy_run.py", "--out", out, *flags], tmp_path,
+                         timeout=600 if check else 120, check=check)
+    return torch.load(out) if check else result
 
 
 def assert_same_weights(a, b, atol):
@@ -34,10 +32,12 @@ def assert_same_weights(a, b, atol):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
+    """10 epochs of 4 batches; the two-process run keeps a checkpoint after every step."""
     tmp = tmp_path_factory.mktemp("lightning-es")
     return tmp, {
         "one": run_toy(tmp, "one", "--devices", "1", "--epochs", "10"),
-        "two": run_toy(tmp, "two", "--devices", "2", "--epochs", "10", "--ckpt_dir", str(tmp / "ckpt")),
+        "two": run_toy(tmp, "two", "--devices", "2", "--epochs", "10", "--ckpt_dir", tmp / "ckpt",
+                       "--ckpt_every_n_steps", "1"),
     }
 
 
@@ -53,12 +53,15 @@ def test_two_processes_raise_fitness_and_match_one_process(runs):
 
 
 @pytest.mark.slow
-def test_resume_from_model_checkpoint_continues_exactly(runs):
+@pytest.mark.parametrize("checkpoint", ["epoch=3-step=16", "epoch=1-step=6", "epoch=2-step=10"])
+def test_resume_continues_exactly_at_an_epoch_end_and_mid_epoch(runs, checkpoint):
+    """The end of the 4th epoch, and two batches into the 2nd and into the 3rd epoch."""
     tmp, runs = runs
-    resumed = run_toy(tmp, "resumed", "--devices", "2", "--epochs", "10",
-                      "--resume", str(tmp / "ckpt" / "epoch=3-step=16.ckpt"))
+    resumed = run_toy(tmp, f"resumed-{checkpoint}", "--devices", "2", "--epochs", "10",
+                      "--resume", tmp / "ckpt" / f"{checkpoint}.ckpt")
+    step = int(checkpoint.split("=")[-1])
     assert resumed["global_step"] == 40
-    assert resumed["fitness"] == runs["two"]["fitness"][16:]
+    assert resumed["fitness"] == runs["two"]["fitness"][step:]  # the same batches, in the same order
     assert_same_weights(runs["two"]["weights"], resumed["weights"], atol=0)
 
 
@@ -70,6 +73,55 @@ def test_zero3_sharded_layout_matches_the_replicated_run(runs):
     assert sharded["world_size"] == 2
     torch.testing.assert_close(torch.tensor(sharded["fitness"]), torch.tensor(runs["one"]["fitness"]), rtol=0, atol=1e-4)
     assert_same_weights(runs["one"]["weights"], sharded["weights"], atol=5e-4)
+
+
+@pytest.mark.slow
+def test_zero3_anchored_run_checkpoints_on_one_process_and_resumes_exactly(tmp_path):
+    flags = ["--devices", "2", "--epochs", "4", "--sharded", "--batch_size", "8", "--anchor_decay", "0.5"]
+    full = run_toy(tmp_path, "full", *flags, "--ckpt_dir", tmp_path / "ckpt", "--ckpt_every_n_steps", "1")
+    on_rank_0, on_rank_1 = full["es_state_held"]
+    assert on_rank_0["anchor"] == {"hidden.weight": (5, 4), "hidden.bias": (5,), "out.weight": (1, 5), "out.bias": (1,)}
+    assert all(not tensors for tensors in on_rank_1.values())  # only process 0 gathers the checkpoint copy
+    resumed = run_toy(tmp_path, "resumed", *flags, "--resume", tmp_path / "ckpt" / "epoch=1-step=6.ckpt")
+    assert resumed["fitness"] == full["fitness"][6:]
+    assert_same_weights(full["weights"], resumed["weights"], atol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("failure", "message"), [
+    ("nan", r"ES step 0, population member 1 \(process 1\): ValueError: training_step returned a fitness of nan"),
+    ("names", r"ES step 0: the processes measured different names \(process 0: \[.*\]; process 1: \[.*only_on_one"),
+])
+def test_a_failure_on_one_process_stops_both_with_the_same_error(tmp_path, failure, message):
+    started = time.monotonic()
+    result = run_toy(tmp_path, "failing", "--devices", "2", "--fail_on_rank", "1", "--failure", failure, check=False)
+    assert result.returncode != 0
+    assert time.monotonic() - started < 60
+    reports = [(tmp_path / f"failing.pt.error-{rank}.txt").read_text() for rank in range(2)]
+    assert reports[0] == reports[1], reports  # each process raised it itself, with the same message
+    assert reports[0].startswith("PopulationError: ")
+    assert __import__("re").search(message, reports[0]), reports[0]
+
+
+@pytest.mark.slow
+def test_zero3_generation_with_gathered_parameters_and_uneven_lengths_finishes(tmp_path):
+    """Process 1 generates more tokens than process 0; generate must keep process 0 joining the parameter gathers
+    of process 1's forwards (synced_gpus), or both wait for each other forever."""
+    out = tmp_path / "lm.txt"
+    run_command([sys.executable, SCRIPTS / "lightning_lm_zero3.py", "--out", out], tmp_path, timeout=120)
+    step, fitness = out.read_text().split()
+    assert step == "2" and 0.0 <= float(fitness) <= 1.0
+
+
+def test_old_import_paths_warn_and_still_work():
+    code = ("import warnings; warnings.simplefilter('always')\n"
+            "import lightning_es.strategy, lightning_es.callbacks, lightning_es.metrics, lightning_es.geometry\n"
+            "from pytorch_lightning.strategies import StrategyRegistry\n"
+            "assert 'es' in StrategyRegistry and lightning_es.metrics.KLDrift and lightning_es.geometry.update_norm\n"
+            "assert lightning_es.callbacks.KLDriftCallback and lightning_es.strategy.ESStrategy")
+    result = run_command([sys.executable, "-c", code], Path(__file__).parent, timeout=120)
+    for old in ("strategy", "callbacks", "metrics", "geometry"):
+        assert f"lightning_es.{old} moved to" in result.stderr
 
 
 # ---- one process, in the test process ------------------------------------------------------------------------
@@ -147,6 +199,8 @@ def test_options_that_assume_gradients_are_refused():
         fit(Regression(), accumulate_grad_batches=2)
     with pytest.raises(ValueError, match="gradient_clip_val=1.0.*no optimizer"):
         fit(Regression(), gradient_clip_val=1.0)
+    with pytest.raises(ValueError, match="anchor_decay=0.1.*returned an optimizer"):
+        fit(Regression(optimizer="adam"), strategy=ESStrategy(anchor_decay=0.1))
 
 
 def test_population_and_layout_checks():

@@ -285,3 +285,113 @@ def test_resume_refuses_a_checkpoint_without_es_state(tmp_path, tiny_model, toke
     trainer = ESTrainer(build_model(tokenizer), token_rate, args=args, train_dataset=prompt_dataset, processing_class=tokenizer)
     with pytest.raises(FileNotFoundError, match="has no es_state.pt"):
         trainer.train(resume_from_checkpoint=str(checkpoint))
+
+
+# ---- checkpoints and resume: any epoch, any step, any crash -----------------------------------------------------
+
+FIVE_PROMPTS = ["the quick", "what is 12", "count the", "brown fox", "lazy dog"]
+
+
+def train_recording(output_dir, resume=None, model=None, **overrides):
+    """Up to 8 steps over 5 prompts, 2 a step (3 steps an epoch, the last one short), sampled decoding, a checkpoint
+    after every step. Returns the trainer and the prompts scored at each step."""
+    tokenizer = build_tokenizer()
+    seen = {}
+
+    def token_rate_recording(prompts, completion_ids, trainer_state, **kwargs):
+        seen.setdefault(trainer_state.global_step, set()).update(prompts)
+        return token_rate(completion_ids)
+
+    settings = dict(max_steps=8, per_device_train_batch_size=4, num_generations=2, save_strategy="steps", save_steps=1)
+    args = es_args(Path(output_dir), output_dir=str(output_dir), **{**settings, **overrides})
+    trainer = ESTrainer(model if model is not None else build_model(tokenizer), token_rate_recording, args=args,
+                        train_dataset=Dataset.from_dict({"prompt": FIVE_PROMPTS}), processing_class=tokenizer)
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer, {step: sorted(prompts) for step, prompts in seen.items()}
+
+
+def assert_same_weights(a, b):
+    for (name, p), q in zip(a.model.named_parameters(), b.model.parameters()):
+        assert torch.equal(p, q), name
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    return train_recording(tmp_path_factory.mktemp("uninterrupted") / "out")
+
+
+@pytest.mark.slow
+# one step into the second epoch, one into the third, and the last checkpoint (two into the third: nothing is left)
+@pytest.mark.parametrize("checkpoint", [4, 7, 8])
+def test_resume_mid_epoch_in_later_epochs_replays_prompts_and_weights(tmp_path, uninterrupted, checkpoint):
+    full, full_prompts = uninterrupted
+    resumed, prompts = train_recording(tmp_path / "out", resume=f"{full.args.output_dir}/checkpoint-{checkpoint}")
+    assert prompts == {step: p for step, p in full_prompts.items() if step >= checkpoint}
+    assert_same_weights(full, resumed)
+
+
+def test_a_crash_while_saving_the_es_state_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    """save_total_limit=1: the older checkpoint may only go once the newer one can be resumed."""
+    real_save = torch.save
+
+    def failing_save(obj, f, *args, **kwargs):
+        if "checkpoint-2" in str(f) and "es_state" in str(f):
+            raise OSError("disk full")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        train_recording(tmp_path / "crashed", max_steps=3, save_total_limit=1)
+    monkeypatch.setattr(torch, "save", real_save)
+    checkpoint = tmp_path / "crashed" / "checkpoint-1"
+    assert (checkpoint / "es_state.pt").exists()
+    resumed, _ = train_recording(tmp_path / "resumed", resume=str(checkpoint), max_steps=3)
+    assert_same_weights(train_recording(tmp_path / "full", max_steps=3)[0], resumed)
+
+
+def test_a_checkpoint_holds_the_es_state_before_it_is_pushed(tmp_path, prompt_dataset, tokenizer):
+    args = es_args(tmp_path, max_steps=2, save_strategy="steps", save_steps=1)
+    trainer = ESTrainer(build_model(tokenizer), token_rate, args=args, train_dataset=prompt_dataset, processing_class=tokenizer)
+    pushed = []
+    trainer._push_from_checkpoint = lambda folder: pushed.append(sorted(p.name for p in Path(folder).iterdir()))
+    trainer.args.push_to_hub = True  # after __init__, which would create a hub repository
+    trainer.train()
+    assert len(pushed) == 2 and all("es_state.pt" in files and "trainer_state.json" in files for files in pushed)
+
+
+def test_resume_true_skips_a_checkpoint_whose_save_was_cut_short(tmp_path):
+    full, _ = train_recording(tmp_path / "out", max_steps=3)
+    state = tmp_path / "out" / "checkpoint-3" / "trainer_state.json"
+    state.write_text(state.read_text()[:40])  # killed while writing the last file of checkpoint-3
+    with pytest.raises(FileNotFoundError, match=r"checkpoint-3 cannot be resumed: its trainer_state.json is missing or "
+                                                r"incomplete .*newest complete checkpoint beside it is .*checkpoint-2"):
+        train_recording(tmp_path / "other", resume=str(state.parent), max_steps=3)
+    resumed, prompts = train_recording(tmp_path / "out", resume=True, max_steps=3)
+    assert list(prompts) == [2]  # resumed from checkpoint-2, the newest complete one
+    assert_same_weights(full, resumed)
+
+
+def test_anchored_decay_resumes_towards_the_anchor_of_the_run(tmp_path):
+    """The anchor (the run's starting weights) is in the checkpoint: resuming from a model loaded from the checkpoint
+    pulls towards the run's start, not towards the checkpoint."""
+    full, _ = train_recording(tmp_path / "full", max_steps=4, es_anchor_decay=50.0)
+    checkpoint = tmp_path / "full" / "checkpoint-2"
+    resumed, _ = train_recording(tmp_path / "resumed", resume=str(checkpoint), max_steps=4, es_anchor_decay=50.0,
+                                 model=AutoModelForCausalLM.from_pretrained(checkpoint))
+    assert_same_weights(full, resumed)
+
+
+@pytest.mark.parametrize("setting", ["fsdp_argument", "accelerate_fsdp_config"])
+def test_fsdp_is_refused(tmp_path, monkeypatch, setting):
+    overrides = {}
+    if setting == "fsdp_argument":
+        overrides["fsdp"] = "full_shard"
+    else:
+        monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what accelerate launch --use_fsdp sets
+    with pytest.raises(ValueError, match="ESTrainer does not run under FSDP.*DeepSpeed ZeRO-3"):
+        es_args(tmp_path, **overrides)
+
+
+def test_anchor_decay_with_the_trainers_optimizer_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="es_anchor_decay=0.1 pulls the in-place ES step.*es_optimizer='trainer'"):
+        es_args(tmp_path, es_anchor_decay=0.1, es_optimizer="trainer")

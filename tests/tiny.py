@@ -39,11 +39,11 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def build_model(tokenizer, seed: int = 0, dtype=torch.float32):
+def build_model(tokenizer, seed: int = 0, dtype=torch.float32, intermediate_size: int = 64):
     config = Qwen2Config(
         vocab_size=len(tokenizer),
         hidden_size=32,
-        intermediate_size=64,
+        intermediate_size=intermediate_size,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,

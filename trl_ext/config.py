@@ -95,6 +95,7 @@ class ESConfig(GRPOConfig):
 
     def __post_init__(self):
         self._check_es_fields()
+        self._refuse_fsdp()
         self._use_gloo_without_accelerator()
         # GRPO needs two completions per prompt for its group advantages and checks for it; ES does not.
         requested_generations = self.num_generations
@@ -120,6 +121,18 @@ class ESConfig(GRPOConfig):
             self.ddp_backend = "gloo"
         if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
             self.use_cpu = True
+
+    def _refuse_fsdp(self) -> None:
+        """FSDP (``fsdp=...`` or an accelerate config with FSDP, which sets ACCELERATE_USE_FSDP) replaces the
+        parameters ES perturbs with flat shards after ES captured them: every member would score the same."""
+        if self.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+            raise ValueError(
+                f"ESTrainer does not run under FSDP (fsdp={self.fsdp!r}, ACCELERATE_USE_FSDP="
+                f"{os.environ.get('ACCELERATE_USE_FSDP', 'unset')}): ES perturbs and updates the parameters it "
+                "captured before accelerate wraps the model, and FSDP replaces them with flat shards, so every member "
+                "would score the same and nothing would train. Shard a large model with DeepSpeed ZeRO-3 (accelerate "
+                "launch --config_file recipes/configs/deepspeed_zero3.yaml), or replicate it (no FSDP config)."
+            )
 
     def _check_es_fields(self) -> None:
         if self.population_size < 2:

@@ -142,13 +142,6 @@ class ESTrainer(GRPOTrainer):
             for key, value in greedy.items():
                 setattr(self.generation_config, key, value)
 
-        if self.is_fsdp_enabled:
-            raise ValueError(
-                "ESTrainer does not run under FSDP: ES perturbs and updates the parameters it captured before accelerate "
-                "wraps the model, and FSDP replaces them with flat shards, so every member would score the same and no "
-                "update would happen. Shard a large model with DeepSpeed ZeRO-3 (accelerate launch --config_file "
-                "recipes/configs/deepspeed_zero3.yaml), or replicate it (no FSDP config)."
-            )
         self.sharded = self._check_deepspeed()
         self.processes = Processes.current(sharded=self.sharded, device=self.accelerator.device)
         if self.sharded:
@@ -385,6 +378,16 @@ class ESTrainer(GRPOTrainer):
                     + (f"The newest complete checkpoint beside it is {newest}." if newest else "Start a new run.")
                 )
         return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
+
+    def _init_training_state(self, max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial):
+        """transformers' loop runs one step before it checks ``max_steps``: a run resumed from its final checkpoint
+        (one that ends mid-epoch) would train a step more than the uninterrupted run. Nothing is left to train then."""
+        epochs_trained, steps_in_epoch = super()._init_training_state(
+            max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial
+        )
+        if 0 < max_steps <= self.state.global_step:
+            return num_train_epochs, 0
+        return epochs_trained, steps_in_epoch
 
     def _save_rng_state(self, output_dir: str) -> None:
         """Beside the RNG states, the ES state (seed, fp32 master, anchor): written before trainer_state.json, which

@@ -39,6 +39,7 @@ from ..engine import EvolutionStrategy, Processes, build_perturbation, evaluate_
 from ..engine.evaluation import FITNESS, WEIGHT
 from .checkpoint_io import AtomicCheckpointIO
 from .population_log import PopulationLog
+from .resumable_loader import ResumableLoader
 
 ES_STATE_KEY = "es_strategy"
 ZERO3_DEFAULTS = {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1}
@@ -130,6 +131,7 @@ class ESStrategy(DDPStrategy):
         self._fitness: torch.Tensor | None = None
         self._engine = None
         self._hf_deepspeed_config = None
+        self._train_loaders: list[ResumableLoader] = []
 
     # ---- layout ----------------------------------------------------------------------------------------------
 
@@ -142,6 +144,20 @@ class ESStrategy(DDPStrategy):
         if self.sharded:  # the group splits each batch
             return super().distributed_sampler_kwargs
         return {"num_replicas": 1, "rank": 0}  # every process scores its members on the same batch
+
+    def process_dataloader(self, dataloader):
+        """Training loaders resume in the middle of an epoch (``ResumableLoader``); the noise seeds follow the step,
+        so a resumed run then scores exactly the batches, and members, of the uninterrupted run."""
+        dataloader = super().process_dataloader(dataloader)
+        if not self.lightning_module.trainer.training:
+            return dataloader
+        loader = ResumableLoader(dataloader)
+        self._train_loaders.append(loader)
+        return loader
+
+    def on_train_batch_start(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        for loader in self._train_loaders:
+            loader.consumed = batch_idx + 1
 
     @property
     def restore_checkpoint_after_setup(self) -> bool:

@@ -1,4 +1,8 @@
-"""Train the toy regression module with strategy="es"; run as a plain script (Lightning launches the processes)."""
+"""Train the toy regression module with strategy="es"; run as a plain script (Lightning launches the processes).
+
+With --fail_on_rank K, process K alone returns a NaN fitness (--failure nan) or logs an extra name (--failure names);
+every process writes the error it raised to <out>.error-<rank>.txt.
+"""
 
 import argparse
 import sys
@@ -22,6 +26,29 @@ class FitnessHistory(pl.Callback):
         self.fitness.append(float(trainer.callback_metrics["es/fitness_mean"]))
 
 
+class ErrorReport(pl.Callback):
+    def __init__(self, out: str):
+        self.out = out
+
+    def on_exception(self, trainer, pl_module, exception):
+        Path(f"{self.out}.error-{trainer.global_rank}.txt").write_text(f"{type(exception).__name__}: {exception}")
+
+
+class FailingOnOneRank(Regression):
+    def __init__(self, rank: int, failure: str, **kwargs):
+        super().__init__(**kwargs)
+        self.failing_rank, self.failure = rank, failure
+
+    def training_step(self, batch, batch_idx):
+        fitness = super().training_step(batch, batch_idx)
+        if self.global_rank != self.failing_rank:
+            return fitness
+        if self.failure == "names":
+            self.log("only_on_one_rank", 1.0)
+            return fitness
+        return fitness * float("nan")
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
@@ -31,31 +58,48 @@ def main():
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--ckpt_dir", default=None)
+    parser.add_argument("--ckpt_every_n_steps", type=int, default=0, help="0: a checkpoint at the end of every epoch")
     parser.add_argument("--resume", default=None)
     parser.add_argument("--lr", type=float, default=0.005)
+    parser.add_argument("--anchor_decay", type=float, default=0.0)
+    parser.add_argument("--fail_on_rank", type=int, default=-1)
+    parser.add_argument("--failure", choices=["nan", "names"], default="nan")
     args = parser.parse_args()
 
     pl.seed_everything(0)
     strategy = ESStrategy(
-        population_size=8, sigma=0.05, lr=args.lr, seed=3, process_group_backend="gloo",
+        population_size=8, sigma=0.05, lr=args.lr, seed=3, process_group_backend="gloo", anchor_decay=args.anchor_decay,
         deepspeed_config={"zero_optimization": {"stage": 3}} if args.sharded else None,
     )
     history = FitnessHistory()
-    callbacks = [history]
+    callbacks = [history, ErrorReport(args.out)]
     if args.ckpt_dir:
-        callbacks.append(pl.callbacks.ModelCheckpoint(dirpath=args.ckpt_dir, every_n_epochs=1, save_top_k=-1))
+        every = dict(every_n_train_steps=args.ckpt_every_n_steps) if args.ckpt_every_n_steps else dict(every_n_epochs=1)
+        callbacks.append(pl.callbacks.ModelCheckpoint(dirpath=args.ckpt_dir, save_top_k=-1, **every))
     trainer = pl.Trainer(
         strategy=strategy, accelerator="cpu", devices=args.devices, max_epochs=args.epochs, callbacks=callbacks,
         logger=False, enable_checkpointing=bool(args.ckpt_dir), enable_progress_bar=False, enable_model_summary=False,
         limit_val_batches=1,
     )
-    module = Regression(optimizer=args.optimizer, batch_size=args.batch_size)
+    options = dict(optimizer=args.optimizer, batch_size=args.batch_size)
+    if args.fail_on_rank >= 0:
+        module = FailingOnOneRank(args.fail_on_rank, args.failure, **options)
+    else:
+        module = Regression(**options)
     trainer.fit(module, ckpt_path=args.resume)
     weights = trainer.strategy.lightning_module_state_dict()
+    es_state = trainer.strategy.es.state_dict()  # a collective when sharded
+    held = {key: {name: tuple(t.shape) for name, t in value.items()} for key, value in es_state.items()
+            if isinstance(value, dict)}
+    everyone = [None] * trainer.world_size
+    if dist.is_initialized():
+        dist.all_gather_object(everyone, held)
+    else:
+        everyone = [held]
     if trainer.is_global_zero:
         torch.save({"weights": weights, "fitness": history.fitness, "world_size": trainer.world_size,
-                    "val_mse": float(trainer.callback_metrics["val_mse"]),
-                    "global_step": trainer.global_step}, args.out)
+                    "val_mse": float(trainer.callback_metrics["val_mse"]), "global_step": trainer.global_step,
+                    "es_state_held": everyone}, args.out)
     trainer.strategy.barrier()
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -1,8 +1,14 @@
-"""Train the tiny model for a few ES steps and save its weights; run with 1 process or under accelerate launch.
+"""Train the tiny model with ESTrainer and save what the tests compare; run it alone or under accelerate launch.
 
-    train_tiny.py WEIGHTS OUTPUT_DIR [PROMPTS_PER_PROCESS [NUM_GENERATIONS]]
+    train_tiny.py --out RESULT.pt --output_dir DIR [--prompts_per_process 2] [--num_generations 2] [--dataset_size 6]
+                  [--max_steps 3] [--save_steps N] [--resume CHECKPOINT] [--fail_on_process K] [--anchor_decay L]
+
+RESULT.pt holds the final weights, logged rewards and update norms, the prompts scored at each step, the process
+count and the type of the model the Trainer trained. With --fail_on_process K, the reward function raises on process
+K only; every process writes the error it raised to DIR/error-<rank>.txt before exiting.
 """
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -15,33 +21,71 @@ from tiny import build_model, build_tokenizer  # noqa: E402
 
 from trl_ext import ESConfig, ESTrainer  # noqa: E402
 
-
-def token_rate(completion_ids, **kwargs):
-    return [sum(t < 150 for t in ids) / max(1, len(ids)) for ids in completion_ids]
+PROMPTS = ["the quick", "what is 12", "count the", "brown fox", "lazy dog", "is 42", "jumps over", "apples and"]
 
 
-def main(weights_path: str, output_dir: str, per_device_prompts: int = 2, num_generations: int = 2):
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--prompts_per_process", type=int, default=2)
+    parser.add_argument("--num_generations", type=int, default=2)
+    parser.add_argument("--dataset_size", type=int, default=6)
+    parser.add_argument("--max_steps", type=int, default=3)
+    parser.add_argument("--save_steps", type=int, default=0)
+    parser.add_argument("--resume", default=None)
+    parser.add_argument("--fail_on_process", type=int, default=-1)
+    parser.add_argument("--anchor_decay", type=float, default=0.0)
+    args = parser.parse_args()
+
     tokenizer = build_tokenizer()
-    model = build_model(tokenizer)
-    dataset = Dataset.from_dict({"prompt": ["the quick", "what is 12", "count the", "brown fox", "lazy dog", "is 42"]})
-    args = ESConfig(
-        output_dir=output_dir, max_steps=3, per_device_train_batch_size=per_device_prompts * num_generations,
-        num_generations=num_generations, population_size=8,
-        sigma=0.02, learning_rate=1e-3, max_completion_length=5, report_to="none", bf16=False,
-        save_strategy="no", disable_tqdm=True, logging_steps=1,
+    model = build_model(tokenizer)  # before ESConfig: under ZeRO-3 it would turn on zero.Init, another initialisation
+    dataset = Dataset.from_dict({"prompt": PROMPTS[: args.dataset_size]})
+    config = ESConfig(
+        output_dir=args.output_dir, max_steps=args.max_steps,
+        per_device_train_batch_size=args.prompts_per_process * args.num_generations,
+        num_generations=args.num_generations, population_size=8, sigma=0.02, learning_rate=1e-3,
+        max_completion_length=5, report_to="none", bf16=False, disable_tqdm=True, logging_steps=1,
+        save_strategy="steps" if args.save_steps else "no", save_steps=args.save_steps or 500,
+        es_anchor_decay=args.anchor_decay,
     )
-    trainer = ESTrainer(model, token_rate, args=args, train_dataset=dataset, processing_class=tokenizer)
-    trainer.train()
+    prompts_per_step = {}
+
+    def token_rate(prompts, completion_ids, trainer_state, **kwargs):
+        if trainer.accelerator.process_index == args.fail_on_process:
+            raise RuntimeError("this reward fails on one process only")
+        prompts_per_step.setdefault(trainer_state.global_step, set()).update(prompts)
+        return [sum(t < 150 for t in ids) / max(1, len(ids)) for ids in completion_ids]
+
+    trainer = ESTrainer(model, token_rate, args=config, train_dataset=dataset,
+                        processing_class=tokenizer)
+    try:
+        trainer.train(resume_from_checkpoint=args.resume)
+    except Exception as error:
+        Path(args.output_dir, f"error-{trainer.accelerator.process_index}.txt").write_text(f"{type(error).__name__}: {error}")
+        raise
     weights = trainer.accelerator.get_state_dict(trainer.model_wrapped)  # gathers a ZeRO-3 model (collective)
+    everyone = [None] * trainer.accelerator.num_processes
+    if dist.is_initialized():
+        dist.all_gather_object(everyone, prompts_per_step)
+    else:
+        everyone = [prompts_per_step]
+    scored = {step: sorted(set().union(*(share.get(step, set()) for share in everyone))) for step in
+              sorted(set().union(*everyone))}
     if trainer.accelerator.is_main_process:
-        rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
-        update_norms = [h["es/update_norm"] for h in trainer.state.log_history if "es/update_norm" in h]
-        torch.save({"weights": weights, "rewards": rewards, "update_norms": update_norms,
-                    "processes": trainer.accelerator.num_processes}, weights_path)
+        history = trainer.state.log_history
+        torch.save({
+            "weights": weights,
+            "rewards": [h["reward"] for h in history if "reward" in h],
+            "update_norms": [h["es/update_norm"] for h in history if "es/update_norm" in h],
+            "prompts_per_step": scored,
+            "processes": trainer.accelerator.num_processes,
+            "trained_model_type": type(trainer.model_wrapped).__name__,
+        }, args.out)
     trainer.accelerator.wait_for_everyone()
     if dist.is_initialized():
         dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], *map(int, sys.argv[3:]))
+    main()

@@ -1,0 +1,62 @@
+"""A tiny causal LM trained with strategy="es" in the sharded (ZeRO-3) layout, generating inside training_step.
+
+Its MLP weights (32 x 4096) are above DeepSpeed's default stage3_param_persistence_threshold (1e5 elements), so every
+forward gathers them from both processes; process k generates 2 + 4k tokens, as when one process's sequences reach
+EOS before the other's. Writes <out> with the fitness values and the step reached.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tiny import build_model, build_tokenizer  # noqa: E402
+
+from lightning_es import ESStrategy  # noqa: E402
+
+
+class GeneratingPolicy(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.tokenizer = build_tokenizer()
+        self.model = build_model(self.tokenizer, intermediate_size=4096)
+
+    def training_step(self, batch, batch_idx):
+        new_tokens = 2 + 4 * self.global_rank
+        output = self.model.generate(input_ids=batch, attention_mask=torch.ones_like(batch), do_sample=False,
+                                     max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                     pad_token_id=self.tokenizer.pad_token_id)
+        return (output[:, batch.shape[1]:] < 150).float().mean()
+
+    def configure_optimizers(self):
+        return None
+
+    def train_dataloader(self):
+        prompts = torch.randint(3, len(self.tokenizer), (8, 5), generator=torch.Generator().manual_seed(0))
+        return DataLoader(prompts, batch_size=2)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    pl.seed_everything(0)
+    strategy = ESStrategy(population_size=4, sigma=0.01, lr=1e-3, process_group_backend="gloo",
+                          deepspeed_config={"zero_optimization": {"stage": 3}})
+    trainer = pl.Trainer(strategy=strategy, accelerator="cpu", devices=2, max_steps=2, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(GeneratingPolicy())
+    if trainer.is_global_zero:
+        Path(args.out).write_text(f"{trainer.global_step} {float(trainer.callback_metrics['es/fitness_mean'])}")
+    trainer.strategy.barrier()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
