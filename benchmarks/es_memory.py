@@ -27,6 +27,16 @@ def peak_megabytes() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def allocated_megabytes() -> float:
+    """Memory allocated, touched or not (accelerator: reserved by the caching allocator; CPU: the address space,
+    VmSize, which counts buffers whose pages were never written and so are not resident)."""
+    if torch.cuda.is_available():
+        return torch.cuda.memory_reserved() / 2**20
+    with open("/proc/self/status") as status:
+        kilobytes = next(int(line.split()[1]) for line in status if line.startswith("VmSize:"))
+    return kilobytes / 1024
+
+
 def run_variant(args):
     from datasets import Dataset
 
@@ -66,8 +76,9 @@ def run_variant(args):
                             train_dataset=dataset, processing_class=tokenizer)
         trainer.train()
         rank = trainer.accelerator.process_index
-        print(json.dumps({"variant": args.variant, "process": rank, "peak_mb": peak_megabytes(),
-                          "trained_model": type(trainer.model_wrapped).__name__}))
+        report = {"variant": args.variant, "process": rank, "peak_mb": peak_megabytes(),
+                  "allocated_mb": allocated_megabytes(), "trained_model": type(trainer.model_wrapped).__name__}
+        print(f"\n{json.dumps(report)}", flush=True)  # a line of its own: the processes share stdout
         return
     elif args.variant == "grpo_step":
         from trl import GRPOConfig, GRPOTrainer
@@ -101,7 +112,8 @@ def estrainer_processes(args) -> None:
     print(f"model={args.model} processes={args.processes} population={args.population} prompts={args.prompts} "
           f"new_tokens={args.new_tokens}: ESTrainer step, replicated layout")
     for report in sorted(reports, key=lambda r: r["process"]):
-        print(f"process {report['process']}: peak {report['peak_mb']:.0f} MB, trained {report['trained_model']}")
+        print(f"process {report['process']}: peak {report['peak_mb']:.0f} MB, allocated after the step "
+              f"{report['allocated_mb']:.0f} MB, trained {report['trained_model']}")
 
 
 def main():

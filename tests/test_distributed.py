@@ -32,14 +32,16 @@ def assert_same_weights(a, b, atol=0.0):
 
 @pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory):
-    """8 steps over 5 prompts, 2 a step (3 steps an epoch, the last one short), a checkpoint after every step."""
+    """8 steps over 5 prompts, 2 a step (3 steps an epoch, the last one short), a checkpoint after every step; process 1
+    builds its model with other weights than process 0."""
     tmp = tmp_path_factory.mktemp("two-processes")
-    flags = ["--dataset_size", 5, "--max_steps", 8, "--save_steps", 1]
+    flags = ["--dataset_size", 5, "--max_steps", 8, "--save_steps", 1, "--perturb_on_process", 1]
     return tmp, flags, run(tmp, "full", *flags, launcher=TWO_PROCESSES)
 
 
 @pytest.mark.slow
-def test_two_processes_give_the_weights_of_one_without_a_ddp_wrapper(tmp_path, two_process_run):
+def test_two_processes_start_from_process_0_and_give_the_weights_of_one_without_a_ddp_wrapper(tmp_path,
+                                                                                                 two_process_run):
     _, flags, two = two_process_run
     one = run(tmp_path, "one", *flags)
     assert (one["processes"], two["processes"]) == (1, 2)

@@ -32,12 +32,13 @@ def assert_same_weights(a, b, atol):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """10 epochs of 4 batches; the two-process run keeps a checkpoint after every step."""
+    """10 epochs of 4 batches; the two-process run keeps a checkpoint after every step, and its process 1 starts from
+    other weights (the strategy gives it process 0's)."""
     tmp = tmp_path_factory.mktemp("lightning-es")
     return tmp, {
         "one": run_toy(tmp, "one", "--devices", "1", "--epochs", "10"),
         "two": run_toy(tmp, "two", "--devices", "2", "--epochs", "10", "--ckpt_dir", tmp / "ckpt",
-                       "--ckpt_every_n_steps", "1"),
+                       "--ckpt_every_n_steps", "1", "--perturb_on_rank", "1"),
     }
 
 
@@ -90,7 +91,8 @@ def test_zero3_anchored_run_checkpoints_on_one_process_and_resumes_exactly(tmp_p
 @pytest.mark.slow
 @pytest.mark.parametrize(("failure", "message"), [
     ("nan", r"ES step 0, population member 1 \(process 1\): ValueError: training_step returned a fitness of nan"),
-    ("names", r"ES step 0: the processes measured different names \(process 0: \[.*\]; process 1: \[.*only_on_one"),
+    ("names", r"ES step 0: training_step logged 'only_on_one_rank' for some population members but not for members "
+              r"\[0, 2, 4, 6\]"),
 ])
 def test_a_failure_on_one_process_stops_both_with_the_same_error(tmp_path, failure, message):
     started = time.monotonic()
@@ -109,8 +111,9 @@ def test_zero3_generation_with_gathered_parameters_and_uneven_lengths_finishes(t
     of process 1's forwards (synced_gpus), or both wait for each other forever."""
     out = tmp_path / "lm.txt"
     run_command([sys.executable, SCRIPTS / "lightning_lm_zero3.py", "--out", out], tmp_path, timeout=120)
-    step, fitness = out.read_text().split()
+    step, fitness, zero3_still_on = out.read_text().split()
     assert step == "2" and 0.0 <= float(fitness) <= 1.0
+    assert zero3_still_on == "False"
 
 
 def test_old_import_paths_warn_and_still_work():
@@ -194,6 +197,79 @@ def test_bad_fitness_is_a_clear_error(fitness, message):
         fit(Regression(fitness=fitness))
 
 
+def test_a_name_logged_for_some_members_only_is_an_error():
+    class Sometimes(Regression):
+        calls = 0
+
+        def training_step(self, batch, batch_idx):
+            Sometimes.calls += 1
+            if Sometimes.calls % 2:
+                self.log("sometimes", 1.0)
+            return super().training_step(batch, batch_idx)
+
+    with pytest.raises(PopulationError, match=r"logged 'sometimes' for some population members but not for members "
+                                              r"\[1, 3\]"):
+        fit(Sometimes(), strategy=ESStrategy(population_size=4))
+
+
+class Batches(pl.Callback):
+    def __init__(self):
+        self.seen = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.seen.append(batch[0][0, 0].item())
+
+
+def test_resume_from_a_checkpoint_saved_when_a_step_failed_replays_that_step(tmp_path):
+    """OnExceptionCheckpoint saves while step 3 fails: the resumed run must score batch 3 again, not skip it."""
+    class FailsAtStep3(Regression):
+        def training_step(self, batch, batch_idx):
+            if self.trainer.global_step == 3:
+                raise RuntimeError("interrupted")
+            return super().training_step(batch, batch_idx)
+
+    def run(module, **kwargs):
+        batches = Batches()
+        trainer = pl.Trainer(strategy=ESStrategy(population_size=4, sigma=0.05, lr=0.01, seed=1), accelerator="cpu",
+                             devices=1, max_steps=6, logger=False, enable_progress_bar=False,
+                             enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path,
+                             callbacks=[batches, pl.callbacks.OnExceptionCheckpoint(tmp_path)])
+        trainer.fit(module, **kwargs)
+        return batches.seen, module
+
+    pl.seed_everything(0)
+    full_batches, full = run(Regression())
+    pl.seed_everything(0)
+    with pytest.raises(PopulationError, match="interrupted"):
+        run(FailsAtStep3())
+    pl.seed_everything(0)
+    resumed_batches, resumed = run(Regression(), ckpt_path=tmp_path / "on_exception.ckpt")
+    assert resumed_batches == full_batches[3:]
+    assert all(torch.equal(a, b) for a, b in zip(full.parameters(), resumed.parameters()))
+
+
+def test_a_loader_without_length_resumes_without_error(tmp_path):
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            data = __import__("lightning_toy").regression_data()
+            return iter(zip(data.tensors[0].split(16), data.tensors[1].split(16)))
+
+    class Streaming(Regression):
+        def train_dataloader(self):
+            return torch.utils.data.DataLoader(Stream(), batch_size=None)
+
+    def run(**kwargs):
+        trainer = pl.Trainer(strategy=ESStrategy(population_size=4), accelerator="cpu", devices=1, max_steps=3,
+                             logger=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                             default_root_dir=tmp_path, callbacks=[pl.callbacks.ModelCheckpoint(
+                                 tmp_path, every_n_train_steps=1, save_top_k=-1)])
+        trainer.fit(Streaming(), **kwargs)
+        return trainer
+
+    run()
+    assert run(ckpt_path=tmp_path / "epoch=0-step=2.ckpt").global_step == 3
+
+
 def test_options_that_assume_gradients_are_refused():
     with pytest.raises(ValueError, match="accumulate_grad_batches=2"):
         fit(Regression(), accumulate_grad_batches=2)
@@ -204,10 +280,10 @@ def test_options_that_assume_gradients_are_refused():
 
 
 def test_population_and_layout_checks():
-    with pytest.raises(ValueError, match="smaller than the 4 process groups"):
-        pl.Trainer(strategy=ESStrategy(population_size=2), accelerator="cpu", devices=4)
-    with pytest.raises(ValueError, match="does not split evenly over 4"):
-        pl.Trainer(strategy=ESStrategy(population_size=6), accelerator="cpu", devices=4)
+    for population_size in (2, 6):
+        with pytest.raises(ValueError, match=rf"population_size \({population_size}\) must be a multiple of the number "
+                                             r"of processes \(4\)"):
+            pl.Trainer(strategy=ESStrategy(population_size=population_size), accelerator="cpu", devices=4)
     with pytest.raises(ValueError, match="zero_optimization.stage=2.*needs stage 3"):
         ESStrategy(deepspeed_config={"zero_optimization": {"stage": 2}})
     with pytest.raises(FileNotFoundError, match="deepspeed_config"):

@@ -12,6 +12,7 @@ from trl import GRPOConfig
 from tiny import build_model, build_tokenizer
 from trl_ext import ESConfig, ESTrainer
 from lightning_es import PopulationError
+from trl_ext.checkpoints import why_not_resumable
 
 SCRIPTS = Path(__file__).parent / "scripts"
 
@@ -340,7 +341,7 @@ def test_a_crash_while_saving_the_es_state_leaves_the_previous_checkpoint(tmp_pa
         return real_save(obj, f, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", failing_save)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(PopulationError, match=r"saving es_state.pt \(process 0\): OSError: disk full"):
         train_recording(tmp_path / "crashed", max_steps=3, save_total_limit=1)
     monkeypatch.setattr(torch, "save", real_save)
     checkpoint = tmp_path / "crashed" / "checkpoint-1"
@@ -395,3 +396,26 @@ def test_fsdp_is_refused(tmp_path, monkeypatch, setting):
 def test_anchor_decay_with_the_trainers_optimizer_is_refused(tmp_path):
     with pytest.raises(ValueError, match="es_anchor_decay=0.1 pulls the in-place ES step.*es_optimizer='trainer'"):
         es_args(tmp_path, es_anchor_decay=0.1, es_optimizer="trainer")
+
+
+def test_a_save_over_an_older_checkpoint_is_incomplete_until_it_ends(tmp_path, monkeypatch):
+    """A run resumed from checkpoint-2 saves checkpoint-3 again, over the complete one of the first run: killed in the
+    middle, that folder must not pass for complete (its new weights beside the old trainer_state.json)."""
+    train_recording(tmp_path / "out", max_steps=4)
+    real_save = torch.save
+
+    def failing_save(obj, f, *args, **kwargs):
+        if "checkpoint-3" in str(f) and "es_state" in str(f):
+            raise OSError("killed")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(PopulationError, match="OSError: killed"):
+        train_recording(tmp_path / "out", resume=str(tmp_path / "out" / "checkpoint-2"), max_steps=4)
+    assert "trainer_state.json is missing" in why_not_resumable(str(tmp_path / "out" / "checkpoint-3"))
+
+
+def test_save_only_model_warns_that_checkpoints_cannot_resume(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        es_args(tmp_path, save_only_model=True)
+    assert "save_only_model=True" in caplog.text and "cannot resume" in caplog.text

@@ -3,18 +3,18 @@
 transformers writes a checkpoint file by file (weights, optimizer, RNG states, ``es_state.pt``, then
 ``trainer_state.json``) and only then pushes it and deletes older checkpoints (``save_total_limit``). A folder is
 resumable when its ``trainer_state.json`` reads as JSON (so everything before it was written) and it holds the ES
-state; a process killed in the middle of a save leaves the previous, complete checkpoint in place.
+state; a process killed in the middle of a save leaves the previous, complete checkpoint in place. A save into a folder
+that already holds a checkpoint (a run resumed from an older one) first removes its ``trainer_state.json``, so the
+folder is incomplete until the new one is whole.
 """
 
 import json
 import os
-import re
 
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_utils import sort_checkpoints
 
 ES_STATE_NAME = "es_state.pt"
 TRAINER_STATE_NAME = "trainer_state.json"
-_CHECKPOINT = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 
 
 def why_not_resumable(checkpoint: str) -> str | None:
@@ -36,12 +36,4 @@ def last_resumable_checkpoint(output_dir: str) -> str | None:
     """The highest-numbered complete checkpoint in ``output_dir``, or None."""
     if not os.path.isdir(output_dir):
         return None
-    numbered = sorted(
-        ((int(match.group(1)), name) for name in os.listdir(output_dir) if (match := _CHECKPOINT.match(name))),
-        reverse=True,
-    )
-    for _, name in numbered:
-        path = os.path.join(output_dir, name)
-        if why_not_resumable(path) is None:
-            return path
-    return None
+    return next((path for path in reversed(sort_checkpoints(output_dir)) if why_not_resumable(path) is None), None)

@@ -22,7 +22,8 @@ class ESConfig(GRPOConfig):
 
     One ES iteration draws `per_device_train_batch_size // num_generations` prompts (at least one), the same prompts
     on every process; every population member answers each of them `num_generations` times, and its fitness is its
-    mean reward. Processes split the population, not the prompts.
+    mean reward. Replicated processes split the population; under DeepSpeed ZeRO-3 they split the prompts, each
+    process answering its own `per_device_train_batch_size // num_generations`.
 
     Step size: `learning_rate` is `lr` in `theta += lr * g` with `g = sum_i f_i eps_i / (N sigma)`. The ES-at-scale
     paper writes its step as `alpha / N * sum_i f_i eps_i`, so `learning_rate = alpha * sigma`; its alpha = 5e-4 and
@@ -111,6 +112,11 @@ class ESConfig(GRPOConfig):
         if self.gradient_accumulation_steps != 1:
             logger.warning("ES applies one update per iteration; gradient_accumulation_steps is set to 1.")
             self.gradient_accumulation_steps = 1
+        if self.save_only_model:
+            logger.warning(
+                "save_only_model=True: checkpoints hold the weights only, without the ES state (seed, fp32 master, "
+                "anchor), so a run cannot resume from them; leave it False to resume."
+            )
 
     def _use_gloo_without_accelerator(self) -> None:
         """Several processes on a host without GPUs: create the process group with gloo (otherwise accelerate leaves

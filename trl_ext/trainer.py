@@ -18,6 +18,7 @@ from accelerate.data_loader import prepare_data_loader
 from accelerate.utils import gather_object
 from datasets import Dataset, IterableDataset
 from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOConfig, GRPOTrainer
 from trl.trainer.utils import identity
 
@@ -25,7 +26,7 @@ from lightning_es import EvolutionStrategy, Processes, build_perturbation, deriv
 from lightning_es.engine import Member, evaluate_population
 from lightning_es.engine.evaluation import FITNESS, WEIGHT
 
-from .checkpoints import ES_STATE_NAME, last_resumable_checkpoint, why_not_resumable
+from .checkpoints import ES_STATE_NAME, TRAINER_STATE_NAME, last_resumable_checkpoint, why_not_resumable
 from .config import ESConfig, to_es_config
 from .reward_checks import checked_reward_function
 
@@ -147,6 +148,8 @@ class ESTrainer(GRPOTrainer):
         if self.sharded:
             self.es = None  # built over the ZeRO-3 partitions once DeepSpeed has created them (first step or resume)
         else:
+            # as DDP would when it wraps the model: every process starts from process 0's weights
+            self.processes.synchronize([*self.model.parameters(), *self.model.buffers()])
             self.es = self._build_es()
             self.processes.rounds(self.es.members(0), self.es.perturbation.batched)  # checks the population split
             self._prepare_models_for_evaluation()
@@ -166,6 +169,11 @@ class ESTrainer(GRPOTrainer):
             raise ValueError(
                 "Under DeepSpeed ZeRO-3, ESTrainer updates the partitions in place: use es_optimizer='sgd' and "
                 "perturbation='full'."
+            )
+        if self.args.save_on_each_node:
+            raise ValueError(
+                "save_on_each_node=True with DeepSpeed ZeRO-3: ESTrainer gathers the ES state of a checkpoint on the "
+                "first process only. Save on one node (save_on_each_node=False) to a filesystem every node can read."
             )
         return True
 
@@ -273,7 +281,8 @@ class ESTrainer(GRPOTrainer):
 
     @contextmanager
     def _sampling_seed(self, step: int, member: Member):
-        """Seed sampled decoding by (step, member), so completions do not depend on which process runs the member."""
+        """Seed sampled decoding by (step, member): in the replicated layout, a member's completions then do not
+        depend on which process scores it (sharded, each process samples its own rows under this seed)."""
         device = self.accelerator.device
         devices = [device] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
@@ -365,19 +374,34 @@ class ESTrainer(GRPOTrainer):
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
         """As ``Trainer.train``; ``resume_from_checkpoint=True`` takes the newest checkpoint that is complete (one a
         process killed mid-save left unfinished is skipped), and a given path must be complete."""
-        if resume_from_checkpoint is True:
-            resume_from_checkpoint = last_resumable_checkpoint(self.args.output_dir)
-            if resume_from_checkpoint is None:
-                raise ValueError(f"resume_from_checkpoint=True, but {self.args.output_dir} holds no complete ES checkpoint.")
-        elif resume_from_checkpoint:
-            reason = why_not_resumable(resume_from_checkpoint)
-            if reason is not None:
-                newest = last_resumable_checkpoint(os.path.dirname(os.path.abspath(resume_from_checkpoint)))
-                raise FileNotFoundError(
-                    f"resume_from_checkpoint={resume_from_checkpoint} cannot be resumed: {reason}. "
-                    + (f"The newest complete checkpoint beside it is {newest}." if newest else "Start a new run.")
-                )
+        if resume_from_checkpoint:  # process 0 decides, so that every process resumes from the same checkpoint
+            chosen = self._checkpoint_to_resume(resume_from_checkpoint) if self.processes.rank == 0 else None
+            resume_from_checkpoint = self.processes.broadcast(chosen)
+            if isinstance(resume_from_checkpoint, Exception):
+                raise resume_from_checkpoint
         return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
+
+    def _checkpoint_to_resume(self, requested) -> str | Exception:
+        if requested is True:
+            newest = last_resumable_checkpoint(self.args.output_dir)
+            return newest or ValueError(
+                f"resume_from_checkpoint=True, but {self.args.output_dir} holds no complete ES checkpoint."
+            )
+        reason = why_not_resumable(requested)
+        if reason is None:
+            return requested
+        newest = last_resumable_checkpoint(os.path.dirname(os.path.abspath(requested)))
+        return FileNotFoundError(
+            f"resume_from_checkpoint={requested} cannot be resumed: {reason}. "
+            + (f"The newest complete checkpoint beside it is {newest}." if newest else "Start a new run.")
+        )
+
+    def _save_checkpoint(self, model, trial):
+        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        if self.args.should_save and os.path.exists(os.path.join(folder, TRAINER_STATE_NAME)):
+            # a run resumed from an older checkpoint saves over this one: incomplete until the new state is written
+            os.remove(os.path.join(folder, TRAINER_STATE_NAME))
+        super()._save_checkpoint(model, trial)
 
     def _init_training_state(self, max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial):
         """transformers' loop runs one step before it checks ``max_steps``: a run resumed from its final checkpoint
@@ -393,13 +417,18 @@ class ESTrainer(GRPOTrainer):
         """Beside the RNG states, the ES state (seed, fp32 master, anchor): written before trainer_state.json, which
         transformers writes last before it pushes the checkpoint and deletes older ones, so a checkpoint is never
         pushed, nor its predecessor deleted, before it can be resumed."""
-        super()._save_rng_state(output_dir)
+        save_rng_state = super()._save_rng_state
+        self.processes.together(lambda: save_rng_state(output_dir), "saving the RNG states")
         self._ensure_es()
         state = self.es.state_dict()  # a collective when sharded
-        if self.args.should_save:
-            path = os.path.join(output_dir, ES_STATE_NAME)
-            torch.save(state, path + ".tmp")
-            os.replace(path + ".tmp", path)
+
+        def save_es_state():
+            if self.args.should_save:
+                path = os.path.join(output_dir, ES_STATE_NAME)
+                torch.save(state, path + ".tmp")
+                os.replace(path + ".tmp", path)
+
+        self.processes.together(save_es_state, f"saving {ES_STATE_NAME}")
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)

@@ -105,7 +105,10 @@ class EvolutionStrategy:
 
     def gradients(self, step: int, fitness: torch.Tensor):
         """Yield ``(name, g)`` for every evolved tensor; only one tensor's estimate is alive at a time."""
-        shaped = self.shape_fitness(self.check_fitness(fitness))
+        return self._gradients(step, self.check_fitness(fitness))
+
+    def _gradients(self, step: int, fitness: torch.Tensor):
+        shaped = self.shape_fitness(fitness)
         coefficients = noise_coefficients(self.members(step), shaped)
         for name in self.params:
             yield name, self.perturbation.noise_sum(coefficients, name).div_(self.population_size * self.sigma)
@@ -117,8 +120,9 @@ class EvolutionStrategy:
         theta_0)``: a pull towards the starting weights that bounds the random walk of weakly constrained directions.
         """
         lr = self.lr if lr is None else lr
+        fitness = self.check_fitness(fitness)
         squared_norm = 0.0
-        for name, update in self.gradients(step, fitness):
+        for name, update in self._gradients(step, fitness):
             update.mul_(lr)
             if self.anchor is not None:
                 anchor = self.anchor[name].to(update.device)
@@ -134,8 +138,9 @@ class EvolutionStrategy:
 
         Call ``master.sync_from_model()`` after the optimizer has stepped. The reported norm is that of ``g``.
         """
+        fitness = self.check_fitness(fitness)
         squared_norm = 0.0
-        for name, gradient in self.gradients(step, fitness):
+        for name, gradient in self._gradients(step, fitness):
             squared_norm += float(gradient.double().pow(2).sum())
             p = self.params[name]
             p.grad = gradient.neg_().to(p.dtype)
@@ -174,7 +179,6 @@ class EvolutionStrategy:
         self.perturbation.written()
 
     def _stats(self, fitness: torch.Tensor, squared_norm: float) -> StepStats:
-        fitness = self.check_fitness(fitness)
         return StepStats(
             update_norm=math.sqrt(self.perturbation.total_squared_norm(squared_norm)),
             fitness_mean=float(fitness.mean()),

@@ -14,8 +14,14 @@ Layouts (``Processes``):
 ``score(members)`` returns, for the members of a round, sums of named quantities measured on this process:
 ``{"fitness": ..., "weight": ..., <name>: ...}``, each a sequence with one value per member. Sums over processes
 make both layouts one formula: a member's fitness is ``sum(fitness) / sum(weight)``, e.g. the sum of its rewards over
-the rows scored anywhere divided by their number. After every round the processes agree on whether one of them
-failed (one small all-reduce, whose cost is negligible next to scoring a member).
+the rows scored anywhere divided by their number. A name some process did not report counts 0 there. After every
+round the processes agree on whether one of them failed (one small all-reduce, whose cost is negligible next to
+scoring a member).
+
+What can be agreed on is an error raised between collectives: in a reward function, a fitness check, anything a
+process computes on its own. An error inside a collective (in the sharded layout, a forward pass that gathers
+parameters from the other processes) cannot be: the others are already waiting inside it. gloo then fails fast on
+every process; NCCL waits for its timeout.
 """
 
 from collections.abc import Callable, Mapping, Sequence
@@ -35,7 +41,8 @@ T = TypeVar("T")
 
 
 class PopulationError(RuntimeError):
-    """An error while a population was evaluated, raised with the same message on every process."""
+    """An error on one process while the processes of an ES run worked together (scoring the population, saving its
+    state), raised with the same message on every process."""
 
 
 @dataclass(frozen=True)
@@ -113,6 +120,21 @@ class Processes:
         dist.all_gather_object(gathered, value)
         return gathered
 
+    def broadcast(self, value):
+        """Process 0's ``value`` (a picklable object), on every process."""
+        if not self.distributed:
+            return value
+        message = [value]
+        dist.broadcast_object_list(message, src=0, device=self._object_device)
+        return message[0]
+
+    def synchronize(self, tensors) -> None:
+        """Give every process process 0's values of ``tensors`` (in place), as DDP does when it wraps a model: every
+        process must start from the same weights, or the same update would move different models."""
+        if self.distributed:
+            for tensor in tensors:
+                dist.broadcast(tensor.data, src=0)
+
     @property
     def _object_device(self) -> torch.device | None:
         return self.device if self.device.type == "cuda" else None
@@ -152,29 +174,17 @@ def evaluate_population(
             for member, value in zip(round_members, values, strict=True):
                 column[member.index] += float(value)
 
-    names = sorted(totals)
-    everyone = processes.gather(names)
-    if any(other != names for other in everyone):
-        listing = "; ".join(f"process {rank}: {other}" for rank, other in enumerate(everyone))
-        raise PopulationError(
-            f"ES step {step}: the processes measured different names ({listing}); every process must report the same "
-            "names for its members (e.g. log the same names from training_step on every process)."
-        )
+    names = sorted(set().union(*processes.gather(sorted(totals))))
     missing = {FITNESS, WEIGHT} - set(names)
     if missing:
         raise PopulationError(f"ES step {step}: score returned no {sorted(missing)} for the population.")
-    combined = processes.sum(torch.stack([totals[name] for name in names]))
+    zeros = torch.zeros(size, dtype=torch.float64)
+    combined = processes.sum(torch.stack([totals.get(name, zeros) for name in names]))
     scores = PopulationScores(dict(zip(names, combined)))
 
     unscored_members = torch.nonzero(scores.totals[WEIGHT] == 0).flatten().tolist()
     if unscored_members:
         raise PopulationError(f"ES step {step}: population members {unscored_members} have no fitness: {unscored}.")
-    fitness = scores.fitness
-    bad = torch.nonzero(~torch.isfinite(fitness)).flatten().tolist()
-    if bad:
-        raise PopulationError(
-            f"ES step {step}: the fitness of population members {bad} is not finite ({fitness[bad].tolist()})."
-        )
     return scores
 
 

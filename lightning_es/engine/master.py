@@ -59,9 +59,6 @@ class MasterWeights:
         for name, master in self.copies.items():
             master.copy_(self.params[name])
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {name: t.cpu() for name, t in self.copies.items()}
-
     @torch.no_grad()
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         missing = set(self.copies) - set(state)
@@ -70,6 +67,3 @@ class MasterWeights:
         for name, t in self.copies.items():
             t.copy_(state[name])
         self.restore()
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.copies.values())

@@ -2,8 +2,9 @@
 
 Each call is recorded per member instead of reaching Lightning; the records travel with the fitness through the
 population loop (``engine.evaluation``), and every name is then logged once: its population mean under the name
-itself, and the value logged by the fittest member under ``<name>/best``. Values that are not scalars (a torchmetrics
-``Metric`` object) pass through unchanged.
+itself, and the value logged by the fittest member under ``<name>/best``. A name must be logged for every member (on
+every process that scores it), or its population mean would count the others as 0: that is an error, the same on 1
+or K processes. Values that are not scalars (a torchmetrics ``Metric`` object) pass through unchanged.
 """
 
 import inspect
@@ -12,9 +13,11 @@ from contextlib import contextmanager
 
 import torch
 
-from ..engine import PopulationScores
+from ..engine import PopulationError, PopulationScores
+from ..engine.evaluation import WEIGHT
 
 PREFIX = "log/"  # keeps logged names apart from the loop's own "fitness" and "weight"
+COUNT = "logged/"  # how often each name was logged for a member
 
 
 class PopulationLog:
@@ -38,6 +41,7 @@ class PopulationLog:
             if not isinstance(value, (int, float)):
                 return real_log(*args, **kwargs)
             recorded[PREFIX + name] = float(value)
+            recorded[COUNT + name] = 1.0
             self.options[name] = options
 
         module.log = record
@@ -46,13 +50,23 @@ class PopulationLog:
         finally:
             del module.log
 
-    def flush(self, log: Callable, scores: PopulationScores) -> None:
+    def flush(self, log: Callable, scores: PopulationScores, step: int) -> None:
         """Log each name's population mean and the fittest member's value, with the options of the recorded call.
 
-        ``scores`` holds every member's values, combined over processes already, so nothing is synced again.
+        ``scores`` holds every member's values, combined over processes already, so nothing is synced again (and an
+        error here is raised on every process alike).
         """
+        names = sorted(key[len(COUNT):] for key in scores.totals if key.startswith(COUNT))
+        for name in names:
+            missing = torch.nonzero(scores.totals[COUNT + name] != scores.totals[WEIGHT]).flatten().tolist()
+            if missing:
+                raise PopulationError(
+                    f"ES step {step}: training_step logged {name!r} for some population members but not for members "
+                    f"{missing} (or not on every process that scored them). Log every name for every member: each is "
+                    "logged as the population mean."
+                )
         best = int(torch.argmax(scores.fitness))
-        for name in sorted(self.options):
+        for name in names:
             per_member = scores.mean(PREFIX + name)
             options = {**self.options[name], "sync_dist": False}
             log(name, float(per_member.mean()), **options)

@@ -3,17 +3,19 @@
 Lightning restores a run at the step it stopped and sets the sampler's epoch, but a plain DataLoader starts the epoch
 from its first batch again, so a run resumed from a checkpoint taken mid-epoch would score other batches than the
 uninterrupted run (Lightning warns about it). Lightning saves and restores the state of loaders that implement
-``state_dict``/``load_state_dict``; this one's state is the number of batches of the current epoch already trained on,
-and a restored loader skips them at its next iteration.
+``state_dict``/``load_state_dict`` (torchdata's ``StatefulDataLoader`` is one; this wraps the user's own loader
+instead of replacing it); this one's state is the number of batches of the current epoch whose step has run, and a
+restored loader skips them at its next iteration. Loaders without a length (iterable datasets) are not wrapped.
 """
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 
 class ResumableLoader:
-    def __init__(self, loader):
+    def __init__(self, loader, trained: Callable[[], int]):
+        """``trained()``: batches of the current epoch whose training step has run (Lightning's batch progress)."""
         self.loader = loader
-        self.consumed = 0  # batches of the current epoch trained on, set by the strategy before each step
+        self.trained = trained
         self._skip = 0
 
     def __len__(self) -> int:
@@ -31,9 +33,8 @@ class ResumableLoader:
         return getattr(self.loader, name)
 
     def state_dict(self) -> dict:
-        return {"consumed": self.consumed}
+        return {"trained": self.trained()}
 
     def load_state_dict(self, state: dict) -> None:
-        consumed = state["consumed"]
-        self._skip = consumed if consumed < len(self) else 0  # a finished epoch: the next one starts from its start
-        self.consumed = self._skip
+        trained = state["trained"]
+        self._skip = trained if trained < len(self) else 0  # a finished epoch: the next one starts from its start

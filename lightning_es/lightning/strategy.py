@@ -31,11 +31,12 @@ import warnings
 from pathlib import Path
 
 import torch
+from lightning_fabric.utilities.data import has_len
 from pytorch_lightning.core.optimizer import _MockOptimizer
 from pytorch_lightning.strategies import DDPStrategy, StrategyRegistry
 from pytorch_lightning.trainer.states import TrainerFn
 
-from ..engine import EvolutionStrategy, Processes, build_perturbation, evaluate_population, select_parameters
+from ..engine import EvolutionStrategy, Population, Processes, build_perturbation, evaluate_population, select_parameters
 from ..engine.evaluation import FITNESS, WEIGHT
 from .checkpoint_io import AtomicCheckpointIO
 from .population_log import PopulationLog
@@ -131,7 +132,6 @@ class ESStrategy(DDPStrategy):
         self._fitness: torch.Tensor | None = None
         self._engine = None
         self._hf_deepspeed_config = None
-        self._train_loaders: list[ResumableLoader] = []
 
     # ---- layout ----------------------------------------------------------------------------------------------
 
@@ -149,32 +149,19 @@ class ESStrategy(DDPStrategy):
         """Training loaders resume in the middle of an epoch (``ResumableLoader``); the noise seeds follow the step,
         so a resumed run then scores exactly the batches, and members, of the uninterrupted run."""
         dataloader = super().process_dataloader(dataloader)
-        if not self.lightning_module.trainer.training:
+        trainer = self.lightning_module.trainer
+        if not trainer.training or not has_len(dataloader):
             return dataloader
-        loader = ResumableLoader(dataloader)
-        self._train_loaders.append(loader)
-        return loader
-
-    def on_train_batch_start(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        for loader in self._train_loaders:
-            loader.consumed = batch_idx + 1
+        return ResumableLoader(dataloader, lambda: trainer.fit_loop.epoch_loop.batch_progress.current.processed)
 
     @property
     def restore_checkpoint_after_setup(self) -> bool:
         return True  # the ES state (and ZeRO-3 partitions) exist only after setup
 
     def _configure_launcher(self) -> None:
-        groups = 1 if self.sharded else self.world_size  # checked here, before any process starts
-        if self.es_options["population_size"] < groups:
-            raise ValueError(
-                f"population_size={self.es_options['population_size']} is smaller than the {groups} process groups "
-                "that each score at least one member; raise population_size or use fewer devices."
-            )
-        if self.es_options["population_size"] % groups:
-            raise ValueError(
-                f"population_size={self.es_options['population_size']} does not split evenly over {groups} processes; "
-                "use a multiple of the number of devices."
-            )
+        # the population's split over the processes, checked here, in the launching process, before any worker starts
+        population = Population(self.es_options["population_size"], self.es_options["antithetic"])
+        Processes(world_size=self.world_size, sharded=self.sharded).rounds(population.members(0), batched=False)
         super()._configure_launcher()
 
     def configure_ddp(self) -> None:
@@ -204,7 +191,18 @@ class ESStrategy(DDPStrategy):
         super().setup(trainer)
         if trainer.state.fn == TrainerFn.FITTING:
             self._check_optimizers(trainer)
+            if not self.sharded:
+                module = self.lightning_module
+                self._processes.synchronize([*module.parameters(), *module.buffers()])
             self.es = self._build_es()
+
+    def teardown(self) -> None:
+        self._hf_deepspeed_config = None  # transformers no longer treats models made in this process as ZeRO-3 ones
+        super().teardown()
+
+    @property
+    def _processes(self) -> Processes:
+        return Processes(self.global_rank, self.world_size, self.sharded, self.root_device)
 
     def _check_trainer(self, trainer) -> None:
         if trainer.accumulate_grad_batches != 1:
@@ -261,10 +259,9 @@ class ESStrategy(DDPStrategy):
                 fitness = _fitness_value(module.training_step(*args, **kwargs))
             return {FITNESS: [fitness], WEIGHT: [1.0], **{name: [value] for name, value in logged.items()}}
 
-        processes = Processes(self.global_rank, self.world_size, self.sharded, self.root_device)
-        scores = evaluate_population(self.es.members(step), step, score, processes,
+        scores = evaluate_population(self.es.members(step), step, score, self._processes,
                                      unscored="no process scored them")
-        logs.flush(module.log, scores)
+        logs.flush(module.log, scores, step)
         self._fitness = scores.fitness
         stats = None if self.has_optimizer else self.es.step(step, scores.fitness)
         self._log_step(scores.fitness, stats)
@@ -296,6 +293,8 @@ class ESStrategy(DDPStrategy):
 
         module = self.lightning_module
         with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            if self.global_rank != 0:
+                return {}  # only process 0 writes checkpoints: the others keep no host copy
             return {name: t.detach().cpu().clone() for name, t in module.state_dict().items()}
 
     def save_checkpoint(self, checkpoint, filepath, storage_options=None) -> None:

@@ -2,7 +2,8 @@
 
 Its MLP weights (32 x 4096) are above DeepSpeed's default stage3_param_persistence_threshold (1e5 elements), so every
 forward gathers them from both processes; process k generates 2 + 4k tokens, as when one process's sequences reach
-EOS before the other's. Writes <out> with the fitness values and the step reached.
+EOS before the other's. Writes <out> with the step reached, the last mean fitness, and whether transformers still
+believes ZeRO-3 is on after fit.
 """
 
 import argparse
@@ -51,8 +52,11 @@ def main():
     trainer = pl.Trainer(strategy=strategy, accelerator="cpu", devices=2, max_steps=2, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(GeneratingPolicy())
-    if trainer.is_global_zero:
-        Path(args.out).write_text(f"{trainer.global_step} {float(trainer.callback_metrics['es/fitness_mean'])}")
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if trainer.is_global_zero:  # after fit, models made in this process are plain ones again
+        Path(args.out).write_text(f"{trainer.global_step} {float(trainer.callback_metrics['es/fitness_mean'])} "
+                                  f"{is_deepspeed_zero3_enabled()}")
     trainer.strategy.barrier()
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -1,7 +1,8 @@
 """Train the toy regression module with strategy="es"; run as a plain script (Lightning launches the processes).
 
 With --fail_on_rank K, process K alone returns a NaN fitness (--failure nan) or logs an extra name (--failure names);
-every process writes the error it raised to <out>.error-<rank>.txt.
+every process writes the error it raised to <out>.error-<rank>.txt. With --perturb_on_rank K, process K starts from
+other weights (the strategy must start every process from process 0's).
 """
 
 import argparse
@@ -64,6 +65,7 @@ def main():
     parser.add_argument("--anchor_decay", type=float, default=0.0)
     parser.add_argument("--fail_on_rank", type=int, default=-1)
     parser.add_argument("--failure", choices=["nan", "names"], default="nan")
+    parser.add_argument("--perturb_on_rank", type=int, default=-1, help="start this process from other weights")
     args = parser.parse_args()
 
     pl.seed_everything(0)
@@ -86,6 +88,10 @@ def main():
         module = FailingOnOneRank(args.fail_on_rank, args.failure, **options)
     else:
         module = Regression(**options)
+    if trainer.global_rank == args.perturb_on_rank:
+        with torch.no_grad():
+            for p in module.parameters():
+                p.add_(torch.randn_like(p))
     trainer.fit(module, ckpt_path=args.resume)
     weights = trainer.strategy.lightning_module_state_dict()
     es_state = trainer.strategy.es.state_dict()  # a collective when sharded

@@ -5,7 +5,8 @@
 
 RESULT.pt holds the final weights, logged rewards and update norms, the prompts scored at each step, the process
 count and the type of the model the Trainer trained. With --fail_on_process K, the reward function raises on process
-K only; every process writes the error it raised to DIR/error-<rank>.txt before exiting.
+K only; every process writes the error it raised to DIR/error-<rank>.txt before exiting. With --perturb_on_process
+K, process K starts from other weights than the others (ESTrainer must start every process from process 0's).
 """
 
 import argparse
@@ -36,6 +37,7 @@ def main():
     parser.add_argument("--resume", default=None)
     parser.add_argument("--fail_on_process", type=int, default=-1)
     parser.add_argument("--anchor_decay", type=float, default=0.0)
+    parser.add_argument("--perturb_on_process", type=int, default=-1, help="start this process from other weights")
     args = parser.parse_args()
 
     tokenizer = build_tokenizer()
@@ -57,6 +59,10 @@ def main():
         prompts_per_step.setdefault(trainer_state.global_step, set()).update(prompts)
         return [sum(t < 150 for t in ids) / max(1, len(ids)) for ids in completion_ids]
 
+    if config.process_index == args.perturb_on_process:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
     trainer = ESTrainer(model, token_rate, args=config, train_dataset=dataset,
                         processing_class=tokenizer)
     try:

@@ -14,7 +14,7 @@ import torch
 from .base import Perturbation
 from .full import FullRankPerturbation
 from .lowrank import LowRankPerturbation, hookable_linear_weights
-from .sharded import ShardedNoise, ShardedPerturbation, ShardLayout, release_gathered, zero3_shards
+from .sharded import ShardedNoise, ShardedPerturbation, ShardLayout
 
 PERTURBATIONS = ("full", "lowrank")
 
@@ -55,6 +55,4 @@ __all__ = [
     "ShardedPerturbation",
     "build_perturbation",
     "hookable_linear_weights",
-    "release_gathered",
-    "zero3_shards",
 ]

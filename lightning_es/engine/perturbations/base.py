@@ -7,7 +7,7 @@ sign * eps_member`` and after which it is exactly ``theta`` again) and regenerat
 defaults are for one process holding whole tensors, ``ShardedPerturbation`` overrides them for ZeRO-3 slices.
 """
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
 
 import torch
@@ -24,6 +24,10 @@ class Perturbation:
 
     def apply(self, member: Member) -> AbstractContextManager[None]:
         raise NotImplementedError
+
+    def apply_population(self, members: Sequence[Member]) -> AbstractContextManager[None]:
+        """Only when ``batched``: inside, batch rows are grouped by member, in the order of ``members``."""
+        raise NotImplementedError(f"{type(self).__name__} applies one member at a time (batched=False).")
 
     def noise_sum(self, coefficients: Mapping[int, float], name: str) -> torch.Tensor:
         """``sum_s c_s * eps_s`` (fp32) for one evolved tensor."""

@@ -59,6 +59,9 @@ def zero3_shards(params: Mapping[str, torch.nn.Parameter]) -> tuple[dict[str, to
         rank = dist.get_rank(group=p.ds_process_group) if dist.is_initialized() else 0
         shards[name] = p.ds_tensor
         layouts[name] = ShardLayout(torch.Size(p.ds_shape), start=rank * size, size=size)
+    groups = {id(p.ds_process_group) for p in params.values()}
+    if len(groups) > 1:
+        raise ValueError("the evolved parameters are partitioned over different process groups; ES needs one.")
     return shards, layouts
 
 
@@ -73,13 +76,15 @@ def release_gathered(params) -> None:
 class ShardedPerturbation(FullRankPerturbation):
     """``FullRankPerturbation`` on this process's slices (``shards``) of parameters laid out as ``layouts`` say.
 
-    ``partitioned``: the ZeRO-3 parameters the slices belong to, whose gathered copies are dropped after each write.
+    ``partitioned``: the ZeRO-3 parameters the slices belong to, whose gathered copies are dropped after each write;
+    ``group``: the process group the parameters are partitioned over (None: every process).
     """
 
     def __init__(self, shards: Mapping[str, torch.Tensor], layouts: Mapping[str, ShardLayout], sigma: float,
-                 master_device: torch.device | str | None = None, partitioned=()):
+                 master_device: torch.device | str | None = None, partitioned=(), group=None):
         self.layouts = dict(layouts)
         self.partitioned = list(partitioned)
+        self.group = group
         super().__init__(shards, sigma, noise=ShardedNoise(self.layouts), master_device=master_device)
 
     @classmethod
@@ -87,7 +92,8 @@ class ShardedPerturbation(FullRankPerturbation):
                    master_device: torch.device | str | None = None) -> "ShardedPerturbation":
         """Over the partitions of ``params``, parameters of a DeepSpeed ZeRO-3 engine."""
         shards, layouts = zero3_shards(params)
-        return cls(shards, layouts, sigma, master_device, partitioned=params.values())
+        group = next(iter(params.values())).ds_process_group
+        return cls(shards, layouts, sigma, master_device, partitioned=params.values(), group=group)
 
     def written(self) -> None:
         release_gathered(self.partitioned)
@@ -95,23 +101,29 @@ class ShardedPerturbation(FullRankPerturbation):
     def total_squared_norm(self, local: float) -> float:
         if not dist.is_initialized():
             return local
-        device = next(iter(self.params.values())).device
-        squared = torch.tensor(local, dtype=torch.float64, device=device)
-        dist.all_reduce(squared)
+        squared = torch.tensor(local, dtype=torch.float64, device=self._device)
+        dist.all_reduce(squared, group=self.group)
         return float(squared)
 
     def full_tensors(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Gather the slices into whole host tensors on process 0 only: one process holds the checkpoint copy."""
+        """Gather the slices into whole host tensors on the group's first process only: one process holds the
+        checkpoint copy (the others get an empty dict)."""
         if not dist.is_initialized():
             return {name: self._unpadded(name, t.detach().cpu()) for name, t in tensors.items()}
-        rank, world = dist.get_rank(), dist.get_world_size()
+        rank, world = dist.get_rank(self.group), dist.get_world_size(self.group)
+        first = dist.get_global_rank(self.group, 0) if self.group is not None else 0
         full = {}
-        for name, shard in tensors.items():
+        for name, tensor in tensors.items():
+            shard = tensor.detach().to(self._device).contiguous()  # the backend's device, wherever the master lives
             pieces = [torch.empty_like(shard) for _ in range(world)] if rank == 0 else None
-            dist.gather(shard.contiguous(), pieces, dst=0)
+            dist.gather(shard, pieces, dst=first, group=self.group)
             if rank == 0:
                 full[name] = self._unpadded(name, torch.cat(pieces).cpu())
         return full
+
+    @property
+    def _device(self) -> torch.device:
+        return next(iter(self.params.values())).device
 
     def _unpadded(self, name: str, flat: torch.Tensor) -> torch.Tensor:
         shape = self.layouts[name].shape
