@@ -10,11 +10,12 @@ from tiny import build_model, build_tokenizer
 from trl_ext import ESConfig, ESTrainer
 
 
-def test_hooked_forward_equals_explicitly_perturbed_weights():
+@pytest.mark.parametrize("rank", [1, 2])  # rank 1 adds an outer product, higher ranks a matrix product
+def test_hooked_forward_equals_explicitly_perturbed_weights(rank):
     tokenizer = build_tokenizer()
     model = build_model(tokenizer)
-    es = EvolutionStrategy(LowRankPerturbation(model, select_parameters(model), sigma=0.05, rank=2), population_size=4,
-                           seed=3)
+    es = EvolutionStrategy(LowRankPerturbation(model, select_parameters(model), sigma=0.05, rank=rank),
+                           population_size=4, seed=3)
     members = es.members(0)
     inputs = torch.randint(0, len(tokenizer), (3, 7))
     with torch.no_grad(), es.perturbation.apply_population(members):
@@ -26,7 +27,7 @@ def test_hooked_forward_equals_explicitly_perturbed_weights():
         with torch.no_grad():
             for name in es.params:
                 a, b = es.perturbation.factors(member.seed, name, weights[name])
-                weights[name].add_(es.sigma * member.sign * (a @ b.T) / math.sqrt(2))
+                weights[name].add_(es.sigma * member.sign * (a @ b.T) / math.sqrt(rank))
             expected = explicit(inputs).logits
         torch.testing.assert_close(batched[m * 3 : (m + 1) * 3], expected, rtol=1e-4, atol=1e-5)
     with torch.no_grad():  # hooks removed: the model is unperturbed again

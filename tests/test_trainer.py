@@ -68,11 +68,13 @@ def test_one_line_swap_turns_a_grpo_script_into_an_es_run(tmp_path, tiny_dir, mo
     assert moved == len(list(original.parameters()))
 
 
-def test_grpo_config_keeps_shared_fields_and_takes_es_defaults(tmp_path, tiny_model, tokenizer, prompt_dataset, caplog):
+def test_grpo_config_keeps_what_the_user_changed_and_takes_es_defaults(tmp_path, tiny_model, tokenizer,
+                                                                        prompt_dataset, caplog):
     grpo = GRPOConfig(
-        output_dir=str(tmp_path / "grpo"), learning_rate=1e-6, max_steps=3, seed=5, per_device_train_batch_size=4,
+        output_dir=str(tmp_path / "grpo"), learning_rate=3e-6, max_steps=3, seed=5, per_device_train_batch_size=4,
         num_generations=2, max_completion_length=3, report_to="none", bf16=False, use_cpu=True, logging_steps=7,
     )
+    assert (grpo.lr_scheduler_type, grpo.disable_dropout, grpo.gradient_checkpointing) == ("linear", False, True)
     with caplog.at_level(logging.WARNING):
         trainer = ESTrainer(tiny_model, token_rate, args=grpo, train_dataset=prompt_dataset, processing_class=tokenizer)
     args = trainer.args
@@ -80,9 +82,22 @@ def test_grpo_config_keeps_shared_fields_and_takes_es_defaults(tmp_path, tiny_mo
     assert (args.output_dir, args.max_steps, args.seed, args.max_completion_length, args.logging_steps) == (
         grpo.output_dir, 3, 5, 3, 7,
     )
+    # left at TRL's defaults: ES's defaults apply
+    assert (args.lr_scheduler_type, args.disable_dropout, args.gradient_checkpointing) == ("constant", True, False)
     assert args.learning_rate == 5e-7 and args.population_size == 32 and args.sigma == 1e-3
     assert args.prompts_per_step == 2 and not args.greedy  # GRPO's batch of 4 completions: 2 prompts x 2 samples
-    assert "learning_rate" in caplog.text and "5e-07" in caplog.text
+    assert "learning_rate (3e-06, tuned for Adam on true gradients) is replaced by the ES step 5e-07" in caplog.text
+
+
+def test_a_default_grpo_config_gets_es_defaults(tmp_path, tiny_model, tokenizer, prompt_dataset, caplog):
+    grpo = GRPOConfig(output_dir=str(tmp_path / "grpo"), use_cpu=True)
+    with caplog.at_level(logging.WARNING):
+        args = ESTrainer(tiny_model, token_rate, args=grpo, train_dataset=prompt_dataset, processing_class=tokenizer).args
+    defaults = ESConfig(output_dir=str(tmp_path / "es"), use_cpu=True)
+    for name in ("learning_rate", "lr_scheduler_type", "num_generations", "disable_dropout", "gradient_checkpointing",
+                 "population_size", "sigma", "perturbation", "per_device_train_batch_size", "logging_steps"):
+        assert getattr(args, name) == getattr(defaults, name), name
+    assert args.greedy and caplog.text == ""  # nothing the user set was dropped: no warning
 
 
 def test_es_config_defaults_match_the_reference():

@@ -11,6 +11,8 @@ from trl import GRPOConfig
 
 from lightning_es import FITNESS_SHAPING, PERTURBATIONS
 
+from .grpo_fields import apply_audit, default
+
 logger = logging.getLogger(__name__)
 
 ES_OPTIMIZERS = ("sgd", "trainer")
@@ -97,26 +99,42 @@ class ESConfig(GRPOConfig):
     def __post_init__(self):
         self._check_es_fields()
         self._refuse_fsdp()
+        apply_audit(self)
+        self._check_batch()
+        if self.es_greedy and self._sampling_requested():
+            logger.warning("es_greedy=True: members decode greedily; the sampling settings (temperature, top_p, top_k, "
+                           "min_p, generation_kwargs) are ignored.")
         self._use_gloo_without_accelerator()
-        # GRPO needs two completions per prompt for its group advantages and checks for it; ES does not.
-        requested_generations = self.num_generations
-        split_untouched = self.generation_batch_size is None and self.steps_per_generation is None
-        self.num_generations = 2
-        if split_untouched:
-            self.steps_per_generation = 2 * self.gradient_accumulation_steps
+        self.gradient_accumulation_steps = 1  # one update per iteration (the audit warned if it was set)
+        self.generation_batch_size = self.steps_per_generation = None  # ignored (warned if set)
+        # GRPOConfig requires two completions per prompt for its group advantages and checks the generation and eval
+        # batches against them; check against what ES generates instead, then restore the ES values.
+        requested, requested_eval = self.num_generations, self.num_generations_eval
+        self.num_generations, self.num_generations_eval = 2, requested_eval or requested
+        self.steps_per_generation = 2
         super().__post_init__()
-        self.num_generations = requested_generations
-        if split_untouched:
-            self.steps_per_generation = self.gradient_accumulation_steps
-            self.generation_batch_size = self.per_device_train_batch_size * self.world_size * self.steps_per_generation
-        if self.gradient_accumulation_steps != 1:
-            logger.warning("ES applies one update per iteration; gradient_accumulation_steps is set to 1.")
-            self.gradient_accumulation_steps = 1
-        if self.save_only_model:
-            logger.warning(
-                "save_only_model=True: checkpoints hold the weights only, without the ES state (seed, fp32 master, "
-                "anchor), so a run cannot resume from them; leave it False to resume."
+        self.num_generations, self.num_generations_eval = requested, requested_eval
+        self.steps_per_generation = 1
+        self.generation_batch_size = self.per_device_train_batch_size * self.world_size
+
+    def _check_batch(self) -> None:
+        size, generations = self.per_device_train_batch_size, self.num_generations
+        if size % generations:
+            lower, higher = size - size % generations, size - size % generations + generations
+            suggestion = f"{lower} or {higher}" if lower else f"{higher}"
+            raise ValueError(
+                f"per_device_train_batch_size ({size}) must be a multiple of num_generations ({generations}): each "
+                f"member answers per_device_train_batch_size / num_generations prompts num_generations times, and "
+                f"{size % generations} rows would be dropped. Use per_device_train_batch_size={suggestion}."
             )
+
+    def _sampling_requested(self) -> bool:
+        """The user asked for sampled decoding: a sampling field differs from its default, or generation_kwargs
+        samples."""
+        changed = any(getattr(self, name) != default(type(self), name) for name in ("temperature", "top_p", "top_k",
+                                                                                      "min_p"))
+        kwargs = self.generation_kwargs or {}
+        return changed or bool(kwargs.get("do_sample")) or bool({"temperature", "top_p", "top_k", "min_p"} & set(kwargs))
 
     def _use_gloo_without_accelerator(self) -> None:
         """Several processes on a host without GPUs: create the process group with gloo (otherwise accelerate leaves
@@ -171,11 +189,17 @@ class ESConfig(GRPOConfig):
 
     @property
     def prompts_per_step(self) -> int:
-        return max(1, self.per_device_train_batch_size // self.num_generations)
+        return self.per_device_train_batch_size // self.num_generations
 
     @property
     def greedy(self) -> bool:
-        return self.num_generations == 1 if self.es_greedy is None else self.es_greedy
+        """es_greedy if set; else greedy when each prompt gets one completion and no sampling was asked for (or
+        generation_kwargs says do_sample=False)."""
+        if self.es_greedy is not None:
+            return self.es_greedy
+        if self.generation_kwargs and self.generation_kwargs.get("do_sample") is False:
+            return True
+        return self.num_generations == 1 and not self._sampling_requested()
 
     @property
     def es_param_spec(self) -> str | list[str] | None:
@@ -184,23 +208,30 @@ class ESConfig(GRPOConfig):
         return self.es_params
 
 
+# GRPOConfig.__post_init__ fills these from others: not settings of the user's
+DERIVED = {"generation_batch_size", "steps_per_generation", "activation_checkpointing"}
+
+
 def to_es_config(args: GRPOConfig) -> ESConfig:
-    """Keep every field a plain `GRPOConfig` shares with `ESConfig`; take ES defaults for the rest."""
+    """The fields a plain `GRPOConfig` sets to other than TRL's defaults, with ES defaults for the rest.
+
+    A field left at TRL's default (or set to it explicitly: the two cannot be told apart) takes ES's default, e.g.
+    ``num_generations`` 8 becomes 1, ``lr_scheduler_type`` "linear" becomes "constant", ``gradient_checkpointing``
+    True becomes False. ``learning_rate`` is tuned for Adam on true gradients, so it is replaced by the ES step, with
+    a warning. Fields without an ES counterpart are then warned about or refused by `ESConfig` (trl_ext.grpo_fields).
+    """
     if isinstance(args, ESConfig):
         return args
-    derived = {"generation_batch_size", "steps_per_generation"}  # recomputed by __post_init__
-    shared = {
+    changed = {
         f.name: getattr(args, f.name)
         for f in dataclasses.fields(GRPOConfig)
-        if f.init and f.name not in derived and f.name != "learning_rate"
+        if f.init and f.name not in DERIVED and getattr(args, f.name) != default(GRPOConfig, f.name)
     }
-    if args.gradient_accumulation_steps != 1:
-        shared["steps_per_generation"] = None
-    default_lr = ESConfig.__dataclass_fields__["learning_rate"].default
-    logger.warning(
-        "ESTrainer got a GRPOConfig: its learning_rate (%g, tuned for Adam on true gradients) is replaced by the ES "
-        "step %g; pass an ESConfig to choose it.",
-        args.learning_rate,
-        default_lr,
-    )
-    return ESConfig(**shared)
+    if args.steps_per_generation != args.gradient_accumulation_steps:  # set by the user: ESConfig warns
+        changed["steps_per_generation"] = args.steps_per_generation
+    if "learning_rate" in changed:
+        logger.warning(
+            "ESTrainer got a GRPOConfig: its learning_rate (%g, tuned for Adam on true gradients) is replaced by the "
+            "ES step %g; pass an ESConfig to choose it.", changed.pop("learning_rate"), default(ESConfig, "learning_rate"),
+        )
+    return ESConfig(**changed)

@@ -5,12 +5,10 @@ GRPO calls them), prompt formats, callbacks, loggers, checkpoints and evaluation
 """
 
 import logging
-import math
 import os
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 import trl.trainer.grpo_trainer as grpo_trainer_module
@@ -18,6 +16,7 @@ from accelerate.data_loader import prepare_data_loader
 from accelerate.utils import gather_object
 from datasets import Dataset, IterableDataset
 from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
+from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOConfig, GRPOTrainer
 from trl.trainer.utils import identity
@@ -29,26 +28,9 @@ from lightning_es.engine.evaluation import FITNESS, WEIGHT
 from .checkpoints import ES_STATE_NAME, TRAINER_STATE_NAME, last_resumable_checkpoint, why_not_resumable
 from .config import ESConfig, to_es_config
 from .reward_checks import checked_reward_function
+from .scoring import ScoredRows, member_sums, normalized_then_summed, nothing, weighted_rewards
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class ScoredRows:
-    """What scoring some rows with one set of weights gave, on this process."""
-
-    rewards: torch.Tensor  # (rows, reward functions), NaN where a function returned None
-    prompt_lengths: list[int]
-    completion_lengths: list[int]
-    truncated: list[bool]
-
-    def split(self, size: int) -> list["ScoredRows"]:
-        """Consecutive groups of ``size`` rows: one per member of a population scored in one batch."""
-        return [
-            ScoredRows(self.rewards[start : start + size], self.prompt_lengths[start : start + size],
-                       self.completion_lengths[start : start + size], self.truncated[start : start + size])
-            for start in range(0, len(self.completion_lengths), size)
-        ]
 
 
 def _check_prompt_column(dataset, argument: str) -> None:
@@ -105,8 +87,6 @@ class ESTrainer(GRPOTrainer):
             name = model if isinstance(model, str) else model.config._name_or_path
             args = ESConfig(f"{str(name).split('/')[-1]}-ES")
         args = to_es_config(args)
-        if args.use_vllm:
-            raise NotImplementedError("ESTrainer generates with transformers; set use_vllm=False.")
         if train_dataset is None:
             raise ValueError("train_dataset is required: ES draws its prompts from it.")
         _check_prompt_column(train_dataset, "train_dataset")
@@ -153,6 +133,12 @@ class ESTrainer(GRPOTrainer):
             self.es = self._build_es()
             self.processes.rounds(self.es.members(0), self.es.perturbation.batched)  # checks the population split
             self._prepare_models_for_evaluation()
+        if args.es_optimizer == "trainer":
+            self.add_callback(_AppliedUpdateNorm(self))
+        rows_per_step = args.population_size * args.per_device_train_batch_size * (
+            self.accelerator.num_processes if self.sharded else 1)
+        self._logs = {key: (defaultdict(lambda: deque(maxlen=rows_per_step)) if key in ("rewards", "extra")
+                            else deque(maxlen=rows_per_step)) for key in self._logs}  # every member's rows
 
     def _check_deepspeed(self) -> bool:
         """True for the sharded layout: DeepSpeed ZeRO-3, one model over all processes."""
@@ -193,6 +179,7 @@ class ESTrainer(GRPOTrainer):
         perturbation = build_perturbation(
             args.perturbation, select_parameters(self.model, args.es_param_spec), args.sigma, model=self.model,
             rank=args.perturbation_rank, master_device=args.es_master_device, sharded=self.sharded,
+            copy_all=args.es_optimizer == "trainer",
         )
         return EvolutionStrategy(
             perturbation,
@@ -237,6 +224,8 @@ class ESTrainer(GRPOTrainer):
         rows, padding = self._rows_of_this_process(inputs)
         scored: list[ScoredRows] = []
 
+        weights = self.reward_weights.cpu()
+
         def score(members: list[Member]) -> dict[str, list[float]]:
             if self.es.perturbation.batched:
                 with self.es.perturbation.apply_population(members), self._sampling_seed(step, members[0]):
@@ -245,27 +234,30 @@ class ESTrainer(GRPOTrainer):
                 (member,) = members
                 with self.es.perturbed(member), self._sampling_seed(step, member):
                     groups = [self._score(rows)]
-            fitness, weight = [], []
-            for group in groups:
-                rewards = self._weighted_rewards(group.rewards)
-                counted = ~rewards.isnan() if not padding else torch.zeros_like(rewards, dtype=torch.bool)
-                fitness.append(float(rewards[counted].sum()))
-                weight.append(float(counted.sum()))
+            sums = defaultdict(list)
+            for member, group in zip(members, groups, strict=True):
+                group.member = member.index
                 if not padding:
                     scored.append(group)
-            return {FITNESS: fitness, WEIGHT: weight}
+                for name, value in (nothing(len(weights)) if padding else member_sums(
+                        group, weights, self.args.mask_truncated_completions)).items():
+                    sums[name].append(value)
+            return sums
 
         scores = evaluate_population(
             self.es.members(step), step, score, self.processes, batched=self.es.perturbation.batched,
             unscored="every reward function returned None for every one of their completions; return a number for at "
                      "least one completion",
         )
+        fitness = scores.fitness
+        if self.args.multi_objective_aggregation == "normalize_then_sum":
+            fitness = normalized_then_summed(scores, weights)
         lr = self.lr_scheduler.get_last_lr()[0] if self.lr_scheduler is not None else self.args.learning_rate
         if self.args.es_optimizer == "sgd":
-            stats = self.es.step(step, scores.fitness, lr=lr)
+            stats = self.es.step(step, fitness, lr=lr)
         else:
-            stats = self.es.write_gradients(step, scores.fitness)
-        self._log_step(scored, stats, lr, time.perf_counter() - started)
+            stats = self.es.write_gradients(step, fitness)  # the optimizer applies it after this step (_AppliedUpdateNorm)
+        self._log_step(scored, stats, lr, self.es.shape_fitness(fitness), time.perf_counter() - started)
         return torch.tensor(-stats.fitness_mean, device=self.args.device)
 
     def _rows_of_this_process(self, inputs: list[dict]) -> tuple[list[dict], bool]:
@@ -290,18 +282,23 @@ class ESTrainer(GRPOTrainer):
             yield
 
     def _score(self, rows: list[dict]) -> ScoredRows:
-        """Generate and score completions for ``rows`` with the current weights, on this process only."""
+        """Generate and score completions for ``rows`` with the current weights, on this process only; with what the
+        reward functions logged through ``log_extra`` and ``log_metric`` during the call."""
         prompts = [row["prompt"] for row in rows]
         with self._on_this_process():
             prompt_ids, completion_ids, _, completions, *_ = self._generate(prompts)
             rewards = self._calculate_rewards(rows, prompts, completions, completion_ids)
         ends = {*self.eos_token_ids, self._tokenizer.pad_token_id}
-        return ScoredRows(
-            rewards=rewards.cpu().double(),
+        scored = ScoredRows(
+            prompts=prompts, completions=completions, rewards=rewards.cpu().double(),
             prompt_lengths=[len(ids) for ids in prompt_ids],
             completion_lengths=[len(ids) for ids in completion_ids],
             truncated=[bool(ids) and ids[-1] not in ends for ids in completion_ids],
+            extra=dict(self._pending_extra_logs), metrics=dict(self._pending_metrics),
         )
+        self._pending_extra_logs.clear()
+        self._pending_metrics.clear()
+        return scored
 
     @contextmanager
     def _on_this_process(self):
@@ -320,26 +317,47 @@ class ESTrainer(GRPOTrainer):
             del self.accelerator.gather  # the instance attribute hid the method
             self._metrics, self.state.num_input_tokens_seen = metrics, tokens
 
-    def _weighted_rewards(self, rewards_per_func: torch.Tensor) -> torch.Tensor:
-        weighted = (rewards_per_func * self.reward_weights.to(rewards_per_func).cpu()).nansum(dim=1)
-        return weighted.masked_fill(rewards_per_func.isnan().all(dim=1), math.nan)
-
-    def _log_rewards(self, mode: str, rewards_per_func: torch.Tensor) -> torch.Tensor:
+    def _log_rewards(self, mode: str, scored: list[ScoredRows]) -> torch.Tensor:
+        """TRL's reward metrics, and what the reward functions gave ``log_metric`` (averaged as GRPO does)."""
+        rewards_per_func = torch.cat([rows.rewards for rows in scored])
         metrics = self._metrics[mode]
         for i, name in enumerate(self.reward_func_names):
             column = rewards_per_func[:, i]
             metrics[f"rewards/{name}/mean"].append(column.nanmean().item())
             metrics[f"rewards/{name}/std"].append(column[~column.isnan()].std(unbiased=False).item())
-        rewards = self._weighted_rewards(rewards_per_func)
+        rewards = weighted_rewards(rewards_per_func, self.reward_weights.cpu())
         valid = rewards[~rewards.isnan()]
         metrics["reward"].append(valid.mean().item())
         metrics["reward_std"].append(valid.std(unbiased=False).item())
+        logged = defaultdict(list)
+        for rows in scored:
+            for name, values in rows.metrics.items():
+                logged[name] += values
+        for name, values in logged.items():
+            metrics[name].append(sum(values) / len(values))
         return valid
 
-    def _log_step(self, scored: list[ScoredRows], stats, lr: float, seconds: float) -> None:
+    def _log_completions(self, scored: list[ScoredRows], shaped_fitness: torch.Tensor) -> None:
+        """GRPO's completion table (``log_completions``) with every member's rows: the advantage column holds the
+        member's shaped fitness, and a ``member`` column says whose rows they are."""
+        logs = self._logs
+        for rows in scored:
+            logs["prompt"].extend(rows.prompts)
+            logs["completion"].extend(rows.completions)
+            for i, name in enumerate(self.reward_func_names):
+                logs["rewards"][name].extend(rows.rewards[:, i].tolist())
+            logs["advantages"].extend([float(shaped_fitness[rows.member])] * len(rows.prompts))
+            logs["extra"]["member"].extend([rows.member] * len(rows.prompts))
+            for column in {name for other in scored for name in other.extra}:
+                logs["extra"][column].extend(rows.extra.get(column, [None] * len(rows.prompts)))
+
+    def _log_step(self, scored: list[ScoredRows], stats, lr: float, shaped_fitness: torch.Tensor,
+                  seconds: float) -> None:
         """TRL's reward and completion metrics over every row any process scored in this step, and the ES ones."""
         everything = [rows for share in gather_object([scored]) for rows in share]
-        self._log_rewards("train", torch.cat([rows.rewards for rows in everything]))
+        self._log_rewards("train", everything)
+        if self.log_completions:
+            self._log_completions(everything, shaped_fitness)
         lengths = torch.tensor([n for rows in everything for n in rows.completion_lengths], dtype=torch.float64)
         truncated = torch.tensor([t for rows in everything for t in rows.truncated])
         self.state.num_input_tokens_seen += int(lengths.sum()) + sum(sum(rows.prompt_lengths) for rows in everything)
@@ -356,7 +374,8 @@ class ESTrainer(GRPOTrainer):
         metrics["es/fitness_mean"].append(stats.fitness_mean)
         metrics["es/fitness_std"].append(stats.fitness_std)
         metrics["es/fitness_max"].append(stats.fitness_max)
-        metrics["es/update_norm"].append(stats.update_norm)
+        if self.args.es_optimizer == "sgd":
+            metrics["es/update_norm"].append(stats.update_norm)
         metrics["es/sigma"].append(self.es.sigma)
         metrics["es/lr"].append(lr)
         metrics["step_time"].append(seconds)
@@ -366,7 +385,7 @@ class ESTrainer(GRPOTrainer):
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         with torch.no_grad():
             scored = self.processes.together(lambda: self._score(inputs), "evaluation")
-        rewards = self._log_rewards("eval", self.accelerator.gather_for_metrics(scored.rewards.to(self.args.device)).cpu())
+        rewards = self._log_rewards("eval", [rows for share in gather_object([[scored]]) for rows in share])
         return torch.tensor(-rewards.mean().item(), device=self.args.device), None, None
 
     # ---- checkpoints carry the ES state ------------------------------------------------------------------------
@@ -438,3 +457,19 @@ class ESTrainer(GRPOTrainer):
         # memory-mapped: a sharded process reads only its slices of the saved fp32 tensors
         self.es.load_state_dict(torch.load(os.path.join(checkpoint, ES_STATE_NAME), map_location="cpu",
                                            weights_only=True, mmap=True))
+
+
+class _AppliedUpdateNorm(TrainerCallback):
+    """With ``es_optimizer="trainer"`` the Trainer's optimizer takes the step after ``training_step``: log the norm of
+    the change it made as ``es/update_norm`` (the applied step, as under "sgd"), and adopt it into the fp32 master."""
+
+    def __init__(self, trainer: ESTrainer):
+        self.trainer = trainer
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        es = self.trainer.es
+        squared = 0.0
+        for name, p in es.params.items():
+            squared += float((p.detach().double() - es.master.value(name).double()).pow(2).sum())
+        es.master.sync_from_model()
+        self.trainer._metrics["train"]["es/update_norm"].append(es.perturbation.total_squared_norm(squared) ** 0.5)

@@ -107,9 +107,11 @@ class EvolutionStrategy:
         """Yield ``(name, g)`` for every evolved tensor; only one tensor's estimate is alive at a time."""
         return self._gradients(step, self.check_fitness(fitness))
 
+    def _coefficients(self, step: int, fitness: torch.Tensor) -> dict[int, float]:
+        return noise_coefficients(self.members(step), self.shape_fitness(fitness))
+
     def _gradients(self, step: int, fitness: torch.Tensor):
-        shaped = self.shape_fitness(fitness)
-        coefficients = noise_coefficients(self.members(step), shaped)
+        coefficients = self._coefficients(step, fitness)
         for name in self.params:
             yield name, self.perturbation.noise_sum(coefficients, name).div_(self.population_size * self.sigma)
 
@@ -122,14 +124,19 @@ class EvolutionStrategy:
         lr = self.lr if lr is None else lr
         fitness = self.check_fitness(fitness)
         squared_norm = 0.0
-        for name, update in self._gradients(step, fitness):
-            update.mul_(lr)
-            if self.anchor is not None:
+        if self.anchor is None:  # lr * g goes straight in: the perturbation may add it without a dense tensor
+            coefficients = self._coefficients(step, fitness)
+            scale = lr / (self.population_size * self.sigma)
+            for name in self.params:
+                squared_norm += self.perturbation.add_noise_sum(coefficients, name, scale)
+        else:
+            for name, update in self._gradients(step, fitness):
+                update.mul_(lr)
                 anchor = self.anchor[name].to(update.device)
                 moved = self.master.value(name).to(update.device) + update - anchor
                 update.sub_(moved, alpha=lr * self.anchor_decay)
-            squared_norm += float(update.double().pow(2).sum())
-            self.master.add_(name, update)
+                squared_norm += float(update.double().pow(2).sum())
+                self.master.add_(name, update)
         self.perturbation.written()
         return self._stats(fitness, squared_norm)
 

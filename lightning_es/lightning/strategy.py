@@ -239,7 +239,7 @@ class ESStrategy(DDPStrategy):
         module = self.lightning_module
         options = dict(self.perturbation_options)
         perturbation = build_perturbation(options.pop("kind"), select_parameters(module, self.params_spec), model=module,
-                                          sharded=self.sharded, **options)
+                                          sharded=self.sharded, copy_all=self.has_optimizer, **options)
         seed = self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
         return EvolutionStrategy(perturbation, seed=seed, **self.es_options)
 

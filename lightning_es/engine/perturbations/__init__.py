@@ -27,8 +27,10 @@ def build_perturbation(
     rank: int = 1,
     master_device: torch.device | str | None = None,
     sharded: bool = False,
+    copy_all: bool = False,
 ) -> Perturbation:
-    """``kind`` is ``"full"`` or ``"lowrank"``; ``sharded``: ``params`` are parameters of a DeepSpeed ZeRO-3 engine."""
+    """``kind`` is ``"full"`` or ``"lowrank"``; ``sharded``: ``params`` are parameters of a DeepSpeed ZeRO-3 engine;
+    ``copy_all``: an fp32 master copy of every evolved weight (full-rank keeps one anyway), for an optimizer's step."""
     if kind not in PERTURBATIONS:
         raise ValueError(f"perturbation must be one of {PERTURBATIONS}, got {kind!r}.")
     if sharded:
@@ -42,7 +44,7 @@ def build_perturbation(
         return FullRankPerturbation(params, sigma, master_device=master_device)
     if model is None:
         raise ValueError("perturbation='lowrank' needs model= to find the nn.Linear layers.")
-    return LowRankPerturbation(model, params, sigma, rank, master_device=master_device)
+    return LowRankPerturbation(model, params, sigma, rank, master_device=master_device, copy_all=copy_all)
 
 
 __all__ = [

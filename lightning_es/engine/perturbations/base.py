@@ -33,6 +33,13 @@ class Perturbation:
         """``sum_s c_s * eps_s`` (fp32) for one evolved tensor."""
         raise NotImplementedError
 
+    def add_noise_sum(self, coefficients: Mapping[int, float], name: str, scale: float) -> float:
+        """Add ``scale * sum_s c_s * eps_s`` to the evolved tensor (through its fp32 master copy); its squared norm."""
+        update = self.noise_sum(coefficients, name).mul_(scale)
+        squared = float(update.double().pow(2).sum())
+        self.master.add_(name, update)
+        return squared
+
     def written(self) -> None:
         """Called after the evolved tensors were written (perturbed, restored or updated)."""
 

@@ -45,7 +45,9 @@ class LowRankPerturbation(Perturbation):
         rank: int = 1,
         noise: GaussianNoise | None = None,
         master_device: torch.device | str | None = None,
+        copy_all: bool = False,
     ):
+        """``copy_all``: keep an fp32 master copy of fp32 weights too, to measure a step another optimizer takes."""
         if rank < 1:
             raise ValueError(f"rank must be at least 1, got {rank}.")
         self.layers = hookable_linear_weights(model, params)
@@ -56,7 +58,7 @@ class LowRankPerturbation(Perturbation):
         self.rank = rank
         self.noise = noise or GaussianNoise()
         # nothing is written into the weights, so fp32 weights need no restore source and take updates directly
-        self.master = MasterWeights(self.params, device=master_device, only_low_precision=True)
+        self.master = MasterWeights(self.params, device=master_device, only_low_precision=not copy_all)
 
     def factors(self, seed: int, name: str, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out_features, in_features = weight.shape
@@ -87,27 +89,53 @@ class LowRankPerturbation(Perturbation):
             b = torch.stack([p[1] for p in pairs]).to(weight.dtype)  # (M, in, r)
             scale = torch.tensor([self.sigma * m.sign / math.sqrt(self.rank) for m in members], dtype=weight.dtype,
                                  device=weight.device)
-            a = a * scale[:, None, None]
+            a_t = (a * scale[:, None, None]).transpose(1, 2).contiguous()  # (M, r, out)
         count = len(members)
 
         def hook(module, args, output):
             x = args[0]
             if x.shape[0] % count:
                 raise RuntimeError(f"batch of {x.shape[0]} rows cannot be split among {count} population members.")
-            grouped = x.reshape(count, -1, x.shape[-1])
-            delta = torch.bmm(torch.bmm(grouped, b), a.transpose(1, 2))
-            return output + delta.reshape(output.shape)
+            projected = torch.bmm(x.reshape(count, -1, x.shape[-1]), b)  # (M, rows, r): x B_i, member by member
+            if not output.is_contiguous():
+                return output + torch.bmm(projected, a_t).reshape(output.shape)
+            # add sigma (x B_i) A_i^T in one pass over the output, without a delta tensor; rank 1 is an outer product,
+            # which a broadcast multiply-add does faster than a matrix product with an inner size of 1
+            grouped = output.view(count, -1, output.shape[-1])
+            if self.rank == 1:
+                grouped.addcmul_(projected, a_t)
+            else:
+                grouped.baddbmm_(projected, a_t)
+            return output
 
         return hook
 
-    def noise_sum(self, coefficients: Mapping[int, float], name: str) -> torch.Tensor:
-        """``sum_s c_s * eps_s`` for one weight, as a single matmul of the stacked factors."""
+    def _stacked_factors(self, coefficients: Mapping[int, float], name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A, B)`` with ``A B^T = sum_s c_s * eps_s * sqrt(r)``: the weighted factors side by side."""
         weight = self.params[name]
         a_columns, b_columns = [], []
         for seed, coefficient in coefficients.items():
             a, b = self.factors(seed, name, weight)
             a_columns.append(a * coefficient)
             b_columns.append(b)
-        if not a_columns:
+        return torch.cat(a_columns, dim=1), torch.cat(b_columns, dim=1)
+
+    def noise_sum(self, coefficients: Mapping[int, float], name: str) -> torch.Tensor:
+        """``sum_s c_s * eps_s`` for one weight, as a single matmul of the stacked factors."""
+        weight = self.params[name]
+        if not coefficients:
             return torch.zeros(weight.shape, device=weight.device, dtype=torch.float32)
-        return (torch.cat(a_columns, dim=1) @ torch.cat(b_columns, dim=1).T) / math.sqrt(self.rank)
+        a, b = self._stacked_factors(coefficients, name)
+        return (a @ b.T) / math.sqrt(self.rank)
+
+    def add_noise_sum(self, coefficients: Mapping[int, float], name: str, scale: float) -> float:
+        """For a weight without a master copy (fp32), the update ``scale * sum_s c_s eps_s`` is one ``addmm_`` into
+        the weight, and its squared norm comes from the factors' small Gram matrices: no dense update tensor."""
+        if name in self.master.copies or not coefficients:
+            return super().add_noise_sum(coefficients, name, scale)
+        a, b = self._stacked_factors(coefficients, name)
+        alpha = scale / math.sqrt(self.rank)
+        with torch.no_grad():
+            self.params[name].addmm_(a.to(self.params[name].dtype), b.T.to(self.params[name].dtype), alpha=alpha)
+        a, b = a.double(), b.double()
+        return float(((a.T @ a) * (b.T @ b)).sum()) * alpha**2

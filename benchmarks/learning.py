@@ -1,0 +1,83 @@
+"""Held-out learning curves for the benchmarks that compare how ES settings (and GRPO) learn on this machine.
+
+``HeldOutCurve`` scores the held-out problems with greedy decoding at the start and then every ``every_steps``
+iterations or every ``every_seconds`` seconds of training; its clock counts training only (evaluation time excluded),
+so curves of different methods share one time axis. ``budget_seconds`` stops training once that much has been spent.
+"""
+
+import json
+import time
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from lightning_es.tasks import countdown, gsm8k
+from lightning_es.tasks.evaluation import greedy_scores
+
+REWARD_WEIGHTS = [1.0, 0.5]  # accuracy, answer format: the recipes' weighting
+EVAL_SEED = 1_000_003
+
+
+def task(name: str, train_size: int = 256, eval_size: int = 32, seed: int = 0):
+    """(train dataset, held-out dataset, reward functions) of a task; the held-out problems do not depend on seed."""
+    if name == "gsm8k":
+        train = gsm8k.generate_offline(train_size, seed=seed, style="final_answer")
+        held_out = gsm8k.generate_offline(eval_size, seed=EVAL_SEED, style="final_answer")
+        return train, held_out, {"accuracy": gsm8k.correctness_reward, "format": gsm8k.format_reward}
+    if name == "countdown":
+        train = countdown.generate(train_size, seed=seed)
+        held_out = countdown.generate(eval_size, seed=EVAL_SEED)
+        return train, held_out, {"accuracy": countdown.correctness_reward, "format": countdown.format_reward}
+    raise ValueError(f"task must be 'gsm8k' or 'countdown', got {name!r}.")
+
+
+def weighted(scores: dict[str, float]) -> float:
+    return REWARD_WEIGHTS[0] * scores["accuracy"] + REWARD_WEIGHTS[1] * scores["format"]
+
+
+class HeldOutCurve(TrainerCallback):
+    def __init__(self, trainer, held_out, rewards, every_steps: int | None = None, every_seconds: float | None = None,
+                 budget_seconds: float | None = None, max_new_tokens: int | None = None):
+        self.trainer = trainer
+        self.held_out = held_out
+        self.rewards = rewards
+        self.every_steps = every_steps
+        self.every_seconds = every_seconds
+        self.budget_seconds = budget_seconds
+        self.max_new_tokens = max_new_tokens or trainer.args.max_completion_length
+        self.points: list[dict] = []
+        self.training_seconds = 0.0
+        self._since = None
+        self._next_mark = every_seconds
+
+    def evaluate(self, step: int) -> None:
+        trainer = self.trainer
+        scores = greedy_scores(trainer.accelerator.unwrap_model(trainer.model), trainer.processing_class, self.held_out,
+                               self.rewards, max_new_tokens=self.max_new_tokens, accelerator=trainer.accelerator)
+        self.points.append({"step": step, "seconds": round(self.training_seconds, 2), **scores,
+                            "reward": weighted(scores)})
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.evaluate(state.global_step)
+        self._since = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.training_seconds += time.perf_counter() - self._since
+        over_budget = self.budget_seconds is not None and self.training_seconds >= self.budget_seconds
+        due = (self.every_steps and state.global_step % self.every_steps == 0) or (
+            self.every_seconds and self.training_seconds >= self._next_mark)
+        if due or over_budget or state.global_step >= state.max_steps:
+            self.evaluate(state.global_step)
+            while self.every_seconds and self._next_mark <= self.training_seconds:
+                self._next_mark += self.every_seconds
+        if over_budget:
+            control.should_training_stop = True
+        self._since = time.perf_counter()
+
+
+def append_jsonl(path: str | Path, rows: list[dict]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as file:
+        for row in rows:
+            file.write(json.dumps(row) + "\n")
