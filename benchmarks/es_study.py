@@ -21,7 +21,7 @@ from trl_ext.recipes import use_all_cpu_cores
 
 BASE = dict(
     per_device_train_batch_size=4, num_generations=1, max_completion_length=24, population_size=8,
-    perturbation="lowrank", perturbation_rank=1, sigma=1e-2, learning_rate=2e-5,
+    perturbation="lowrank", perturbation_rank=1, sigma=1e-2, learning_rate=1e-4,
 )
 
 
@@ -44,7 +44,7 @@ def run(args, seed: int, settings: dict) -> list[dict]:
         **{**BASE, **settings},
     )
     trainer = ESTrainer(resolve_model(args.model), list(rewards.values()), args=config, train_dataset=train)
-    curve = HeldOutCurve(trainer, held_out, rewards, every_steps=args.eval_every)
+    curve = HeldOutCurve(trainer, held_out, rewards, every_steps=args.eval_every, at_steps=args.eval_at)
     trainer.add_callback(curve)
     trainer.train()
     return [{"label": args.label, "task": args.task, "seed": seed, "settings": {**BASE, **settings}, **point}
@@ -60,6 +60,7 @@ def main():
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--max_steps", type=int, default=20)
     parser.add_argument("--eval_every", type=int, default=5)
+    parser.add_argument("--eval_at", type=int, nargs="*", default=[], help="Also evaluate after these iterations.")
     parser.add_argument("--train_size", type=int, default=256)
     parser.add_argument("--eval_size", type=int, default=32)
     parser.add_argument("--out", default="outputs/study/study.jsonl")

@@ -1,7 +1,7 @@
 """Held-out learning curves for the benchmarks that compare how ES settings (and GRPO) learn on this machine.
 
 ``HeldOutCurve`` scores the held-out problems with greedy decoding at the start and then every ``every_steps``
-iterations or every ``every_seconds`` seconds of training; its clock counts training only (evaluation time excluded),
+iterations, at the iterations ``at_steps``, or every ``every_seconds`` seconds of training; its clock counts training only (evaluation time excluded),
 so curves of different methods share one time axis. ``budget_seconds`` stops training once that much has been spent.
 """
 
@@ -37,11 +37,12 @@ def weighted(scores: dict[str, float]) -> float:
 
 class HeldOutCurve(TrainerCallback):
     def __init__(self, trainer, held_out, rewards, every_steps: int | None = None, every_seconds: float | None = None,
-                 budget_seconds: float | None = None, max_new_tokens: int | None = None):
+                 budget_seconds: float | None = None, max_new_tokens: int | None = None, at_steps=()):
         self.trainer = trainer
         self.held_out = held_out
         self.rewards = rewards
         self.every_steps = every_steps
+        self.at_steps = set(at_steps)
         self.every_seconds = every_seconds
         self.budget_seconds = budget_seconds
         self.max_new_tokens = max_new_tokens or trainer.args.max_completion_length
@@ -64,7 +65,7 @@ class HeldOutCurve(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         self.training_seconds += time.perf_counter() - self._since
         over_budget = self.budget_seconds is not None and self.training_seconds >= self.budget_seconds
-        due = (self.every_steps and state.global_step % self.every_steps == 0) or (
+        due = (self.every_steps and state.global_step % self.every_steps == 0) or state.global_step in self.at_steps or (
             self.every_seconds and self.training_seconds >= self._next_mark)
         if due or over_budget or state.global_step >= state.max_steps:
             self.evaluate(state.global_step)

@@ -1,7 +1,8 @@
 """Reward functions wrapped so that a failure names the function (the population loop adds the step and member).
 
-TRL turns ``None`` into NaN before the trainer sees the rewards, so a NaN *returned* by a reward function would pass
-unnoticed as "no reward"; it is caught here, while ``None`` keeps TRL's meaning.
+TRL turns ``None`` into NaN before the trainer sees the rewards, so a NaN *returned* by a reward function (a float,
+``numpy.float32('nan')``, a 0-d tensor) would pass unnoticed as "no reward"; it is caught here, while ``None`` keeps
+TRL's meaning.
 """
 
 import functools
@@ -27,7 +28,16 @@ def check_rewards(name: str, rewards, expected: int) -> None:
             "return exactly one reward per completion."
         )
     for i, reward in enumerate(rewards):
-        if reward is not None and isinstance(reward, float | int) and math.isnan(reward):
+        if reward is None:
+            continue
+        try:
+            value = float(reward)  # Python, numpy and 0-d torch numbers alike
+        except (TypeError, ValueError):
+            raise RewardFunctionError(
+                f"reward function {name!r} returned {reward!r} ({type(reward).__name__}) for completion {i}: return a "
+                "number, or None to leave that completion unscored."
+            ) from None
+        if math.isnan(value):
             raise RewardFunctionError(
                 f"reward function {name!r} returned NaN for completion {i}: return a finite number, "
                 "or None to leave that completion unscored."
