@@ -36,7 +36,7 @@ def parse_settings(pairs: list[str]) -> dict:
     return settings
 
 
-def run(args, seed: int, settings: dict) -> list[dict]:
+def run(args, seed: int, settings: dict, start: dict | None = None) -> list[dict]:
     train, held_out, rewards = task(args.task, args.train_size, args.eval_size)
     config = ESConfig(
         output_dir=tempfile.mkdtemp(prefix="es-study-"), max_steps=args.max_steps, seed=seed, save_strategy="no",
@@ -44,7 +44,8 @@ def run(args, seed: int, settings: dict) -> list[dict]:
         **{**BASE, **settings},
     )
     trainer = ESTrainer(resolve_model(args.model), list(rewards.values()), args=config, train_dataset=train)
-    curve = HeldOutCurve(trainer, held_out, rewards, every_steps=args.eval_every, at_steps=args.eval_at)
+    curve = HeldOutCurve(trainer, held_out, rewards, every_steps=args.eval_every, at_steps=args.eval_at,
+                         start=start)
     trainer.add_callback(curve)
     trainer.train()
     return [{"label": args.label, "task": args.task, "seed": seed, "settings": {**BASE, **settings}, **point}
@@ -53,7 +54,7 @@ def run(args, seed: int, settings: dict) -> list[dict]:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--task", default="gsm8k", choices=["gsm8k", "countdown"])
+    parser.add_argument("--task", default="gsm8k", choices=["gsm8k", "arithmetic", "countdown"])
     parser.add_argument("--model", default=None, help="Default: the embedded SmolLM2-135M-Instruct.")
     parser.add_argument("--label", required=True)
     parser.add_argument("--set", nargs="*", default=[], help="ESConfig fields, key=value")
@@ -67,8 +68,10 @@ def main():
     args = parser.parse_args()
     use_all_cpu_cores()
     settings = parse_settings(args.set)
+    start = None
     for seed in args.seeds:
-        rows = run(args, seed, settings)
+        rows = run(args, seed, settings, start)
+        start = {key: rows[0][key] for key in ("step", "seconds", "accuracy", "format", "reward")}
         append_jsonl(args.out, rows)
         last = rows[-1]
         print(f"{args.label} {args.task} seed {seed}: iteration {last['step']}, {last['seconds']:.0f} s, "

@@ -24,11 +24,23 @@ def task(name: str, train_size: int = 256, eval_size: int = 32, seed: int = 0):
         train = gsm8k.generate_offline(train_size, seed=seed, style="final_answer")
         held_out = gsm8k.generate_offline(eval_size, seed=EVAL_SEED, style="final_answer")
         return train, held_out, {"accuracy": gsm8k.correctness_reward, "format": gsm8k.format_reward}
+    if name == "arithmetic":  # short sums and differences, answered in GSM8K's '#### <number>' form
+        train = arithmetic(train_size, seed)
+        held_out = arithmetic(eval_size, EVAL_SEED)
+        return train, held_out, {"accuracy": gsm8k.correctness_reward, "format": gsm8k.format_reward}
     if name == "countdown":
         train = countdown.generate(train_size, seed=seed)
         held_out = countdown.generate(eval_size, seed=EVAL_SEED)
         return train, held_out, {"accuracy": countdown.correctness_reward, "format": countdown.format_reward}
-    raise ValueError(f"task must be 'gsm8k' or 'countdown', got {name!r}.")
+    raise ValueError(f"task must be 'gsm8k', 'arithmetic' or 'countdown', got {name!r}.")
+
+
+def arithmetic(size: int, seed: int):
+    import reasoning_gym
+
+    problems = reasoning_gym.create_dataset("chain_sum", size=size, seed=seed, min_terms=2, max_terms=3, min_digits=1,
+                                            max_digits=2)
+    return gsm8k.to_prompts([p["question"] for p in problems], [p["answer"] for p in problems], "final_answer")
 
 
 def weighted(scores: dict[str, float]) -> float:
@@ -37,7 +49,9 @@ def weighted(scores: dict[str, float]) -> float:
 
 class HeldOutCurve(TrainerCallback):
     def __init__(self, trainer, held_out, rewards, every_steps: int | None = None, every_seconds: float | None = None,
-                 budget_seconds: float | None = None, max_new_tokens: int | None = None, at_steps=()):
+                 budget_seconds: float | None = None, max_new_tokens: int | None = None, at_steps=(),
+                 start: dict | None = None):
+        """``start``: the held-out scores of the untrained model when already known (greedy, so the same every run)."""
         self.trainer = trainer
         self.held_out = held_out
         self.rewards = rewards
@@ -46,7 +60,7 @@ class HeldOutCurve(TrainerCallback):
         self.every_seconds = every_seconds
         self.budget_seconds = budget_seconds
         self.max_new_tokens = max_new_tokens or trainer.args.max_completion_length
-        self.points: list[dict] = []
+        self.points: list[dict] = [start] if start else []
         self.training_seconds = 0.0
         self._since = None
         self._next_mark = every_seconds
@@ -59,7 +73,8 @@ class HeldOutCurve(TrainerCallback):
                             "reward": weighted(scores)})
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.evaluate(state.global_step)
+        if not self.points:
+            self.evaluate(state.global_step)
         self._since = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -74,6 +89,17 @@ class HeldOutCurve(TrainerCallback):
         if over_budget:
             control.should_training_stop = True
         self._since = time.perf_counter()
+
+
+def seconds_to_reach(points: list[dict], reward: float) -> float | None:
+    """Training seconds of the first held-out score at or above ``reward`` (linearly between marks)."""
+    for before, after in zip(points, points[1:]):
+        if after["reward"] >= reward:
+            if before["reward"] >= reward:
+                return before["seconds"]
+            share = (reward - before["reward"]) / (after["reward"] - before["reward"])
+            return before["seconds"] + share * (after["seconds"] - before["seconds"])
+    return None
 
 
 def append_jsonl(path: str | Path, rows: list[dict]) -> None:

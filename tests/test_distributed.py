@@ -91,6 +91,16 @@ def test_estrainer_under_the_zero3_accelerate_config_follows_the_unsharded_run(t
 
 
 @pytest.mark.slow
+def test_zero3_with_the_default_lowrank_perturbation_is_refused_by_name_on_every_process(tmp_path):
+    result = run(tmp_path, "zero3-default", "--perturbation", "default", "--num_generations", 1, check=False,
+                 launcher=["--config_file", ZERO3_CONFIG, "--num_processes", 2, "--mixed_precision", "no"], port=29525)
+    assert result.returncode != 0
+    for rank in range(2):  # each process raised it itself
+        report = (tmp_path / "zero3-default" / f"error-{rank}.txt").read_text()
+        assert "set es_optimizer='sgd' and perturbation='full' (got es_optimizer='sgd', perturbation='lowrank'" in report
+
+
+@pytest.mark.slow
 def test_kl_drift_reduces_over_two_processes(tmp_path):
     out = tmp_path / "kl.txt"
     run_command([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", 2, "--master_port", 29521,

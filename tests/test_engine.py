@@ -265,3 +265,24 @@ def test_anchored_weight_decay_pulls_towards_the_start():
     assert (anchored - start).norm() < (plain - start).norm()
     with pytest.raises(ValueError, match="anchor_decay"):
         full_rank_es({"theta": plain}, anchor_decay=-1.0)
+
+
+def test_a_checkpoint_continues_only_under_the_noise_it_was_trained_with():
+    from lightning_es.engine.perturbations import LowRankPerturbation
+
+    model = build_model(build_tokenizer())
+    params = dict(model.named_parameters())
+
+    def strategy(perturbation):
+        return EvolutionStrategy(perturbation, population_size=4, lr=1e-3, seed=3)
+
+    full = strategy(FullRankPerturbation(params, sigma=0.01))
+    lowrank = strategy(LowRankPerturbation(model, params, sigma=0.01, rank=1))
+    assert full.state_dict()["noise"] == "full" and lowrank.state_dict()["noise"] == "lowrank(rank=1)"
+    with pytest.raises(ValueError, match=r"trained with 'full' noise, this run uses 'lowrank\(rank=1\)'"):
+        lowrank.load_state_dict(full.state_dict())
+    with pytest.raises(ValueError, match=r"trained with 'lowrank\(rank=1\)' noise, this run uses 'lowrank\(rank=2\)'"):
+        strategy(LowRankPerturbation(model, params, sigma=0.01, rank=2)).load_state_dict(lowrank.state_dict())
+    lowrank.load_state_dict(lowrank.state_dict())  # the same noise continues
+    with pytest.warns(UserWarning, match="does not record its noise .* changed from 'full' to 'lowrank'"):
+        lowrank.load_state_dict({"seed": full.state_dict()["seed"]})  # a checkpoint written before it was recorded

@@ -193,11 +193,13 @@ def test_truncated_completions_leave_the_fitness_when_masked(tmp_path):
     assert trainer.state.global_step == 2
 
 
-def test_update_norm_is_the_applied_step_with_the_trainers_optimizer(tmp_path):
+@pytest.mark.parametrize("perturbation", ["full", "lowrank"])
+def test_update_norm_is_the_applied_step_with_the_trainers_optimizer(tmp_path, perturbation):
     tokenizer = build_tokenizer()
+    # 8 members: with 4, both mirrored pairs of the low-rank run's first step happen to tie (g = 0)
     trainer = ESTrainer(build_model(tokenizer), token_rate, args=es_args(
-        tmp_path, es_optimizer="trainer", max_steps=1, learning_rate=1e-3, max_grad_norm=0.0), train_dataset=PROMPTS,
-        processing_class=tokenizer)
+        tmp_path, es_optimizer="trainer", max_steps=1, learning_rate=1e-3, max_grad_norm=0.0, population_size=8,
+        perturbation=perturbation), train_dataset=PROMPTS, processing_class=tokenizer)
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     trainer.train()
     moved = math.sqrt(sum(float((p.detach() - before[n]).double().pow(2).sum()) for n, p in trainer.model.named_parameters()))
@@ -289,11 +291,14 @@ def test_a_grpo_script_with_many_fields_keeps_their_meaning(tmp_path, tiny_dir, 
     # output_dir, max_steps, save_strategy/save_steps: two checkpoints, with the ES state
     assert trainer.state.global_step == 4
     assert all((tmp_path / "out" / f"checkpoint-{s}" / "es_state.pt").exists() for s in (2, 4))
-    # per_device_train_batch_size 4 with num_generations 2: every member answers 2 prompts twice
-    train_calls = [c for c in calls if len(c["prompts"]) == 4]
+    # per_device_train_batch_size 4 with num_generations 2: every member answers 2 prompts twice (the default low-rank
+    # population: one call for all members, their rows one member after another)
+    train_calls = [c for c in calls if len(c["prompts"]) == 4 * args.population_size]
+    assert len(train_calls) == 4
+    assert all(c["prompts"] == c["prompts"][:4] * args.population_size for c in train_calls)
     assert all(c["prompts"][0] == c["prompts"][1] and c["prompts"][2] == c["prompts"][3] for c in train_calls)
     # shuffle_dataset=False: the prompts in dataset order; dataset columns reach the reward function
-    assert train_calls[0]["prompts"][::2] == ["the quick", "count the"] and train_calls[0]["target"][::2] == ["0", "1"]
+    assert train_calls[0]["prompts"][:4:2] == ["the quick", "count the"] and train_calls[0]["target"][:4:2] == ["0", "1"]
     # max_completion_length 5; temperature 0.9, top_k 50, repetition_penalty 1.1: sampled members
     assert max(len(ids) for c in calls for ids in c["completion_ids"]) <= 5
     generation = trainer.generation_config

@@ -12,6 +12,7 @@ from trl import GRPOConfig
 from tiny import build_model, build_tokenizer
 from trl_ext import ESConfig, ESTrainer
 from lightning_es import PopulationError
+from lightning_es.engine.perturbations import hookable_linear_weights
 from trl_ext.checkpoints import why_not_resumable
 
 SCRIPTS = Path(__file__).parent / "scripts"
@@ -64,8 +65,8 @@ def test_one_line_swap_turns_a_grpo_script_into_an_es_run(tmp_path, tiny_dir, mo
     assert {"reward", "rewards/reward_length_match/mean", "es/update_norm", "es/fitness_std"} <= set(logged)
     assert trainer.state.global_step == 2
     original = AutoModelForCausalLM.from_pretrained(tiny_dir)
-    moved = sum(not torch.equal(p, q) for p, q in zip(trainer.model.parameters(), original.parameters()))
-    assert moved == len(list(original.parameters()))
+    moved = {n for (n, p), q in zip(trainer.model.named_parameters(), original.parameters()) if not torch.equal(p, q)}
+    assert moved == set(hookable_linear_weights(trainer.model, dict(trainer.model.named_parameters())))  # the default
 
 
 def test_grpo_config_keeps_what_the_user_changed_and_takes_es_defaults(tmp_path, tiny_model, tokenizer,
@@ -103,6 +104,7 @@ def test_a_default_grpo_config_gets_es_defaults(tmp_path, tiny_model, tokenizer,
 def test_es_config_defaults_match_the_reference():
     args = ESConfig(output_dir="unused", report_to="none", use_cpu=True)
     assert (args.population_size, args.sigma, args.learning_rate, args.antithetic) == (32, 1e-3, 5e-7, True)
+    assert (args.perturbation, args.perturbation_rank) == ("lowrank", 1)  # docs/perturbations.md
     assert args.fitness_shaping == "zscore" and args.num_generations == 1 and args.greedy
     assert math.isclose(args.learning_rate, 5e-4 * args.sigma)
 
@@ -118,8 +120,9 @@ def test_members_decode_greedily_by_default(tmp_path, tiny_model, tokenizer, pro
 # ---- reward functions are called as TRL calls them -------------------------------------------------------------
 
 
+@pytest.mark.parametrize("perturbation", ["full", "lowrank"])
 @pytest.mark.parametrize("dataset_fixture", ["prompt_dataset", "chat_dataset"])
-def test_reward_functions_get_trl_arguments(tmp_path, tiny_model, tokenizer, dataset_fixture, request):
+def test_reward_functions_get_trl_arguments(tmp_path, tiny_model, tokenizer, dataset_fixture, perturbation, request):
     dataset = request.getfixturevalue(dataset_fixture)
     calls = []
 
@@ -127,13 +130,17 @@ def test_reward_functions_get_trl_arguments(tmp_path, tiny_model, tokenizer, dat
         calls.append(dict(prompts=prompts, completions=completions, ids=completion_ids, target=target))
         return [float(len(ids)) for ids in completion_ids]
 
-    args = es_args(tmp_path, max_steps=1, num_generations=2)
+    args = es_args(tmp_path, max_steps=1, num_generations=2, perturbation=perturbation)
     ESTrainer(tiny_model, [recorder, token_rate], args=args, train_dataset=dataset, processing_class=tokenizer).train()
-    assert len(calls) == args.population_size
+    # full-rank: one call per member; low-rank: one call for the population, each member's 4 rows after the other's
+    members_per_call = 1 if perturbation == "full" else args.population_size
+    assert len(calls) == args.population_size // members_per_call
     first = calls[0]
-    assert len(first["prompts"]) == len(first["completions"]) == len(first["target"]) == 4  # 2 prompts x 2
+    assert len(first["prompts"]) == len(first["completions"]) == len(first["target"]) == 4 * members_per_call
     assert first["prompts"][0] == first["prompts"][1]  # num_generations copies of each prompt
-    assert all(calls[0]["prompts"] == c["prompts"] for c in calls)  # every member answers the same prompts
+    member_prompts = [c["prompts"][i:i + 4] for c in calls for i in range(0, len(c["prompts"]), 4)]
+    assert len(member_prompts) == args.population_size
+    assert all(member_prompts[0] == p for p in member_prompts)  # every member answers the same prompts
     if dataset_fixture == "chat_dataset":
         assert first["completions"][0][0]["role"] == "assistant"
     else:
@@ -177,10 +184,11 @@ def all_none(completions, **kwargs):
 @pytest.mark.parametrize(
     ("reward", "message"),
     [
-        (broken, r"ES step 0, population member 0 \(process 0\): RewardFunctionError: reward function 'broken' "
-                 r"raised KeyError: 'answer'"),
-        (too_few, r"ES step 0, population member 0 .*'too_few' returned 1 rewards, expected 4"),
-        (nan_reward, r"ES step 0, population member 0 .*'nan_reward' returned NaN for completion 0"),
+        # the default low-rank population is scored in one batch, so errors name all its members
+        (broken, r"ES step 0, population members \[0, 1, 2, 3\] \(process 0\): RewardFunctionError: reward function "
+                 r"'broken' raised KeyError: 'answer'"),
+        (too_few, r"ES step 0, population members \[0, 1, 2, 3\] .*'too_few' returned 1 rewards, expected 16"),
+        (nan_reward, r"ES step 0, population members \[0, 1, 2, 3\] .*'nan_reward' returned NaN for completion 0"),
         (all_none, r"ES step 0: population members \[0, 1, 2, 3\] have no fitness: every reward function returned "
                    r"None"),
     ],
@@ -203,6 +211,21 @@ def test_es_params_selecting_nothing(tmp_path, tiny_model, tokenizer, prompt_dat
     args = es_args(tmp_path, es_params=["no_such_layer"])
     with pytest.raises(ValueError, match=r"es_params=\['no_such_layer'\] selects no parameter"):
         ESTrainer(tiny_model, token_rate, args=args, train_dataset=prompt_dataset, processing_class=tokenizer)
+
+
+def test_es_params_beyond_linear_weights_warn_under_the_lowrank_default(tmp_path, tiny_model, tokenizer, prompt_dataset,
+                                                                       caplog):
+    selection = [r"layers\.0\.(self_attn\.q_proj|input_layernorm)"]
+    with caplog.at_level(logging.WARNING):
+        trainer = ESTrainer(tiny_model, token_rate, args=es_args(tmp_path, es_params=selection),
+                            train_dataset=prompt_dataset, processing_class=tokenizer)
+    assert list(trainer.es.params) == ["model.layers.0.self_attn.q_proj.weight"]  # not its bias, not the norm
+    assert "selects 2 parameters outside nn.Linear weights (e.g. model.layers.0.input_layernorm.weight)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        trainer = ESTrainer(tiny_model, token_rate, args=es_args(tmp_path, es_params=selection, perturbation="full"),
+                            train_dataset=prompt_dataset, processing_class=tokenizer)
+    assert len(trainer.es.params) == 3 and "outside nn.Linear" not in caplog.text
 
 
 @pytest.mark.parametrize(

@@ -81,16 +81,16 @@ class ParameterDriftCallback(_TrainerDriftCallback):
 
     def on_step_begin(self, args, state, control, **kwargs):
         es = getattr(self.trainer, "es", None)
-        if es is not None and self.due(state.global_step + 1):
+        if es is not None and es.master.copies and self.due(state.global_step + 1):  # else nothing to compare
             self.before_step = (snapshot(self.model), {n: es.master.copies[n].cpu().clone() for n in es.master.copies})
 
     def on_step_end(self, args, state, control, **kwargs):
         if not self.due(state.global_step):
             return
         values = parameter_drift(self.model, self.start, self.threshold)
-        if self.before_step is not None:
+        if self.before_step is not None:  # none without a master copy: fp32 weights take the step whole
             values["drift/realised_fraction"] = self._realised_fraction(*self.before_step)
-            self.before_step = None
+        self.before_step = None
         self.log(values)
 
     def _realised_fraction(self, params_before, master_before) -> float:

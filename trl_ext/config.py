@@ -79,10 +79,12 @@ class ESConfig(GRPOConfig):
         },
     )
     perturbation: str = field(
-        default="full",
+        default="lowrank",
         metadata={
-            "help": "'full': full-rank noise written into the weights, one member at a time. 'lowrank': rank-"
-            "`perturbation_rank` noise on nn.Linear weights through forward hooks, the whole population in one batch."
+            "help": "'lowrank' (default, docs/perturbations.md): rank-`perturbation_rank` noise on nn.Linear weights "
+            "through forward hooks, the whole population in one batch. 'full': full-rank noise written into the "
+            "weights, one member at a time; needed for DeepSpeed ZeRO-3 and for weights equal bit for bit on 1 or K "
+            "processes."
         },
     )
     perturbation_rank: int = field(default=1, metadata={"help": "Rank of the low-rank perturbations."})

@@ -153,8 +153,10 @@ class ESTrainer(GRPOTrainer):
             )
         if self.args.es_optimizer != "sgd" or self.args.perturbation != "full":
             raise ValueError(
-                "Under DeepSpeed ZeRO-3, ESTrainer updates the partitions in place: use es_optimizer='sgd' and "
-                "perturbation='full'."
+                "Under DeepSpeed ZeRO-3, ESTrainer perturbs and updates the partitions in place: set "
+                f"es_optimizer='sgd' and perturbation='full' (got es_optimizer={self.args.es_optimizer!r}, "
+                f"perturbation={self.args.perturbation!r}; ESConfig's default perturbation is 'lowrank', which "
+                "perturbs through hooks on whole weights)."
             )
         if self.args.save_on_each_node:
             raise ValueError(
@@ -176,11 +178,17 @@ class ESTrainer(GRPOTrainer):
 
     def _build_es(self) -> EvolutionStrategy:
         args = self.args
+        selected = select_parameters(self.model, args.es_param_spec)
         perturbation = build_perturbation(
-            args.perturbation, select_parameters(self.model, args.es_param_spec), args.sigma, model=self.model,
-            rank=args.perturbation_rank, master_device=args.es_master_device, sharded=self.sharded,
-            copy_all=args.es_optimizer == "trainer",
+            args.perturbation, selected, args.sigma, model=self.model, rank=args.perturbation_rank,
+            master_device=args.es_master_device, sharded=self.sharded, copy_all=args.es_optimizer == "trainer",
         )
+        left_out = sorted(set(selected) - set(perturbation.params)) if args.perturbation == "lowrank" else []
+        if left_out and args.es_param_spec not in (None, "all"):  # the default selection's are documented
+            logger.warning(
+                "ESTrainer: es_params=%r selects %d parameters outside nn.Linear weights (e.g. %s) that "
+                "perturbation='lowrank' leaves unchanged; set perturbation='full' to evolve them.",
+                args.es_params, len(left_out), left_out[0])
         return EvolutionStrategy(
             perturbation,
             population_size=args.population_size,
@@ -273,8 +281,9 @@ class ESTrainer(GRPOTrainer):
 
     @contextmanager
     def _sampling_seed(self, step: int, member: Member):
-        """Seed sampled decoding by (step, member): in the replicated layout, a member's completions then do not
-        depend on which process scores it (sharded, each process samples its own rows under this seed)."""
+        """Seed sampled decoding by (step, member): with full-rank noise in the replicated layout, a member's completions
+        then do not depend on which process scores it (sharded, each process samples its own rows under this seed). A
+        low-rank population is seeded by the first member of the batch, so its samples depend on the process count."""
         device = self.accelerator.device
         devices = [device] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):

@@ -17,6 +17,7 @@ object's business; this file only asks it for ``noise_sum`` and writes updates t
 """
 
 import math
+import warnings
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
@@ -157,7 +158,7 @@ class EvolutionStrategy:
         """What a checkpoint needs beyond the model's weights: the noise seed, for weights stored below fp32 the exact
         fp32 master copy, and the anchor of anchored decay; whole tensors (a collective when sharded, after which
         only process 0 holds them)."""
-        state = {"seed": self.population.seed}
+        state = {"seed": self.population.seed, "noise": self.perturbation.noise_kind}
         if any(p.dtype != torch.float32 for p in self.params.values()):
             state["master"] = self.perturbation.full_tensors(self.master.copies)
         if self.anchor is not None:
@@ -170,6 +171,18 @@ class EvolutionStrategy:
             raise ValueError(
                 f"the checkpoint was trained with ES seed {state['seed']}, this run has {self.population.seed}: resume "
                 "with the seed it was trained with (ESConfig.seed; ESStrategy(seed=...) or seed_everything)."
+            )
+        noise = self.perturbation.noise_kind
+        if "noise" not in state:
+            warnings.warn(
+                f"the checkpoint does not record its noise (written before checkpoints did); this run continues it with "
+                f"{noise!r} noise. "
+                "ESConfig's default perturbation changed from 'full' to 'lowrank': set the one it was trained with.",
+                stacklevel=2)
+        elif state["noise"] != noise:
+            raise ValueError(
+                f"the checkpoint was trained with {state['noise']!r} noise, this run uses {noise!r}: resume with the "
+                "perturbation (and perturbation_rank) it was trained with, or start a new run."
             )
         if "master" in state:
             self.master.load_state_dict(self.perturbation.local_tensors(state["master"]))

@@ -38,6 +38,8 @@ def main():
     parser.add_argument("--fail_on_process", type=int, default=-1)
     parser.add_argument("--anchor_decay", type=float, default=0.0)
     parser.add_argument("--perturb_on_process", type=int, default=-1, help="start this process from other weights")
+    parser.add_argument("--perturbation", default="full",
+                        help="'full' (equal weights on every layout are a full-rank promise), 'lowrank', or 'default'")
     args = parser.parse_args()
 
     tokenizer = build_tokenizer()
@@ -50,6 +52,7 @@ def main():
         max_completion_length=5, report_to="none", bf16=False, disable_tqdm=True, logging_steps=1,
         save_strategy="steps" if args.save_steps else "no", save_steps=args.save_steps or 500,
         es_anchor_decay=args.anchor_decay,
+        **({} if args.perturbation == "default" else {"perturbation": args.perturbation}),
     )
     prompts_per_step = {}
 
@@ -63,12 +66,12 @@ def main():
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(torch.randn_like(p))
-    trainer = ESTrainer(model, token_rate, args=config, train_dataset=dataset,
-                        processing_class=tokenizer)
     try:
+        trainer = ESTrainer(model, token_rate, args=config, train_dataset=dataset, processing_class=tokenizer)
         trainer.train(resume_from_checkpoint=args.resume)
     except Exception as error:
-        Path(args.output_dir, f"error-{trainer.accelerator.process_index}.txt").write_text(f"{type(error).__name__}: {error}")
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+        Path(args.output_dir, f"error-{config.process_index}.txt").write_text(f"{type(error).__name__}: {error}")
         raise
     weights = trainer.accelerator.get_state_dict(trainer.model_wrapped)  # gathers a ZeRO-3 model (collective)
     everyone = [None] * trainer.accelerator.num_processes

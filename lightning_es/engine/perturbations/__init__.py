@@ -36,8 +36,9 @@ def build_perturbation(
     if sharded:
         if kind != "full":
             raise ValueError(
-                f"perturbation={kind!r} does not run on DeepSpeed ZeRO-3 partitions: the sharded layout evolves "
-                "each process's slices with full-rank noise. Use perturbation='full', or drop ZeRO-3."
+                f"perturbation={kind!r} does not run on DeepSpeed ZeRO-3 partitions: the sharded layout evolves each "
+                "process's slices with full-rank noise. Set perturbation='full' (ESConfig's default is 'lowrank'), "
+                "or drop ZeRO-3."
             )
         return ShardedPerturbation.from_zero3(params, sigma, master_device)
     if kind == "full":

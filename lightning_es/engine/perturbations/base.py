@@ -18,6 +18,11 @@ from ..population import Member
 
 class Perturbation:
     batched = False  # True: ``apply_population(members)`` runs a whole population in one batch
+
+    @property
+    def noise_kind(self) -> str:
+        """Which noise this perturbation draws from a seed; a checkpoint continues only under the same kind."""
+        return "full"
     params: dict[str, torch.Tensor]
     master: MasterWeights
     sigma: float

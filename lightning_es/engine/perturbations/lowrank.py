@@ -60,6 +60,10 @@ class LowRankPerturbation(Perturbation):
         # nothing is written into the weights, so fp32 weights need no restore source and take updates directly
         self.master = MasterWeights(self.params, device=master_device, only_low_precision=not copy_all)
 
+    @property
+    def noise_kind(self) -> str:
+        return f"lowrank(rank={self.rank})"
+
     def factors(self, seed: int, name: str, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out_features, in_features = weight.shape
         a = self.noise.sample(seed, f"{name}#A", torch.Size([out_features, self.rank]), weight.device)
