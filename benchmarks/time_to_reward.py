@@ -128,6 +128,9 @@ def main():
         print(f"{method:10s} final reward {statistics.mean(summary['final_reward']):.3f} "
               f"(seeds {min(summary['final_reward']):.3f}-{max(summary['final_reward']):.3f}); time to GRPO's reward / "
               f"GRPO's time: {', '.join('not reached' if r == float('inf') else f'{r:.2f}' for r in ratios)}")
+    if result["grpo_final_reward"] <= max(points[0]["reward"] for points in curves["grpo"].values()):
+        print("GRPO ended at or below the base model's held-out reward: every method reaches it at once, and the "
+              "ratio below says nothing. Give it a longer --budget.")
     es = result["methods"]["es"]["ratio_per_seed"]
     spread = f"seeds {min(es):.2f}-{max(es):.2f}"
     print(f"ratio (ES wall-clock to reach GRPO's final held-out reward / GRPO's wall-clock): {result['ratio']:.2f} "
