@@ -6,7 +6,6 @@ import dataclasses
 import json
 import logging
 import math
-import runpy
 from pathlib import Path
 
 import numpy as np
@@ -18,11 +17,11 @@ from transformers import TrainingArguments
 from trl import GRPOConfig
 
 from lightning_es import PopulationError
+from swap import run_swapped
 from tiny import build_model, build_tokenizer
 from trl_ext import ESConfig, ESTrainer
 from trl_ext.grpo_fields import FIELDS, OPTIMIZER, REFUSED, WARNED, audit_table
 
-SCRIPTS = Path(__file__).parent / "scripts"
 DOCS = Path(__file__).parents[1] / "docs" / "grpo_fields.md"
 
 
@@ -270,21 +269,14 @@ def test_a_nan_reward_of_any_number_type_is_an_error(tmp_path, nan):
 # ---- a GRPO script that sets many fields, swapped in one line ----------------------------------------------------
 
 
-def run_swapped(tmp_path, tiny_dir, monkeypatch, **extra_fields):
-    source = (SCRIPTS / "grpo_many_fields.py").read_text()
-    swapped = source.replace("from trl import GRPOTrainer", "from trl_ext import ESTrainer as GRPOTrainer")
-    assert sum(a != b for a, b in zip(source.splitlines(), swapped.splitlines())) == 1
-    script = tmp_path / "swapped.py"
-    script.write_text(swapped)
-    monkeypatch.setenv("MODEL_DIR", str(tiny_dir))
-    monkeypatch.setenv("OUTPUT_DIR", str(tmp_path / "out"))
-    monkeypatch.setenv("EXTRA_FIELDS", json.dumps(extra_fields))
-    return runpy.run_path(str(script))
+def run_many_fields(tmp_path, tiny_dir, monkeypatch, **extra_fields):
+    return run_swapped("grpo_many_fields.py", tmp_path, monkeypatch, MODEL_DIR=str(tiny_dir),
+                            OUTPUT_DIR=str(tmp_path / "out"), EXTRA_FIELDS=json.dumps(extra_fields))
 
 
 def test_a_grpo_script_with_many_fields_keeps_their_meaning(tmp_path, tiny_dir, monkeypatch, caplog):
     with caplog.at_level(logging.WARNING):
-        namespace = run_swapped(tmp_path, tiny_dir, monkeypatch)
+        namespace = run_many_fields(tmp_path, tiny_dir, monkeypatch)
     trainer, calls, args = namespace["trainer"], namespace["calls"], namespace["trainer"].args
     history = trainer.state.log_history
     train_logs = [h for h in history if "es/fitness_mean" in h]
@@ -331,4 +323,4 @@ def test_a_grpo_script_with_many_fields_keeps_their_meaning(tmp_path, tiny_dir, 
 
 def test_the_same_script_with_a_reference_model_is_refused(tmp_path, tiny_dir, monkeypatch):
     with pytest.raises(ValueError, match="ESTrainer does not support beta=0.04"):
-        run_swapped(tmp_path, tiny_dir, monkeypatch, beta=0.04)
+        run_many_fields(tmp_path, tiny_dir, monkeypatch, beta=0.04)

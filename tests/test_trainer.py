@@ -1,6 +1,5 @@
 import logging
 import math
-import runpy
 from pathlib import Path
 
 import pytest
@@ -9,13 +8,13 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, TrainerCallback
 from trl import GRPOConfig
 
+from swap import run_swapped
 from tiny import build_model, build_tokenizer
 from trl_ext import ESConfig, ESTrainer
 from lightning_es import PopulationError
 from lightning_es.engine.perturbations import hookable_linear_weights
 from trl_ext.checkpoints import why_not_resumable
 
-SCRIPTS = Path(__file__).parent / "scripts"
 
 
 def es_args(tmp_path, **overrides):
@@ -51,14 +50,8 @@ def weights(model):
 
 
 def test_one_line_swap_turns_a_grpo_script_into_an_es_run(tmp_path, tiny_dir, monkeypatch):
-    source = (SCRIPTS / "grpo_style.py").read_text()
-    swapped = source.replace("from trl import GRPOTrainer", "from trl_ext import ESTrainer as GRPOTrainer")
-    assert sum(a != b for a, b in zip(source.splitlines(), swapped.splitlines())) == 1
-    script = tmp_path / "es_style.py"
-    script.write_text(swapped)
-    monkeypatch.setenv("MODEL_DIR", str(tiny_dir))
-    monkeypatch.setenv("OUTPUT_DIR", str(tmp_path / "es"))
-    namespace = runpy.run_path(str(script))
+    namespace = run_swapped("grpo_style.py", tmp_path, monkeypatch, MODEL_DIR=str(tiny_dir),
+                            OUTPUT_DIR=str(tmp_path / "es"))
     trainer = namespace["trainer"]
     assert isinstance(trainer, ESTrainer)
     logged = trainer.state.log_history[0]
@@ -369,19 +362,24 @@ def test_resume_mid_epoch_in_later_epochs_replays_prompts_and_weights(tmp_path, 
     assert_same_weights(full, resumed)
 
 
-def test_a_crash_while_saving_the_es_state_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
-    """save_total_limit=1: the older checkpoint may only go once the newer one can be resumed."""
+def fail_es_state_save(monkeypatch, checkpoint: str, error: OSError) -> None:
+    """From now on, writing es_state.pt into ``checkpoint`` raises ``error``."""
     real_save = torch.save
 
     def failing_save(obj, f, *args, **kwargs):
-        if "checkpoint-2" in str(f) and "es_state" in str(f):
-            raise OSError("disk full")
+        if checkpoint in str(f) and "es_state" in str(f):
+            raise error
         return real_save(obj, f, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", failing_save)
+
+
+def test_a_crash_while_saving_the_es_state_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    """save_total_limit=1: the older checkpoint may only go once the newer one can be resumed."""
+    fail_es_state_save(monkeypatch, "checkpoint-2", OSError("disk full"))
     with pytest.raises(PopulationError, match=r"saving es_state.pt \(process 0\): OSError: disk full"):
         train_recording(tmp_path / "crashed", max_steps=3, save_total_limit=1)
-    monkeypatch.setattr(torch, "save", real_save)
+    monkeypatch.undo()  # saves work again
     checkpoint = tmp_path / "crashed" / "checkpoint-1"
     assert (checkpoint / "es_state.pt").exists()
     resumed, _ = train_recording(tmp_path / "resumed", resume=str(checkpoint), max_steps=3)
@@ -440,14 +438,7 @@ def test_a_save_over_an_older_checkpoint_is_incomplete_until_it_ends(tmp_path, m
     """A run resumed from checkpoint-2 saves checkpoint-3 again, over the complete one of the first run: killed in the
     middle, that folder must not pass for complete (its new weights beside the old trainer_state.json)."""
     train_recording(tmp_path / "out", max_steps=4)
-    real_save = torch.save
-
-    def failing_save(obj, f, *args, **kwargs):
-        if "checkpoint-3" in str(f) and "es_state" in str(f):
-            raise OSError("killed")
-        return real_save(obj, f, *args, **kwargs)
-
-    monkeypatch.setattr(torch, "save", failing_save)
+    fail_es_state_save(monkeypatch, "checkpoint-3", OSError("killed"))
     with pytest.raises(PopulationError, match="OSError: killed"):
         train_recording(tmp_path / "out", resume=str(tmp_path / "out" / "checkpoint-2"), max_steps=4)
     assert "trainer_state.json is missing" in why_not_resumable(str(tmp_path / "out" / "checkpoint-3"))
