@@ -26,14 +26,16 @@ from lightning_es.tasks.models import resolve_model
 from trl_ext import ESConfig, ESTrainer
 from trl_ext.recipes import use_all_cpu_cores
 
-COMMON = dict(max_completion_length=24, per_device_train_batch_size=8, report_to="none", bf16=False,
-              save_strategy="no", logging_steps=1, disable_tqdm=True, reward_weights=REWARD_WEIGHTS, max_steps=10_000)
+COMMON = dict(max_completion_length=24, report_to="none", bf16=False, save_strategy="no", logging_steps=1,
+              disable_tqdm=True, reward_weights=REWARD_WEIGHTS, max_steps=10_000)
 METHODS = {
     # what TRL users start from: AdamW on the policy gradient, 2 prompts x 4 completions
-    "grpo": (GRPOTrainer, GRPOConfig, dict(num_generations=4, learning_rate=1e-5, beta=0.0)),
+    "grpo": (GRPOTrainer, GRPOConfig, dict(per_device_train_batch_size=8, num_generations=4, learning_rate=1e-5,
+                                           beta=0.0)),
     # the settings of the recipes before this study
-    "es-before": (ESTrainer, ESConfig, dict(population_size=8, perturbation="lowrank", sigma=1e-2,
-                                            learning_rate=2e-5, max_completion_length=32)),
+    "es-before": (ESTrainer, ESConfig, dict(per_device_train_batch_size=8, population_size=8, perturbation="lowrank",
+                                            perturbation_rank=1, sigma=1e-2, learning_rate=2e-5,
+                                            max_completion_length=32)),
     # the library's defaults
     "es": (ESTrainer, ESConfig, dict()),
 }
@@ -92,6 +94,52 @@ def plot(curves, path: Path) -> None:
     figure.savefig(path, dpi=110)
 
 
+def markdown(result: dict, curves: dict) -> str:
+    """The report's table: per method, the final held-out scores and the time to GRPO's final reward, over seeds."""
+    def spread(values):
+        sd = statistics.stdev(values) if len(values) > 1 else 0.0
+        return f"{statistics.mean(values):.3f} ± {sd:.3f}"
+
+    lines = [
+        f"GRPO's final held-out reward: {result['grpo_final_reward']:.3f} (mean of its seeds) after "
+        f"{result['grpo_seconds']:.0f} s of training.", "",
+        "| method | iterations in the budget | s / iteration | final accuracy | final format | final reward "
+        "| time to GRPO's final reward / GRPO's time, per seed |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for method, summary in result["methods"].items():
+        finals = [points[-1] for points in curves[method].values()]
+        pace = statistics.mean(p["seconds"] / p["step"] for p in finals)
+        ratios = ", ".join("not reached" if r == float("inf") else f"{r:.2f}" for r in summary["ratio_per_seed"])
+        lines.append(f"| {method} | {', '.join(str(p['step']) for p in finals)} | {pace:.1f} | "
+                     f"{spread(summary['final_accuracy'])} | {spread(summary['final_format'])} | "
+                     f"{spread(summary['final_reward'])} | {ratios} |")
+    lines += ["", "Held-out reward at the marks (mean over seeds, at the seeds' mean training seconds):", ""]
+    for method, runs in curves.items():
+        lines.append(f"- {method}: " + ", ".join(
+            f"{statistics.mean(p['seconds'] for p in row):.0f} s {statistics.mean(p['reward'] for p in row):.3f}"
+            for row in zip(*runs.values())))
+    return "\n".join(lines) + "\n"
+
+
+def report(curves: dict, args, out: Path) -> None:
+    result = summarize(curves)
+    result["settings"] = {"budget_seconds": args.budget, "mark_seconds": args.mark, "task": args.task,
+                          "model": args.model or "SmolLM2-135M-Instruct", "seeds": args.seeds,
+                          "methods": {m: {**COMMON, **METHODS[m][2]} for m in curves}}
+    result["curves"] = curves
+    (out / "result.json").write_text(json.dumps(result, indent=1))
+    plot(curves, out / "reward.png")
+    (out / "report.md").write_text(markdown(result, curves))
+    print(markdown(result, curves))
+    if result["grpo_final_reward"] <= max(points[0]["reward"] for points in curves["grpo"].values()):
+        print("GRPO ended at or below the base model's held-out reward: every method reaches it at once, and the "
+              "ratio below says nothing. Give it a longer --budget.")
+    es = result["methods"]["es"]["ratio_per_seed"]
+    print(f"ratio (ES wall-clock to reach GRPO's final held-out reward / GRPO's wall-clock): {result['ratio']:.2f} "
+          f"(seeds {min(es):.2f}-{max(es):.2f})")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="Default: the embedded SmolLM2-135M-Instruct.")
@@ -102,11 +150,16 @@ def main():
     parser.add_argument("--eval_size", type=int, default=32)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--out", default="outputs/time-to-reward")
+    parser.add_argument("--curves", default=None, help="Report from the curves.json of an earlier run; train nothing.")
     args = parser.parse_args()
-    use_all_cpu_cores()
-    logging.disable(logging.WARNING)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.curves:
+        saved = json.loads(Path(args.curves).read_text())
+        report({method: {int(seed): points for seed, points in runs.items()} for method, runs in saved.items()}, args, out)
+        return
+    use_all_cpu_cores()
+    logging.disable(logging.WARNING)
     curves = {method: {} for method in args.methods}
     for seed in args.seeds:  # methods interleaved, so that a slow phase of the machine does not hit one alone
         for method in args.methods:
@@ -115,26 +168,7 @@ def main():
             print(f"{method} seed {seed}: {last['seconds']:.0f} s, {last['step']} steps, accuracy {last['accuracy']:.3f}, "
                   f"format {last['format']:.3f}", flush=True)
             (out / "curves.json").write_text(json.dumps(curves, indent=1))
-    result = summarize(curves)
-    result["settings"] = {"budget_seconds": args.budget, "mark_seconds": args.mark, "task": args.task,
-                          "model": args.model or "SmolLM2-135M-Instruct", "seeds": args.seeds,
-                          "methods": {m: {**COMMON, **METHODS[m][2]} for m in args.methods}}
-    result["curves"] = curves
-    (out / "result.json").write_text(json.dumps(result, indent=1))
-    plot(curves, out / "reward.png")
-    print(f"GRPO's final held-out reward {result['grpo_final_reward']:.3f} after {result['grpo_seconds']:.0f} s")
-    for method, summary in result["methods"].items():
-        ratios = summary["ratio_per_seed"]
-        print(f"{method:10s} final reward {statistics.mean(summary['final_reward']):.3f} "
-              f"(seeds {min(summary['final_reward']):.3f}-{max(summary['final_reward']):.3f}); time to GRPO's reward / "
-              f"GRPO's time: {', '.join('not reached' if r == float('inf') else f'{r:.2f}' for r in ratios)}")
-    if result["grpo_final_reward"] <= max(points[0]["reward"] for points in curves["grpo"].values()):
-        print("GRPO ended at or below the base model's held-out reward: every method reaches it at once, and the "
-              "ratio below says nothing. Give it a longer --budget.")
-    es = result["methods"]["es"]["ratio_per_seed"]
-    spread = f"seeds {min(es):.2f}-{max(es):.2f}"
-    print(f"ratio (ES wall-clock to reach GRPO's final held-out reward / GRPO's wall-clock): {result['ratio']:.2f} "
-          f"({spread})")
+    report(curves, args, out)
 
 
 if __name__ == "__main__":

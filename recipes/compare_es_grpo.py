@@ -1,28 +1,41 @@
-"""ES against GRPO from one base model: task reward, off-task KL drift, update geometry, linear mode connectivity.
+"""ES against GRPO from one base model, over several seeds: task reward, off-task KL drift, update geometry, linear
+mode connectivity, and a precision audit of both updates.
 
     python recipes/compare_es_grpo.py                                   # embedded SmolLM2-135M-Instruct, GSM8K-style
-    python recipes/compare_es_grpo.py --task countdown --steps 50 --report_dir outputs/compare-countdown
+    python recipes/compare_es_grpo.py --task countdown --steps 50 --seeds 0 1 --report_dir outputs/compare-countdown
 
-Both trainers run the same number of iterations on the same prompts, with KL-drift and parameter-drift callbacks.
-The report folder gets `report.md` (summary table), `metrics.json`, and PNG plots: reward curves, KL-drift curves
-and the reward along the straight line between the two solutions.
+For each seed both trainers run the same number of iterations from the same base model (ES with ESConfig's defaults,
+GRPO with AdamW), then:
+- held-out accuracy and answer format, greedy, on the same problems for every seed;
+- off-task KL to the base model on every probe prompt, with both estimators: ``exact`` (full next-token KL at every
+  token of the chat-formatted probe followed by the base model's own greedy answer, teacher-forced: no sampling
+  noise) and ``sampled`` (the ES-vs-GRPO paper's Monte Carlo estimate on continuations sampled from the trained
+  model);
+- update norm, moved fraction, cosine between the two updates, reward along the straight line between them;
+- precision audit: the fraction of each update that bf16 weights would keep, for the whole update and for single steps.
+The report folder gets `report.md` (per-seed and mean ± sd tables, and which of the four published findings hold
+here), `metrics.json`, and PNG plots.
 """
 
+import gc
 import json
+import math
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import matplotlib
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
-from lightning_es.tasks.evaluation import greedy_scores
 from lightning_es.drift import (
-    cosine_similarity, linear_connectivity, moved_fraction, parameter_delta, snapshot, update_norm,
+    DriftProbe, cosine_similarity, linear_connectivity, moved_fraction, parameter_delta, realised_fraction, snapshot,
+    update_norm,
 )
-from lightning_es.tasks.models import resolve_model
 from lightning_es.tasks import countdown, gsm8k
+from lightning_es.tasks.evaluation import greedy_scores
+from lightning_es.tasks.models import resolve_model
 from lightning_es.tasks.probes import OFF_TASK_PROMPTS, chat
 from trl_ext import ESConfig, ESTrainer
 from trl_ext.callbacks import KLDriftCallback, ParameterDriftCallback
@@ -32,47 +45,61 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 TASKS = {"gsm8k": gsm8k, "countdown": countdown}
+METHODS = ("es", "grpo")
 
 
 @dataclass
 class CompareArguments:
     model_name_or_path: str | None = field(default=None, metadata={"help": "Base model (default: embedded SmolLM2)."})
     task: str = field(default="gsm8k", metadata={"help": "'gsm8k' (GSM8K-style, final answer) or 'countdown'."})
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "One ES and one GRPO run per seed."})
     steps: int = field(default=20, metadata={"help": "Iterations for each method (the shared budget)."})
-    prompts_per_step: int = field(default=8, metadata={"help": "Prompts per iteration for both methods."})
-    max_completion_length: int = field(default=32, metadata={"help": "New tokens per completion."})
-    population_size: int = field(default=8, metadata={"help": "ES population."})
-    es_learning_rate: float = field(default=1e-6, metadata={"help": "ES step size (lr = alpha * sigma)."})
+    prompts_per_step: int | None = field(default=None, metadata={"help": "ES prompts per iteration (default: ESConfig's)."})
+    max_completion_length: int = field(default=24, metadata={"help": "New tokens per completion."})
+    population_size: int | None = field(default=None, metadata={"help": "ES population (default: ESConfig's)."})
+    es_learning_rate: float | None = field(default=None, metadata={"help": "ES step size (default: ESConfig's)."})
     grpo_learning_rate: float = field(default=1e-5, metadata={"help": "GRPO AdamW learning rate."})
     grpo_prompts_per_step: int = field(default=2, metadata={"help": "GRPO prompts per iteration (backward is costly)."})
     grpo_generations: int = field(default=4, metadata={"help": "GRPO completions per prompt."})
     train_size: int = field(default=160, metadata={"help": "Training problems."})
-    eval_size: int = field(default=16, metadata={"help": "Held-out problems for the task reward."})
-    kl_every: int = field(default=5, metadata={"help": "Measure drift every this many iterations."})
-    kl_estimator: str = field(
-        default="sampled",
-        metadata={"help": "'sampled' (the ES-vs-GRPO paper's Monte Carlo estimate; noisy for small drifts) or 'exact'."},
-    )
+    eval_size: int = field(default=32, metadata={"help": "Held-out problems for the task reward."})
+    probes: int = field(default=len(OFF_TASK_PROMPTS), metadata={"help": "Off-task probe prompts (at most 24)."})
+    probe_tokens: int = field(default=32, metadata={"help": "Tokens of each probe's answer scored for the KL."})
+    kl_every: int = field(default=5, metadata={"help": "Measure drift (exact KL) during training every this many steps."})
     grid_points: int = field(default=5, metadata={"help": "Points on the interpolation line, endpoints included."})
     report_dir: str = field(default="outputs/compare", metadata={"help": "Where the report is written."})
-    seed: int = field(default=0, metadata={"help": "Seed for data, noise and sampling."})
     quick: bool = field(default=False, metadata={"help": "Smoke mode for tests."})
 
 
-QUICK = dict(steps=2, prompts_per_step=2, max_completion_length=6, population_size=4, grpo_prompts_per_step=1,
-             grpo_generations=2,
-             train_size=8, eval_size=4, kl_every=1, grid_points=3)
+QUICK = dict(seeds=[0, 1], steps=2, prompts_per_step=2, max_completion_length=6, population_size=4,
+             grpo_prompts_per_step=1, grpo_generations=2, train_size=8, eval_size=4, probes=3, probe_tokens=6,
+             kl_every=1, grid_points=3)
+
+
+class StepPrecisionAudit(TrainerCallback):
+    """Every ``every`` steps, the fraction of that single step that bf16 weights would keep (`realised_fraction`);
+    steps that moved nothing are left out."""
+
+    def __init__(self, trainer, every: int):
+        self.trainer, self.every, self.before, self.fractions = trainer, every, None, []
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if (state.global_step + 1) % self.every == 0:
+            self.before = snapshot(self.trainer.accelerator.unwrap_model(self.trainer.model))
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.before is not None:
+            step = parameter_delta(self.trainer.accelerator.unwrap_model(self.trainer.model), self.before)
+            kept = realised_fraction(self.before, step)
+            if not math.isnan(kept):  # a step that moved nothing has nothing to keep
+                self.fractions.append(kept)
+            self.before = None
 
 
 def task_data(args):
-    module = TASKS[args.task]
     if args.task == "gsm8k":
-        train, test = gsm8k.load_splits(train_size=args.train_size, eval_size=args.eval_size, seed=args.seed,
-                                        style="final_answer")
-    else:
-        train = countdown.generate(args.train_size, seed=args.seed)
-        test = countdown.generate(args.eval_size, seed=args.seed + 1_000_003)
-    return module, train, test
+        return gsm8k.load_splits(train_size=args.train_size, eval_size=args.eval_size, seed=0, style="final_answer")
+    return countdown.generate(args.train_size, seed=0), countdown.generate(args.eval_size, seed=1_000_003)
 
 
 def task_reward(model, tokenizer, test, module, args) -> dict[str, float]:
@@ -81,15 +108,30 @@ def task_reward(model, tokenizer, test, module, args) -> dict[str, float]:
     return {**scores, "reward": scores["accuracy"] + 0.5 * scores["format"]}
 
 
-def train(method, args, base_path, module, train_dataset, tokenizer):
+def kl_probes(base, tokenizer, args) -> dict[str, DriftProbe]:
+    """Both KL estimators on the same probe prompts, with the base model as their reference."""
+    prompts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
+               for p in chat(OFF_TASK_PROMPTS[: args.probes])]
+    tokenizer.padding_side = "left"
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.no_grad():
+        answers = base.generate(**batch, do_sample=False, max_new_tokens=args.probe_tokens,
+                                pad_token_id=tokenizer.pad_token_id)[:, batch["input_ids"].shape[1]:]
+    answered = [p + a for p, a in zip(prompts, tokenizer.batch_decode(answers, skip_special_tokens=True))]
+    return {"exact": DriftProbe(base, tokenizer, answered, estimator="exact"),
+            "sampled": DriftProbe(base, tokenizer, prompts, estimator="sampled", max_new_tokens=args.probe_tokens)}
+
+
+def train(method, args, seed, base_path, module, train_dataset, tokenizer, probe_texts):
     common = dict(
-        output_dir=str(Path(args.report_dir) / method), max_steps=args.steps, max_completion_length=args.max_completion_length,
-        logging_steps=1, save_strategy="no", report_to="none", bf16=False, seed=args.seed, disable_tqdm=True,
-        reward_weights=[1.0, 0.5],
+        output_dir=str(Path(args.report_dir) / f"{method}-seed{seed}"), max_steps=args.steps,
+        max_completion_length=args.max_completion_length, logging_steps=1, save_strategy="no", report_to="none",
+        bf16=False, seed=seed, disable_tqdm=True, reward_weights=[1.0, 0.5],
     )
     if method == "es":
-        config = ESConfig(per_device_train_batch_size=args.prompts_per_step, population_size=args.population_size,
-                          learning_rate=args.es_learning_rate, **common)
+        chosen = {"population_size": args.population_size, "learning_rate": args.es_learning_rate,
+                  "per_device_train_batch_size": args.prompts_per_step}
+        config = ESConfig(**{k: v for k, v in chosen.items() if v is not None}, **common)
         trainer_class = ESTrainer
     else:
         config = GRPOConfig(per_device_train_batch_size=args.grpo_prompts_per_step * args.grpo_generations,
@@ -98,12 +140,145 @@ def train(method, args, base_path, module, train_dataset, tokenizer):
         trainer_class = GRPOTrainer
     trainer = trainer_class(model=base_path, reward_funcs=[module.correctness_reward, module.format_reward],
                             args=config, train_dataset=train_dataset, processing_class=tokenizer)
-    probes = chat(OFF_TASK_PROMPTS[: 2 if args.quick else None])
-    trainer.add_callback(KLDriftCallback(trainer, probes, every_n_steps=args.kl_every, estimator=args.kl_estimator,
-                                         max_new_tokens=16))
+    trainer.add_callback(KLDriftCallback(trainer, probe_texts, every_n_steps=args.kl_every, estimator="exact"))
     trainer.add_callback(ParameterDriftCallback(trainer, every_n_steps=args.kl_every))
+    audit = StepPrecisionAudit(trainer, args.kl_every)
+    trainer.add_callback(audit)
     trainer.train()
-    return trainer
+    return trainer, audit.fractions
+
+
+def run_seed(seed, args, base, start, base_path, module, data, tokenizer, probes) -> dict:
+    train_dataset, test = data
+    result, deltas = {}, {}
+    for method in METHODS:
+        trainer, step_fractions = train(method, args, seed, base_path, module, train_dataset, tokenizer,
+                                        probes["exact"].prompts)
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        deltas[method] = parameter_delta(model, start)
+        result[method] = {
+            **task_reward(model, tokenizer, test, module, args),
+            **{f"kl_{name}": probe.measure_each(model) for name, probe in probes.items()},
+            "update_norm": update_norm(deltas[method]),
+            "relative_norm": update_norm(deltas[method]) / update_norm(start),
+            "moved_fraction": moved_fraction(deltas[method]),
+            "bf16_kept_update": realised_fraction(start, deltas[method]),
+            "bf16_kept_step": statistics.mean(step_fractions) if step_fractions else math.nan,
+            "history": trainer.state.log_history,
+        }
+        del trainer, model
+        gc.collect()  # the trainer and its callbacks hold each other: free its model before the next one is built
+    result["cosine_es_grpo"] = cosine_similarity(deltas["es"], deltas["grpo"])
+    grid = [i / (args.grid_points - 1) for i in range(args.grid_points)]
+    endpoints = {m: {n: start[n] + deltas[m][n] for n in start} for m in deltas}
+    path = linear_connectivity(base, endpoints["es"], endpoints["grpo"],
+                               lambda m: task_reward(m, tokenizer, test, module, args)["reward"], grid)
+    result["interpolation"] = {"alphas": path.alphas, "reward": path.values, "barrier": path.barrier}
+    return result
+
+
+def spread(values) -> str:
+    """mean ± sample standard deviation; NaN (e.g. the kept share of an update that is zero) propagates."""
+    values = [float(v) for v in values]
+    mean = sum(values) / len(values)
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return f"{mean:.4g} ± {sd:.2g}"
+
+
+def findings(runs: dict, before: dict, args) -> list[str]:
+    """Plain statements of which published ES-vs-GRPO findings hold in these runs, with their evidence."""
+    seeds = list(runs)
+    value = lambda method, key: [runs[s][method][key] for s in seeds]  # noqa: E731
+    mean_kl = lambda method, name: [statistics.mean(runs[s][method][f"kl_{name}"]) for s in seeds]  # noqa: E731
+    one_problem = 1 / args.eval_size
+    lines = []
+
+    es_acc, grpo_acc = value("es", "accuracy"), value("grpo", "accuracy")
+    gap = statistics.mean(es_acc) - statistics.mean(grpo_acc)
+    noise = max(max(es_acc) - min(es_acc), max(grpo_acc) - min(grpo_acc), one_problem)
+    parity = abs(gap) <= noise
+    lines.append(
+        f"1. Accuracy parity: {'holds' if parity else 'does not hold'}. Held-out accuracy ES {spread(es_acc)}, GRPO "
+        f"{spread(grpo_acc)} (base {before['accuracy']:.3f}); the gap {gap:+.3f} is "
+        f"{'within' if parity else 'beyond'} the seeds' range ({noise:.3f}). Task reward ES "
+        f"{spread(value('es', 'reward'))}, GRPO {spread(value('grpo', 'reward'))}."
+    )
+    ratios = [e / g if g else math.inf for e, g in zip(value("es", "update_norm"), value("grpo", "update_norm"))]
+    larger = all(r > 1 for r in ratios)
+    lines.append(
+        f"2. Larger update norm for ES: {'holds' if larger else 'does not hold'}. ES/GRPO L2 norm per seed "
+        f"{', '.join(f'{r:.1f}x' for r in ratios)} (ES {spread(value('es', 'update_norm'))}, GRPO "
+        f"{spread(value('grpo', 'update_norm'))})."
+    )
+    pairs = [(e, g) for s in seeds for e, g in zip(runs[s]["es"]["kl_exact"], runs[s]["grpo"]["kl_exact"])]
+    es_higher = sum(e > g for e, g in pairs)
+    every_seed = all(e > g for e, g in zip(mean_kl("es", "exact"), mean_kl("grpo", "exact")))
+    every_seed_lower = all(e < g for e, g in zip(mean_kl("es", "exact"), mean_kl("grpo", "exact")))
+    verdict = "holds" if every_seed and es_higher > len(pairs) / 2 else (
+        "is reversed" if every_seed_lower and es_higher < len(pairs) / 2 else "is not established")
+    lines.append(
+        f"3. Larger off-task KL for ES: {verdict}. Exact teacher-forced KL (mean over {args.probes} probes) ES "
+        f"{spread(mean_kl('es', 'exact'))}, GRPO {spread(mean_kl('grpo', 'exact'))}; ES higher on {es_higher} of "
+        f"{len(pairs)} (seed, probe) pairs. Sampled estimate: ES {spread(mean_kl('es', 'sampled'))}, GRPO "
+        f"{spread(mean_kl('grpo', 'sampled'))}."
+    )
+    cosines = [runs[s]["cosine_es_grpo"] for s in seeds]
+    barriers = [runs[s]["interpolation"]["barrier"] for s in seeds]
+    orthogonal = all(abs(c) < 0.1 for c in cosines)
+    no_barrier = all(b <= one_problem for b in barriers)
+    lines.append(
+        f"4. Near-orthogonal updates with no barrier on the linear path: "
+        f"{'holds' if orthogonal and no_barrier else 'does not hold'}. Cosine per seed "
+        f"{', '.join(f'{c:.4f}' for c in cosines)} ({'all' if orthogonal else 'not all'} below 0.1 in size); barrier "
+        f"in task reward per seed {', '.join(f'{b:.3f}' for b in barriers)} ({'all' if no_barrier else 'not all'} "
+        f"within one held-out problem, {one_problem:.3f})."
+    )
+    return lines
+
+
+def markdown(runs: dict, before: dict, args) -> str:
+    seeds = list(runs)
+    rows = [
+        ("held-out accuracy", "accuracy"), ("answer format rate", "format"), ("task reward (accuracy + 0.5 format)",
+                                                                              "reward"),
+        ("off-task KL, exact (mean over probes)", "kl_exact"), ("off-task KL, sampled (mean over probes)",
+                                                                "kl_sampled"),
+        ("update L2 norm", "update_norm"), ("update norm / base norm", "relative_norm"),
+        ("fraction of weights moved (>1e-6)", "moved_fraction"),
+        ("share of the whole update bf16 weights keep", "bf16_kept_update"),
+        ("share of one step bf16 weights keep", "bf16_kept_step"),
+    ]
+
+    def reading(seed, method, key):
+        value = runs[seed][method][key]
+        return statistics.mean(value) if isinstance(value, list) else value
+
+    prompts = "" if args.prompts_per_step is None else f" with {args.prompts_per_step} prompts per iteration"
+    lines = [
+        f"# ES vs GRPO on {args.task}: {args.steps} iterations each, seeds {', '.join(map(str, seeds))}",
+        "", f"ES: ESConfig's defaults{prompts}; GRPO: "
+        f"{args.grpo_prompts_per_step} prompts x {args.grpo_generations} completions, AdamW lr "
+        f"{args.grpo_learning_rate:g}; {args.max_completion_length} new tokens; {args.eval_size} held-out problems; "
+        f"{args.probes} off-task probes.", "",
+        "## Which published findings hold here", "", *findings(runs, before, args), "",
+        "## Mean ± sd over seeds", "", "| metric | base | ES | GRPO |", "| --- | --- | --- | --- |",
+    ]
+    for label, key in rows:
+        base = f"{before[key]:.4g}" if key in before else "-"
+        lines.append(f"| {label} | {base} | {spread(reading(s, 'es', key) for s in seeds)} | "
+                     f"{spread(reading(s, 'grpo', key) for s in seeds)} |")
+    lines += ["", "## Per seed", "", "| metric | " + " | ".join(f"ES {s} | GRPO {s}" for s in seeds) + " |",
+              "| --- |" + " --- | --- |" * len(seeds)]
+    for label, key in rows:
+        lines.append(f"| {label} | " + " | ".join(f"{reading(s, 'es', key):.4g} | {reading(s, 'grpo', key):.4g}"
+                                                   for s in seeds) + " |")
+    lines.append("| cosine(ES update, GRPO update) | " + " | ".join(f"{runs[s]['cosine_es_grpo']:.4f} | -"
+                                                                    for s in seeds) + " |")
+    lines.append("| barrier on the line (task reward) | " + " | ".join(f"{runs[s]['interpolation']['barrier']:.3f} | -"
+                                                                      for s in seeds) + " |")
+    lines += ["", "Plots: reward.png (training reward), kl_drift.png (exact off-task KL during training), "
+              "kl_probes.png (final KL per probe, ES against GRPO), interpolation.png (reward on the line).", ""]
+    return "\n".join(lines)
 
 
 def series(history, key):
@@ -111,84 +286,63 @@ def series(history, key):
     return [p[0] for p in points], [p[1] for p in points]
 
 
-def plot(path, title, ylabel, curves, xlabel="iteration"):
+def plots(report: Path, runs: dict) -> None:
+    colours = {"es": "C1", "grpo": "C0"}
+    for name, key, title in (("reward.png", "reward", "Training reward (population mean for ES)"),
+                             ("kl_drift.png", "drift/kl", "Off-task KL(current || base), exact")):
+        figure, axis = plt.subplots(figsize=(6, 4))
+        for seed, run in runs.items():
+            for method in METHODS:
+                axis.plot(*series(run[method]["history"], key), color=colours[method], alpha=0.7,
+                          label=method.upper() if seed == min(runs) else None)
+        axis.set(title=title, xlabel="iteration")
+        axis.legend()
+        figure.tight_layout()
+        figure.savefig(report / name, dpi=100)
+        plt.close(figure)
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for index, estimator in enumerate(("exact", "sampled")):
+        for seed, run in runs.items():
+            axes[index].scatter(run["grpo"][f"kl_{estimator}"], run["es"][f"kl_{estimator}"], label=f"seed {seed}")
+        low, high = axes[index].get_xlim()
+        axes[index].plot([low, high], [low, high], color="grey", linewidth=0.8)
+        axes[index].set(title=f"off-task KL per probe ({estimator})", xlabel="GRPO", ylabel="ES")
+        axes[index].legend()
+    figure.tight_layout()
+    figure.savefig(report / "kl_probes.png", dpi=100)
+    plt.close(figure)
     figure, axis = plt.subplots(figsize=(6, 4))
-    for label, (x, y) in curves.items():
-        axis.plot(x, y, marker="o", label=label)
-    axis.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    for seed, run in runs.items():
+        axis.plot(run["interpolation"]["alphas"], run["interpolation"]["reward"], marker="o", label=f"seed {seed}")
+    axis.set(title="Task reward on (1 - a) theta_ES + a theta_GRPO", xlabel="a", ylabel="reward")
     axis.legend()
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    figure.savefig(report / "interpolation.png", dpi=100)
     plt.close(figure)
 
 
 def main(args):
+    if not 1 <= args.probes <= len(OFF_TASK_PROMPTS):
+        raise ValueError(f"probes must be between 1 and {len(OFF_TASK_PROMPTS)}, got {args.probes}.")
     report = Path(args.report_dir)
     report.mkdir(parents=True, exist_ok=True)
     base_path = resolve_model(args.model_name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(base_path, padding_side="left")
-    module, train_dataset, test = task_data(args)
+    module, data = TASKS[args.task], task_data(args)
     base = AutoModelForCausalLM.from_pretrained(base_path)
     start = snapshot(base)
-    results = {"before": task_reward(base, tokenizer, test, module, args)}
-    deltas, histories = {}, {}
-    for method in ("es", "grpo"):
-        trainer = train(method, args, base_path, module, train_dataset, tokenizer)
-        model = trainer.accelerator.unwrap_model(trainer.model)
-        deltas[method] = parameter_delta(model, start)
-        histories[method] = trainer.state.log_history
-        kl = series(histories[method], "drift/kl")[1]
-        results[method] = {
-            **task_reward(model, tokenizer, test, module, args),
-            "off_task_kl": kl[-1],
-            "update_norm": update_norm(deltas[method]),
-            "relative_norm": update_norm(deltas[method]) / update_norm(start),
-            "moved_fraction": moved_fraction(deltas[method]),
-        }
-        del trainer, model
-    results["cosine_es_grpo"] = cosine_similarity(deltas["es"], deltas["grpo"])
-    grid = [i / (args.grid_points - 1) for i in range(args.grid_points)]
-    endpoints = {m: {n: start[n] + deltas[m][n] for n in start} for m in deltas}
-    path = linear_connectivity(base, endpoints["es"], endpoints["grpo"],
-                               lambda m: task_reward(m, tokenizer, test, module, args)["reward"], grid)
-    results["interpolation"] = {"alphas": path.alphas, "reward": path.values, "barrier": path.barrier}
-
-    plot(report / "reward.png", "Training reward (population mean for ES)", "reward",
-         {m.upper(): series(histories[m], "reward") for m in histories})
-    plot(report / "kl_drift.png", "Off-task KL(current || base)", "KL per token",
-         {m.upper(): series(histories[m], "drift/kl") for m in histories})
-    plot(report / "interpolation.png", "Task reward on (1 - a) theta_ES + a theta_GRPO", "reward",
-         {"path": (path.alphas, path.values)}, xlabel="a")
-    (report / "metrics.json").write_text(json.dumps({**results, "history": histories}, indent=1, default=float))
-    (report / "report.md").write_text(markdown(results, args))
+    before = task_reward(base, tokenizer, data[1], module, args)
+    probes = kl_probes(base, tokenizer, args)
+    runs = {}
+    for seed in args.seeds:
+        runs[seed] = run_seed(seed, args, base, start, base_path, module, data, tokenizer, probes)
+        (report / "metrics.json").write_text(json.dumps({"before": before, "runs": runs}, indent=1, default=float))
+        print(f"seed {seed}: " + ", ".join(f"{m} accuracy {runs[seed][m]['accuracy']:.3f} format "
+                                           f"{runs[seed][m]['format']:.3f}" for m in METHODS), flush=True)
+    plots(report, runs)
+    (report / "report.md").write_text(markdown(runs, before, args))
     print((report / "report.md").read_text())
-    return results
-
-
-def markdown(results, args) -> str:
-    rows = [
-        ("task accuracy (held-out)", "accuracy", "{:.1%}"), ("answer format rate", "format", "{:.1%}"),
-        ("task reward (accuracy + 0.5 format)", "reward", "{:.3f}"), ("off-task KL (last probe)", "off_task_kl", "{:.4f}"),
-        ("update L2 norm", "update_norm", "{:.4f}"), ("update norm / base norm", "relative_norm", "{:.2e}"),
-        ("fraction of weights moved (>1e-6)", "moved_fraction", "{:.3f}"),
-    ]
-    lines = [
-        f"# ES vs GRPO on {args.task}: {args.steps} iterations each (ES: {args.population_size} members x "
-        f"{args.prompts_per_step} prompts; GRPO: {args.grpo_prompts_per_step} prompts x {args.grpo_generations} "
-        "completions)",
-        "", "| metric | base | ES | GRPO |", "| --- | --- | --- | --- |",
-    ]
-    for label, key, style in rows:
-        base = style.format(results["before"][key]) if key in results["before"] else "-"
-        lines.append(f"| {label} | {base} | {style.format(results['es'][key])} | {style.format(results['grpo'][key])} |")
-    lines += [
-        "", f"- cosine(ES update, GRPO update): {results['cosine_es_grpo']:.4f}",
-        f"- barrier on the straight line ES to GRPO (task reward): {results['interpolation']['barrier']:.4f}",
-        f"- reward along the line at a = {results['interpolation']['alphas']}: "
-        f"{[round(v, 3) for v in results['interpolation']['reward']]}",
-        "", "Plots: reward.png, kl_drift.png, interpolation.png.",
-    ]
-    return "\n".join(lines) + "\n"
+    return runs
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
     accelerate launch recipes/es_gsm8k.py                        # embedded SmolLM2-135M-Instruct, offline, CPU
     accelerate launch recipes/es_gsm8k.py --model_name_or_path Qwen/Qwen2.5-1.5B-Instruct --max_steps 300
+        # for ES on a model of that size, add the ES-at-scale paper's settings (README, "Defaults and step size")
     accelerate launch recipes/es_gsm8k.py --config my.yaml       # every config field is also a YAML key / CLI flag
 
 GSM8K comes from the hub (`--dataset_name openai/gsm8k`) or a local copy (`--dataset_path`); when neither can be
@@ -18,24 +19,23 @@ from lightning_es.tasks import gsm8k
 from trl_ext.recipes import parse_recipe_args, train_and_report, use_all_cpu_cores
 from trl_ext import ESConfig as GRPOConfig, ESTrainer as GRPOTrainer
 
-# Chosen so that the default run finishes in under 15 minutes on a 2-core CPU, where prefilling the ~200-token
-# prompts dominates an iteration; fields a config lacks are skipped.
+# Chosen so that the default run finishes in under 15 minutes on a 2-core CPU; fields a config lacks are skipped.
 RECIPE_DEFAULTS = dict(
     output_dir="outputs/gsm8k",
-    max_steps=30,
-    per_device_train_batch_size=8,
-    max_completion_length=32,
-    population_size=8,
-    perturbation="lowrank",
-    sigma=1e-2,  # with greedy decoding, 1e-3 leaves most members' answers unchanged (fitness std 0) on a 135M model
-    learning_rate=2e-5,
+    max_completion_length=24,
     reward_weights=[1.0, 0.5],
     logging_steps=1,
-    save_steps=10,
+    save_steps=20,
     save_total_limit=1,
     bf16=False,
     report_to="none",
 )
+# Where the two trainers need different values. ES: ESConfig's own defaults, the fastest learners per second in
+# docs/es_study.md (2 prompts, 8 members, rank-4 noise, sigma 1e-2, lr 1e-4), 60 iterations of about 7 s. GRPO:
+# 2 prompts x 4 completions and an AdamW step that learns within this budget (TRL's default 1e-6 barely moves), as in
+# benchmarks/time_to_reward.py, 30 steps of about 20 s.
+TRAINER_DEFAULTS = {"ESConfig": dict(max_steps=60),
+                    "GRPOConfig": dict(max_steps=30, per_device_train_batch_size=8, num_generations=4, learning_rate=1e-5)}
 QUICK = dict(max_steps=2, per_device_train_batch_size=2, num_generations=2, max_completion_length=8, population_size=4,
              save_steps=1, train_size=8, eval_size=4)
 
@@ -75,4 +75,5 @@ def main(script_args, training_args, model_args):
 
 if __name__ == "__main__":
     use_all_cpu_cores()
-    main(*parse_recipe_args((GSM8KArguments, GRPOConfig, ModelConfig), RECIPE_DEFAULTS, QUICK))
+    defaults = {**RECIPE_DEFAULTS, **TRAINER_DEFAULTS[GRPOConfig.__name__]}
+    main(*parse_recipe_args((GSM8KArguments, GRPOConfig, ModelConfig), defaults, QUICK))

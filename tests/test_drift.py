@@ -9,6 +9,7 @@ from lightning_es.drift import (
     linear_connectivity,
     moved_fraction,
     parameter_delta,
+    realised_fraction,
     snapshot,
     update_norm,
 )
@@ -102,6 +103,38 @@ def test_drift_probe_is_zero_at_the_start_and_grows_with_updates(estimator):
     assert 0 < drifts[0] < drifts[1]
     for n, p in model.named_parameters():  # the reference pass left the current weights in place
         assert not torch.equal(p, before[n])
+
+
+@pytest.mark.parametrize("estimator", ["sampled", "exact"])
+def test_drift_probe_measures_each_prompt_on_its_own(estimator):
+    tokenizer = build_tokenizer()
+    model = build_model(tokenizer)
+    prompts = ["the quick brown", "count the apples and the pears", "lazy dog"]
+    probe = DriftProbe(model, tokenizer, prompts, estimator=estimator, max_new_tokens=6, batch_size=3)
+    singles = [DriftProbe(model, tokenizer, [prompt], estimator=estimator, max_new_tokens=6) for prompt in prompts]
+    assert probe.measure_each(model) == [0.0, 0.0, 0.0]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    each = probe.measure_each(model, step=3)
+    alone = [float(single.measure(model, step=3).compute()) for single in singles]
+    if estimator == "exact":  # teacher-forced: a prompt reads as it does alone, left padding in its batch or not
+        assert each == pytest.approx(alone, rel=1e-4)
+    assert len(set(each)) == 3 and all(value != 0 for value in each)
+
+
+def test_realised_fraction_measures_what_half_precision_keeps():
+    start = {"w": torch.ones(1000)}  # bf16 spacing just above 1.0 is 2**-7
+    assert realised_fraction(start, {"w": torch.full((1000,), 2.0**-6)}) == pytest.approx(1.0)
+    assert realised_fraction(start, {"w": torch.full((1000,), 1e-4)}) == 0.0  # rounded away entirely
+    assert realised_fraction(start, {"w": torch.full((1000,), 1e-4)}, dtype=torch.float32) == pytest.approx(1.0, abs=1e-3)
+    mixed = torch.cat([torch.full((500,), 2.0**-6), torch.full((500,), 1e-4)])
+    expected = 500 * 2.0**-12 / (500 * 2.0**-12 + 500 * 1e-8)
+    assert realised_fraction(start, {"w": mixed}) == pytest.approx(expected)
+    off_grid = {"w": 1 + torch.rand(1000, generator=torch.Generator().manual_seed(0)) * 2.0**-7}  # fp32 values
+    assert realised_fraction(off_grid, {"w": torch.full((1000,), 1e-4)}) == 0.0  # stored in bf16 first: still lost
+    with pytest.raises(ValueError, match="different parameter sets"):
+        realised_fraction(start, {"v": torch.zeros(1000)})
 
 
 def test_drift_probe_bad_input():

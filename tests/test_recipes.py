@@ -1,5 +1,6 @@
 import importlib.util
 import json
+import math
 import runpy
 import sys
 from pathlib import Path
@@ -18,6 +19,23 @@ def test_gsm8k_recipes_differ_in_exactly_one_line():
     changed = [(a, b) for a, b in zip(es, grpo) if a != b]
     assert len(changed) == 1
     assert "ESTrainer" in changed[0][0] and changed[0][1] == "from trl import GRPOConfig, GRPOTrainer"
+
+
+@pytest.mark.parametrize(("recipe", "expected"), [
+    ("es_gsm8k", dict(per_device_train_batch_size=2, num_generations=1, learning_rate=1e-4, population_size=8,
+                      perturbation_rank=4, max_steps=60)),
+    ("grpo_gsm8k", dict(per_device_train_batch_size=8, num_generations=4, learning_rate=1e-5, max_steps=30)),
+])
+def test_gsm8k_recipes_take_each_trainers_own_settings(recipe, expected, monkeypatch):
+    from trl_ext.recipes import parse_recipe_args
+
+    recipe_module = runpy.run_path(str(RECIPES / f"{recipe}.py"), run_name="recipe")
+    config_class = recipe_module["GRPOConfig"]
+    defaults = {**recipe_module["RECIPE_DEFAULTS"], **recipe_module["TRAINER_DEFAULTS"][config_class.__name__]}
+    _, config, _ = parse_recipe_args((recipe_module["GSM8KArguments"], config_class, recipe_module["ModelConfig"]),
+                                     defaults, recipe_module["QUICK"], argv=["--use_cpu", "true"])
+    assert {name: getattr(config, name) for name in expected} == expected
+    assert config.max_completion_length == 24
 
 
 @pytest.mark.slow
@@ -87,9 +105,18 @@ def test_compare_es_grpo_writes_a_report(tiny_dir, tmp_path, monkeypatch):
                                       str(report)])
     runpy.run_path(str(RECIPES / "compare_es_grpo.py"), run_name="__main__")
     text = (report / "report.md").read_text()
-    assert "| off-task KL (last probe) |" in text and "cosine(ES update, GRPO update)" in text
-    for image in ("reward.png", "kl_drift.png", "interpolation.png"):
+    assert "| off-task KL, exact (mean over probes) |" in text and "cosine(ES update, GRPO update)" in text
+    for finding in ("1. Accuracy parity: ", "2. Larger update norm for ES: ", "3. Larger off-task KL for ES: ",
+                    "4. Near-orthogonal updates with no barrier on the linear path: "):
+        assert finding in text
+    for image in ("reward.png", "kl_drift.png", "kl_probes.png", "interpolation.png"):
         assert (report / image).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     metrics = json.loads((report / "metrics.json").read_text())
-    assert metrics["interpolation"]["alphas"] == [0.0, 0.5, 1.0]
-    assert {"es", "grpo", "before", "cosine_es_grpo"} <= set(metrics)
+    assert list(metrics["runs"]) == ["0", "1"]  # the quick mode's two seeds
+    for run in metrics["runs"].values():
+        assert run["interpolation"]["alphas"] == [0.0, 0.5, 1.0]
+        for method in ("es", "grpo"):
+            assert len(run[method]["kl_exact"]) == len(run[method]["kl_sampled"]) == 3  # one reading per probe
+            assert min(run[method]["kl_exact"]) >= 0  # the exact KL is never negative
+            kept, norm = run[method]["bf16_kept_update"], run[method]["update_norm"]
+            assert math.isnan(kept) if norm == 0 else 0 <= kept <= 1.01  # NaN: nothing moved, nothing to keep

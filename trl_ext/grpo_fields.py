@@ -60,7 +60,8 @@ FIELDS: dict[str, Row] = {
                            "member; ES default 1 (one greedy completion, as ES-at-scale)"),
     "num_generations_eval": Row(SAME, "completions per prompt in evaluation", "the same (of the unperturbed policy)"),
     "per_device_train_batch_size": Row(ES, "completions per process and step", "rows each member answers per "
-                                       "process: per_device_train_batch_size / num_generations prompts (must divide)"),
+                                       "process: per_device_train_batch_size / num_generations prompts (must divide); "
+                                       "a GRPOConfig's value is kept, even TRL's default"),
     "per_device_eval_batch_size": Row(SAME, "evaluation rows per process", "the same (must divide by the evaluation "
                                       "completions per prompt)"),
     "generation_batch_size": Row(WARNED, "generates several steps' completions at once", "ignored: ES generates "

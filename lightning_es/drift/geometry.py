@@ -64,6 +64,24 @@ def cosine_similarity(delta_a: Delta, delta_b: Delta) -> float:
     return dot / norms
 
 
+def realised_fraction(start: Delta, delta: Delta, dtype: torch.dtype = torch.bfloat16) -> float:
+    """How much of ``delta`` survives when applied to weights stored in ``dtype``: the projection of
+    ``cast(start + delta) - cast(start)`` on ``delta``, over ``|delta|^2`` (1.0 = fully realised, 0.0 = rounded away).
+
+    A precision audit of an update: a step far below the weights' rounding spacing vanishes in half precision. The
+    start is first rounded to ``dtype`` (weights stored in it sit on its grid), else a tiny step would cross a rounding
+    edge in proportion to its size and read as kept on average.
+    """
+    check_same_parameters(start, delta, "start", "delta")
+    dot = intended_sq = 0.0
+    for name, d in delta.items():
+        base = start[name].to(dtype).double()
+        realised = (base + d.double()).to(dtype).double() - base
+        dot += float((realised * d.double()).sum())
+        intended_sq += float(d.double().pow(2).sum())
+    return dot / intended_sq if intended_sq else float("nan")
+
+
 def moved_fraction(delta: Delta, threshold: float = 1e-6) -> float:
     """Fraction of weights whose absolute change exceeds ``threshold`` (1 minus the update's sparsity)."""
     moved = sum(int((d.abs() > threshold).sum()) for d in delta.values())

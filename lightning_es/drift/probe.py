@@ -88,14 +88,12 @@ class DriftProbe:
 
     @staticmethod
     def _logits(model, ids, mask):
-        return model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        # positions counted from each row's first real token, as generate does: left padding must not shift them
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        return model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, :-1].float()
 
-    @torch.no_grad()
-    def measure(self, model: nn.Module, metric: KLDrift | None = None, step: int = 0) -> KLDrift:
-        """Feed this process's probe tokens into ``metric`` (a fresh `KLDrift` if None) and return it."""
-        metric = metric if metric is not None else KLDrift()
-        was_training = model.training
-        model.eval()
+    def _per_token_kl(self, model: nn.Module, step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(per-token KL, mask of the scored tokens) for each batch of probes, in prompt order."""
         device = next(model.parameters()).device
         for index, batch in enumerate(self._batches(device)):
             ids, mask = batch["input_ids"], batch["attention_mask"]
@@ -109,7 +107,7 @@ class DriftProbe:
                 generated = ids[:, batch["input_ids"].shape[1] :]
                 mask = torch.cat([mask, (generated != self.tokenizer.pad_token_id).long()], dim=1)
             targets = ids[:, 1:]
-            scored = mask[:, 1:].clone()
+            scored = mask[:, 1:] * mask[:, :-1]  # a real token predicted from a real one (not from left padding)
             if self.estimator == "sampled":
                 scored[:, : batch["input_ids"].shape[1] - 1] = 0  # only the sampled continuation
             current = self._logits(model, ids, mask)
@@ -122,6 +120,32 @@ class DriftProbe:
                 )
             else:
                 per_token = exact_token_kl(current, reference)
-            metric.update(per_token, scored)
-        model.train(was_training)
+            yield per_token, scored
+
+    @contextmanager
+    def _evaluating(self, model: nn.Module) -> Iterator[None]:
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            model.train(was_training)
+
+    def measure(self, model: nn.Module, metric: KLDrift | None = None, step: int = 0) -> KLDrift:
+        """Feed this process's probe tokens into ``metric`` (a fresh `KLDrift` if None) and return it."""
+        metric = metric if metric is not None else KLDrift()
+        with self._evaluating(model):
+            for per_token, scored in self._per_token_kl(model, step):
+                metric.update(per_token, scored)
         return metric
+
+    def measure_each(self, model: nn.Module, step: int = 0) -> list[float]:
+        """The KL of each probe prompt on its own (mean over its scored tokens), in prompt order: paired readings
+        for comparing two models probe by probe."""
+        values = []
+        with self._evaluating(model):
+            for per_token, scored in self._per_token_kl(model, step):
+                weights = scored.to(per_token.dtype)
+                values += (per_token * weights).sum(-1).div(weights.sum(-1).clamp(min=1)).tolist()
+        return values
