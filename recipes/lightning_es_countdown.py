@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lightning_es import ESStrategy
+from lightning_es.lightning import ESProgressBar
 from lightning_es.tasks.evaluation import render_prompts
 from lightning_es.tasks.models import resolve_model
 from lightning_es.tasks import countdown
@@ -103,7 +104,7 @@ def main():
     trainer = pl.Trainer(
         strategy=strategy, accelerator="auto", devices=args.devices, max_steps=args.max_steps, log_every_n_steps=1,
         default_root_dir=args.output_dir, logger=pl.loggers.CSVLogger(args.output_dir),
-        callbacks=[pl.callbacks.ModelCheckpoint(every_n_train_steps=5)],
+        callbacks=[pl.callbacks.ModelCheckpoint(every_n_train_steps=5), ESProgressBar()],  # "ES step 3/20"
     )
     before = trainer.validate(module, module.held_out(), verbose=False)[0]
     trainer.fit(module)

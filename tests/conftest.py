@@ -1,6 +1,7 @@
 import os
 
 import pytest
+import torch.distributed as dist
 from datasets import Dataset
 
 from tiny import build_model, build_tokenizer, save_tiny
@@ -38,3 +39,16 @@ def chat_dataset():
     return Dataset.from_dict(
         {"prompt": [[{"role": "user", "content": p}] for p in PROMPTS], "target": [str(i) for i in range(len(PROMPTS))]}
     )
+
+
+@pytest.fixture(autouse=True)
+def _fresh_process_group():
+    """Lightning's strategies leave the one-process group they create (and its TCP store on MASTER_PORT) in the test
+    process, and its variables (MASTER_PORT, WORLD_SIZE, ...) in the environment: a later test would join that group,
+    or a process it forks would try to listen on that port again. Each test starts without both."""
+    environment = dict(os.environ)
+    yield
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(environment)

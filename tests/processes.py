@@ -1,9 +1,11 @@
 """Run a test script in its own process group, so that a hang is reported and every process it started is killed."""
 
+import contextlib
 import os
 import signal
 import subprocess
 
+import psutil
 import pytest
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
@@ -16,7 +18,13 @@ def run_command(command, cwd, timeout: float = 600, check: bool = True) -> subpr
     try:
         stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)  # the launcher's workers too, which may wait in a collective
+        # the launcher's workers too, which may wait in a collective; torch's launcher starts each in a session of
+        # its own, outside the launcher's process group, where they would keep its output pipes open
+        workers = psutil.Process(process.pid).children(recursive=True)
+        os.killpg(process.pid, signal.SIGKILL)
+        for worker in workers:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                worker.kill()
         stdout, stderr = process.communicate()
         pytest.fail(f"{command} did not finish within {timeout} s:\n{stdout[-2000:]}{stderr[-2000:]}")
     result = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)

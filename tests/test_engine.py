@@ -286,3 +286,11 @@ def test_a_checkpoint_continues_only_under_the_noise_it_was_trained_with():
     lowrank.load_state_dict(lowrank.state_dict())  # the same noise continues
     with pytest.warns(UserWarning, match="does not record its noise .* changed from 'full' to 'lowrank'"):
         lowrank.load_state_dict({"seed": full.state_dict()["seed"]})  # a checkpoint written before it was recorded
+
+
+def test_quantized_weights_are_refused_by_name_before_training():
+    model = torch.nn.Linear(4, 4)
+    model.register_parameter("packed", torch.nn.Parameter(torch.zeros(8, dtype=torch.uint8), requires_grad=False))
+    with pytest.raises(ValueError, match=r"packed is stored as torch.uint8 .*float32, bfloat16, float16.*es_params='lora'"):
+        select_parameters(model, "all")
+    assert set(select_parameters(model)) == {"weight", "bias"}  # the trainable ones evolve

@@ -1,3 +1,6 @@
+import contextlib
+import copy
+import functools
 import math
 
 import pytest
@@ -5,43 +8,100 @@ import torch
 from datasets import Dataset
 
 from lightning_es import EvolutionStrategy, LowRankPerturbation, select_parameters
-from lightning_es.engine.perturbations import hookable_linear_weights
-from tiny import build_model, build_tokenizer
+from tiny import build_gemma3, build_model, build_tokenizer
 from trl_ext import ESConfig, ESTrainer
 
 
-@pytest.mark.parametrize("rank", [1, 2])  # rank 1 adds an outer product, higher ranks a matrix product
-def test_hooked_forward_equals_explicitly_perturbed_weights(rank):
+FAMILIES = {"qwen2": lambda t: build_model(t), "qwen2-tied": lambda t: build_model(t, tie=True),
+            "gemma3": lambda t: build_gemma3(t)}
+
+
+def explicitly_perturbed(model, es, member, build):
+    """A copy of ``model`` (made by ``build``) whose every evolved parameter holds theta + sigma * sign * eps (dense
+    noise)."""
+    explicit = build()
+    explicit.load_state_dict(model.state_dict())
+    weights = dict(explicit.named_parameters())
+    with torch.no_grad():
+        for name in es.params:
+            weights[name].add_(es.sigma * member.sign * es.perturbation.dense_noise(member.seed, name))
+    return explicit
+
+
+@pytest.mark.parametrize("rank", [1, 2])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_hooked_forward_equals_explicitly_perturbed_weights(rank, family):
+    """Every parameter (linear weights and biases, norm gains, embeddings, a tied output layer, Gemma's scaled
+    embedding and offset norms) is perturbed by the hooks exactly as writing its noise into the weights would."""
     tokenizer = build_tokenizer()
-    model = build_model(tokenizer)
+    build = functools.partial(FAMILIES[family], tokenizer)
+    model = build()
     es = EvolutionStrategy(LowRankPerturbation(model, select_parameters(model), sigma=0.05, rank=rank),
                            population_size=4, seed=3)
+    assert set(es.params) == {n for n, p in model.named_parameters() if p.requires_grad}
     members = es.members(0)
     inputs = torch.randint(0, len(tokenizer), (3, 7))
     with torch.no_grad(), es.perturbation.apply_population(members):
-        batched = model(inputs.repeat(len(members), 1)).logits
+        first = model(inputs.repeat(len(members), 1)).logits
+        batched = model(inputs.repeat(len(members), 1)).logits  # the norms' gains broadcast now (verified by the first)
+    assert set(es.perturbation._broadcasts.values()) == {True}
+    torch.testing.assert_close(batched, first, rtol=0, atol=0)
     for m, member in enumerate(members):
-        explicit = build_model(tokenizer)
-        explicit.load_state_dict(model.state_dict())
-        weights = dict(explicit.named_parameters())
         with torch.no_grad():
-            for name in es.params:
-                a, b = es.perturbation.factors(member.seed, name, weights[name])
-                weights[name].add_(es.sigma * member.sign * (a @ b.T) / math.sqrt(rank))
-            expected = explicit(inputs).logits
-        torch.testing.assert_close(batched[m * 3 : (m + 1) * 3], expected, rtol=1e-4, atol=1e-5)
+            expected = explicitly_perturbed(model, es, member, build)(inputs).logits
+        torch.testing.assert_close(batched[m * 3 : (m + 1) * 3], expected, rtol=1e-4, atol=5e-5)
     with torch.no_grad():  # hooks removed: the model is unperturbed again
-        torch.testing.assert_close(model(inputs).logits, build_model(tokenizer)(inputs).logits)
+        torch.testing.assert_close(model(inputs).logits, build()(inputs).logits)
 
 
-def test_lowrank_evolves_linear_weights_and_leaves_tied_or_other_weights():
+def test_each_kind_of_parameter_changes_the_members_output():
+    """Perturbing only the embeddings, only the norms or only the biases still separates the members."""
     tokenizer = build_tokenizer()
-    model = build_model(tokenizer)
-    layers = hookable_linear_weights(model, select_parameters(model))
-    assert layers and all(name.endswith("weight") and "embed" not in name and "norm" not in name for name in layers)
-    assert "lm_head.weight" in layers  # untied here
-    model.lm_head.weight = model.model.embed_tokens.weight
-    assert "lm_head.weight" not in hookable_linear_weights(model, dict(model.named_parameters()))
+    inputs = torch.randint(0, len(tokenizer), (2, 5))
+    for pattern in ("embed_tokens", "norm", r"\.bias$"):
+        model = build_model(tokenizer, tie=True)
+        es = EvolutionStrategy(LowRankPerturbation(model, select_parameters(model, [pattern]), sigma=0.05),
+                               population_size=2)
+        with torch.no_grad(), es.perturbation.apply_population(es.members(0)):
+            plus, minus = model(inputs.repeat(2, 1)).logits.chunk(2)
+        assert not torch.allclose(plus, minus), pattern
+
+
+@pytest.mark.parametrize("dtype,autocast", [(torch.float32, True), (torch.bfloat16, False), (torch.float16, False)])
+def test_hooks_follow_the_forward_precision(dtype, autocast):
+    """Under bf16 autocast over fp32 weights, and with weights stored in bf16 or fp16, the population forward runs
+    (no dtype clash in the hooks) and each member's logits match its explicitly perturbed weights to the precision
+    of the forward."""
+    tokenizer = build_tokenizer()
+    model = build_model(tokenizer, tie=True, dtype=dtype)
+    es = EvolutionStrategy(LowRankPerturbation(model, select_parameters(model), sigma=0.05, rank=4),
+                           population_size=2, seed=1)
+    members = es.members(0)
+    inputs = torch.randint(0, len(tokenizer), (2, 6))
+    precision = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    with torch.no_grad(), precision, es.perturbation.apply_population(members):
+        batched = model(inputs.repeat(2, 1)).logits.float()
+    for m, member in enumerate(members):
+        with torch.no_grad(), precision:
+            expected = explicitly_perturbed(model, es, member, lambda: build_model(tokenizer, tie=True, dtype=dtype))(
+                inputs).logits.float()
+        assert torch.isfinite(batched).all()
+        torch.testing.assert_close(batched[m * 2 : (m + 1) * 2], expected, rtol=0.05, atol=0.05)
+
+
+def test_a_module_with_parameters_and_parameterised_children_is_refused_before_any_forward():
+    class Gated(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate = torch.nn.Parameter(torch.ones(4))
+            self.inner = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.inner(x) * self.gate
+
+    model = Gated()
+    with pytest.raises(ValueError, match=r"cannot perturb gate: .*perturbation='full'"):
+        LowRankPerturbation(model, select_parameters(model), sigma=0.1)
 
 
 def test_lowrank_update_equals_the_dense_sum_of_the_factors():
@@ -53,11 +113,10 @@ def test_lowrank_update_equals_the_dense_sum_of_the_factors():
     shaped = es.shape_fitness(fitness)
     es.step(0, fitness)
     for name, p in es.params.items():
-        dense = sum(
-            shaped[m.index].item() * m.sign
-            * (lambda ab: ab[0] @ ab[1].T)(es.perturbation.factors(m.seed, name, p)) / math.sqrt(3)
-            for m in es.members(0)
-        )
+        dense = sum(shaped[m.index].item() * m.sign * es.perturbation.dense_noise(m.seed, name) for m in es.members(0))
+        if p.dim() == 2:  # the factors' product, as the hooks apply it
+            a, b = es.perturbation.factors(es.members(0)[0].seed, name, p)
+            torch.testing.assert_close(es.perturbation.dense_noise(es.members(0)[0].seed, name), a @ b.T / math.sqrt(3))
         torch.testing.assert_close(p.detach() - before[name], 0.01 * dense / (6 * 0.1), rtol=1e-4, atol=1e-7)
 
 
@@ -112,3 +171,35 @@ def test_es_trainer_with_batched_lowrank_population(tmp_path):
     assert calls[0] == 16 * 4  # the whole population in one call
     rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
     assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.15
+
+
+class SummedGain(torch.nn.Module):
+    """Broadcasting its members' gains would give a wrong answer without an error: the sum runs over every member."""
+
+    def __init__(self):
+        super().__init__()
+        self.gain = torch.nn.Parameter(torch.linspace(0.5, 1.5, 4))
+
+    def forward(self, x):
+        return x * self.gain.sum()
+
+
+def test_vector_modules_are_exact_whether_or_not_their_parameters_broadcast():
+    """Norms and other modules get each member's vectors: broadcast in one call where that was shown to equal the
+    exact per-member evaluation (an RMS-style gain), per member otherwise (a sum over the gain, LayerNorm)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), SummedGain(), torch.nn.LayerNorm(4))
+    es = EvolutionStrategy(LowRankPerturbation(model, select_parameters(model), sigma=0.1), population_size=4, seed=2)
+    members = es.members(0)
+    inputs = torch.randn(3, 4)
+    expected = []
+    for member in members:
+        explicit = copy.deepcopy(model)
+        with torch.no_grad():
+            for name, p in explicit.named_parameters():
+                p.add_(es.sigma * member.sign * es.perturbation.dense_noise(member.seed, name))
+            expected.append(explicit(inputs))
+    with torch.no_grad(), es.perturbation.apply_population(members):
+        for _ in range(2):  # the first call decides how each module is evaluated, the second uses that
+            torch.testing.assert_close(model(inputs.repeat(4, 1)), torch.cat(expected), rtol=1e-5, atol=1e-6)
+    assert es.perturbation._broadcasts == {model[1]: False, model[2]: False}

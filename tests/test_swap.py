@@ -85,7 +85,7 @@ def test_generation_batching_fields_warn(tmp_path, caplog):
 
 
 @pytest.mark.parametrize(("name", "value"), [
-    ("beta", 0.04), ("use_vllm", True), ("sync_ref_model", True), ("use_transformers_continuous_batching", True),
+    ("beta", 0.04), ("sync_ref_model", True), ("use_transformers_continuous_batching", True),
     ("auto_find_batch_size", True),
 ])
 def test_refused_fields_are_errors_that_name_them(tmp_path, name, value):
@@ -171,7 +171,7 @@ def test_normalize_then_sum_standardizes_each_function_over_the_population(tmp_p
             processing_class=tokenizer)
         seen = []
         step = trainer.es.step
-        trainer.es.step = lambda s, fitness, lr=None: seen.append(fitness.clone()) or step(s, fitness, lr)
+        trainer.es.step = lambda s, fitness, lr=None, **kw: seen.append(fitness.clone()) or step(s, fitness, lr, **kw)
         trainer.train()
         fitness = seen[0]
         if aggregation == "normalize_then_sum":
@@ -185,11 +185,14 @@ def test_truncated_completions_leave_the_fitness_when_masked(tmp_path):
     def lengths(completion_ids, **kwargs):
         return [float(len(ids)) for ids in completion_ids]
 
-    # max_completion_length 4 and a tiny random model: most completions are cut at 4 tokens
-    with pytest.raises(PopulationError, match="have no fitness"):
-        train(tmp_path, lengths, PROMPTS, mask_truncated_completions=True, max_completion_length=1)
+    # max_completion_length 1 and a tiny random model: every completion is cut; masked, no member has a fitness, and
+    # the run goes on without moving (as GRPO's masked completions carry no advantage)
+    masked = train(tmp_path, lengths, PROMPTS, mask_truncated_completions=True, max_completion_length=1)
+    assert masked.state.global_step == 2
+    assert [h["es/unscored_members"] for h in masked.state.log_history if "es/unscored_members" in h] == [4, 4]
     trainer = train(tmp_path, lengths, PROMPTS, mask_truncated_completions=False, max_completion_length=1)
     assert trainer.state.global_step == 2
+    assert [h["es/unscored_members"] for h in trainer.state.log_history if "es/unscored_members" in h] == [0, 0]
 
 
 @pytest.mark.parametrize("perturbation", ["full", "lowrank"])

@@ -1,4 +1,5 @@
-import time
+import multiprocessing
+import queue
 
 import pytest
 from datasets import Dataset
@@ -104,25 +105,53 @@ def test_countdown_exact_division():
     assert score("7 / 3 * 3 + 5", numbers=(7, 3, 3, 5), target=12) == 1.0  # exact fractions, no float error
 
 
+def _score_and_parse(expression, results):
+    """In a child process: the reward of ``expression`` and the error ``evaluate_expression`` raises for it."""
+    try:
+        reward = score(expression)
+        try:
+            countdown.evaluate_expression(expression)
+            error = None
+        except Exception as raised:  # noqa: BLE001 - reported to the test, which expects a ValueError
+            error = raised
+        results.put((reward, error if isinstance(error, ValueError) else repr(error)))
+    except BaseException as failure:  # noqa: BLE001
+        results.put(("failed", repr(failure)))
+
+
 @pytest.mark.parametrize(
     "expression",
     [
-        "__import__('os').system('touch /tmp/pwned')",
+        "__import__('os').system('touch {pwned}')",
+        "open('{pwned}', 'w').write('22')",
         "open('/etc/passwd').read()",
         "(lambda: 22)()",
         "3 ** 5 ** 7",
+        "9 ** 9 ** 9",  # evaluated, it would not finish
         "[3, 5, 7][0] * 7",
         "x * 5 + 7",
         "(" * 150 + "3" + ")" * 150,
     ],
 )
 def test_countdown_never_evaluates_code(expression, tmp_path):
-    started = time.perf_counter()
-    assert score(expression) == 0.0
-    assert time.perf_counter() - started < 1.0
-    assert not (tmp_path / "pwned").exists()
-    with pytest.raises(ValueError):
-        countdown.evaluate_expression(expression)
+    pwned = tmp_path / "pwned"
+    expression = expression.replace("{pwned}", str(pwned))
+    # scored in a child process, killed if it does not answer in time: a parser that computed (9 ** 9 ** 9) or
+    # otherwise hung would hold the interpreter, which no timeout in this process could interrupt
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    child = context.Process(target=_score_and_parse, args=(expression, results), daemon=True)
+    child.start()
+    try:
+        reward, error = results.get(timeout=30)
+    except queue.Empty:
+        pytest.fail(f"scoring {expression[:60]!r} did not finish within 30 s (exit code {child.exitcode})")
+    finally:
+        child.kill()
+        child.join()
+    assert not pwned.exists()
+    assert reward == 0.0, error
+    assert isinstance(error, ValueError), error
 
 
 def test_countdown_answer_extraction_and_format():

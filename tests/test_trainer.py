@@ -12,7 +12,6 @@ from swap import run_swapped
 from tiny import build_model, build_tokenizer
 from trl_ext import ESConfig, ESTrainer
 from lightning_es import PopulationError
-from lightning_es.engine.perturbations import hookable_linear_weights
 from trl_ext.checkpoints import why_not_resumable
 
 
@@ -59,7 +58,7 @@ def test_one_line_swap_turns_a_grpo_script_into_an_es_run(tmp_path, tiny_dir, mo
     assert trainer.state.global_step == 2
     original = AutoModelForCausalLM.from_pretrained(tiny_dir)
     moved = {n for (n, p), q in zip(trainer.model.named_parameters(), original.parameters()) if not torch.equal(p, q)}
-    assert moved == set(hookable_linear_weights(trainer.model, dict(trainer.model.named_parameters())))  # the default
+    assert moved == {n for n, p in trainer.model.named_parameters() if p.requires_grad}  # as GRPO trains them all
 
 
 def test_grpo_config_keeps_what_the_user_changed_and_takes_es_defaults(tmp_path, tiny_model, tokenizer,
@@ -192,8 +191,6 @@ def all_none(completions, **kwargs):
                  r"'broken' raised KeyError: 'answer'"),
         (too_few, r"ES step 0, population members \[0, 1, 2, 3\] .*'too_few' returned 1 rewards, expected 16"),
         (nan_reward, r"ES step 0, population members \[0, 1, 2, 3\] .*'nan_reward' returned NaN for completion 0"),
-        (all_none, r"ES step 0: population members \[0, 1, 2, 3\] have no fitness: every reward function returned "
-                   r"None"),
     ],
 )
 def test_bad_reward_functions_fail_with_their_name_and_step(tmp_path, tiny_model, tokenizer, prompt_dataset, reward, message):
@@ -216,19 +213,47 @@ def test_es_params_selecting_nothing(tmp_path, tiny_model, tokenizer, prompt_dat
         ESTrainer(tiny_model, token_rate, args=args, train_dataset=prompt_dataset, processing_class=tokenizer)
 
 
-def test_es_params_beyond_linear_weights_warn_under_the_lowrank_default(tmp_path, tiny_model, tokenizer, prompt_dataset,
-                                                                       caplog):
+def test_es_params_narrow_what_the_lowrank_default_evolves(tmp_path, tiny_model, tokenizer, prompt_dataset):
     selection = [r"layers\.0\.(self_attn\.q_proj|input_layernorm)"]
+    trainer = ESTrainer(tiny_model, token_rate, args=es_args(tmp_path, es_params=selection),
+                        train_dataset=prompt_dataset, processing_class=tokenizer)
+    assert sorted(trainer.es.params) == ["model.layers.0.input_layernorm.weight",
+                                         "model.layers.0.self_attn.q_proj.bias", "model.layers.0.self_attn.q_proj.weight"]
+
+
+def test_members_without_a_scored_completion_sit_out_the_step(tmp_path, tiny_model, tokenizer, prompt_dataset, caplog):
+    """As GRPO gives unscorable completions no advantage and goes on: members whose every completion got None take
+    no part in the update (which is the ES step of the others alone), a warning names them, and their number is
+    logged."""
+    population = 4
+
+    def half_none(completion_ids, **kwargs):  # the batched population: rows grouped by member, in member order
+        share = len(completion_ids) // population
+        return [None if i < 2 * share else float(sum(ids)) for i, ids in enumerate(completion_ids)]
+
+    args = es_args(tmp_path, max_steps=1, population_size=population)
+    trainer = ESTrainer(tiny_model, half_none, args=args, train_dataset=prompt_dataset, processing_class=tokenizer)
+    seen = []
+    step = trainer.es.step
+    trainer.es.step = lambda s, fitness, lr=None, scored=None: seen.append((fitness, scored)) or step(s, fitness, lr,
+                                                                                                     scored)
+    before = weights(trainer.model)
     with caplog.at_level(logging.WARNING):
-        trainer = ESTrainer(tiny_model, token_rate, args=es_args(tmp_path, es_params=selection),
-                            train_dataset=prompt_dataset, processing_class=tokenizer)
-    assert list(trainer.es.params) == ["model.layers.0.self_attn.q_proj.weight"]  # not its bias, not the norm
-    assert "selects 2 parameters outside nn.Linear weights (e.g. model.layers.0.input_layernorm.weight)" in caplog.text
-    caplog.clear()
-    with caplog.at_level(logging.WARNING):
-        trainer = ESTrainer(tiny_model, token_rate, args=es_args(tmp_path, es_params=selection, perturbation="full"),
-                            train_dataset=prompt_dataset, processing_class=tokenizer)
-    assert len(trainer.es.params) == 3 and "outside nn.Linear" not in caplog.text
+        trainer.train()
+    fitness, scored = seen[0]
+    assert scored.tolist() == [False, False, True, True]
+    assert "population members [0, 1] have no scored completion" in caplog.text
+    assert trainer.state.log_history[0]["es/unscored_members"] == 2
+    moved = [n for n, p in trainer.model.named_parameters() if not torch.equal(p, before[n])]
+    assert moved  # the step went on, from members 2 and 3
+    # the update is the ES step of members 2 and 3 alone: their (shared, antithetic) noise scaled by
+    # (z_2 - z_3) / (2 sigma), with z the z-scores of the two, i.e. +-1
+    name = moved[0]
+    member = trainer.es.members(0)[2]
+    noise = trainer.es.perturbation.dense_noise(member.seed, name)
+    expected = args.learning_rate * (2.0 if fitness[2] > fitness[3] else -2.0) / (2 * args.sigma) * noise
+    torch.testing.assert_close(trainer.model.get_parameter(name).detach() - before[name], expected, rtol=1e-4,
+                               atol=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -458,3 +483,18 @@ def test_save_only_model_warns_that_checkpoints_cannot_resume(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         es_args(tmp_path, save_only_model=True)
     assert "save_only_model=True" in caplog.text and "cannot resume" in caplog.text
+
+
+@pytest.mark.parametrize("es_optimizer", ["sgd", "trainer"])
+def test_grad_norm_is_the_norm_of_the_es_estimate(tmp_path, tiny_model, tokenizer, prompt_dataset, es_optimizer):
+    """TRL's grad_norm names the norm of the gradient a step used; under ES that is the estimate g, never a 0 left by
+    gradients nobody computed."""
+    args = es_args(tmp_path, max_steps=1, es_optimizer=es_optimizer, max_grad_norm=0.0, learning_rate=1e-3)
+    trainer = ESTrainer(tiny_model, token_rate, args=args, train_dataset=prompt_dataset, processing_class=tokenizer)
+    trainer.train()
+    logged = trainer.state.log_history[0]
+    assert logged["grad_norm"] > 0
+    if es_optimizer == "sgd":  # the applied step is lr * g
+        assert logged["es/update_norm"] == pytest.approx(1e-3 * logged["grad_norm"], rel=1e-4)
+    else:
+        assert logged["grad_norm"] == pytest.approx(trainer._gradient_norm, rel=1e-4)

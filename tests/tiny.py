@@ -39,7 +39,10 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def build_model(tokenizer, seed: int = 0, dtype=torch.float32, intermediate_size: int = 64):
+def build_model(tokenizer, seed: int = 0, dtype=torch.float32, intermediate_size: int = 64, tie: bool = False,
+                init_range: float = 0.02):
+    """``init_range`` 0.2 (instead of transformers' 0.02) makes greedy answers depend on the weights, so that ES's
+    default noise gives the members different rewards."""
     config = Qwen2Config(
         vocab_size=len(tokenizer),
         hidden_size=32,
@@ -48,7 +51,8 @@ def build_model(tokenizer, seed: int = 0, dtype=torch.float32, intermediate_size
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=256,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie,
+        initializer_range=init_range,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=None,
@@ -65,3 +69,20 @@ def save_tiny(directory: Path) -> Path:
     build_model(tokenizer).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+def build_gemma3(tokenizer, seed: int = 0, dtype=torch.float32, init_range: float = 0.02):
+    """A tiny Gemma-3 text model: another family (scaled, tied embeddings; norm gains stored as offsets from one;
+    sliding-window layers)."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    config = Gemma3TextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=256, sliding_window=8, query_pre_attn_scalar=8,
+        initializer_range=init_range, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
+    )
+    torch.manual_seed(seed)
+    model = Gemma3ForCausalLM(config).to(dtype)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model

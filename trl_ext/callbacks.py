@@ -3,11 +3,26 @@
 Like TRL's own callbacks they take the trainer, and add their values to the trainer's next log entry, under the same
 names as the Lightning callbacks: ``drift/kl``; ``drift/update_norm``, ``drift/relative_norm``,
 ``drift/moved_fraction``, ``drift/norm/<layer type>``, and for ESTrainer ``drift/realised_fraction``.
+
+Drift is measured from the weights the run started from, across resumes: each checkpoint folder gets those start
+weights (fp32, on the host) in ``drift_reference.pt``, written by ``on_save`` (a trainer may call ``save_reference``
+earlier, before it writes ``trainer_state.json``; each folder is written once), and a resumed run reads them back from
+the checkpoint it resumes from (``trainer.resumed_checkpoint`` where the trainer sets it, else
+``<output_dir>/checkpoint-<step>``). Both callbacks hold the same start weights, so they share the file.
 """
 
+import logging
+import os
+
+import torch
 from transformers import TrainerCallback
 
 from lightning_es.drift import DriftProbe, KLDrift, parameter_drift, snapshot
+from lightning_es.drift.geometry import check_same_parameters
+
+logger = logging.getLogger(__name__)
+
+REFERENCE_NAME = "drift_reference.pt"
 
 
 class _TrainerDriftCallback(TrainerCallback):
@@ -16,6 +31,7 @@ class _TrainerDriftCallback(TrainerCallback):
             raise ValueError(f"every_n_steps must be at least 1, got {every_n_steps}.")
         self.trainer = trainer
         self.every_n_steps = every_n_steps
+        self._written: set[str] = set()  # the reference files this run has written
 
     @property
     def model(self):
@@ -23,6 +39,66 @@ class _TrainerDriftCallback(TrainerCallback):
 
     def due(self, step: int) -> bool:
         return step % self.every_n_steps == 0
+
+    # ---- the start weights, across resumes ---------------------------------------------------------------------
+
+    def _start_weights(self) -> dict[str, torch.Tensor] | None:
+        """The start weights this callback measures from (host tensors), None before training begins."""
+        raise NotImplementedError
+
+    def _measure_from(self, weights: dict[str, torch.Tensor] | None) -> None:
+        """Measure from ``weights`` (fp32 host tensors), or from the model's current weights when None."""
+        raise NotImplementedError
+
+    def save_reference(self, checkpoint_dir: str) -> None:
+        """Write the start weights (fp32, host) to ``checkpoint_dir/drift_reference.pt``, atomically, on the process
+        that saves (``args.should_save``). The trainer and ``on_save`` may both ask for a checkpoint, and the drift
+        callbacks of a trainer hold the same start weights: a file this run has written already is not written again.
+        """
+        if not self.trainer.args.should_save:
+            return
+        weights = self._start_weights()
+        if weights is None:
+            return
+        path = os.path.join(checkpoint_dir, REFERENCE_NAME)
+        key = os.path.realpath(path)
+        handler = getattr(self.trainer, "callback_handler", None)
+        siblings = [c for c in getattr(handler, "callbacks", ()) if isinstance(c, _TrainerDriftCallback)]
+        if any(key in c._written for c in [self, *siblings]) and os.path.exists(path):
+            return
+        os.makedirs(checkpoint_dir, exist_ok=True)
+        torch.save({n: t.detach().to("cpu", torch.float32) for n, t in weights.items()}, path + ".tmp")
+        os.replace(path + ".tmp", path)
+        self._written.add(key)
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if os.path.isdir(folder):  # else the checkpoint went elsewhere (a hyperparameter search's run folder)
+            self.save_reference(folder)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._written.clear()  # a new run: the files of an earlier one may hold other start weights
+        if state.global_step == 0:
+            self._measure_from(None)
+            return
+        checkpoint = getattr(self.trainer, "resumed_checkpoint", None) or os.path.join(
+            args.output_dir, f"checkpoint-{state.global_step}")
+        path = os.path.join(checkpoint, REFERENCE_NAME)
+        if not os.path.exists(path):
+            logger.warning(
+                f"{type(self).__name__}: resuming at step {state.global_step} from {checkpoint}, which holds no "
+                f"{REFERENCE_NAME} (it was saved without the drift callbacks, or by a version that did not save their "
+                "start weights): drift is measured from the resumed weights, not from the weights the run started "
+                "from."
+            )
+            self._measure_from(None)
+            return
+        weights = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            check_same_parameters(dict(self.model.named_parameters()), weights, "the model", path)
+        except ValueError as error:
+            raise ValueError(f"{type(self).__name__} cannot measure drift from {path}: {error}") from None
+        self._measure_from(weights)
 
     def log(self, values: dict[str, float]) -> None:
         """Join the trainer's next log entry (TRL trainers buffer metrics in ``_metrics``), else log now."""
@@ -55,9 +131,15 @@ class KLDriftCallback(_TrainerDriftCallback):
                                 or prompts[:1], estimator=estimator, max_new_tokens=max_new_tokens,
                                 batch_size=batch_size, seed=trainer.args.seed)
 
-    def on_train_begin(self, args, state, control, **kwargs):
-        if state.global_step == 0:  # a resumed run keeps the reference of its start
+    def _start_weights(self):
+        return self.probe.reference
+
+    def _measure_from(self, weights):
+        if weights is None:
             self.probe.set_reference(self.model)
+            return
+        params = dict(self.model.named_parameters())  # held in the model's dtype, as set_reference holds it
+        self.probe.reference = {n: t.to(params[n].dtype) for n, t in weights.items()}
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.due(state.global_step):
@@ -76,8 +158,11 @@ class ParameterDriftCallback(_TrainerDriftCallback):
         self.start = None
         self.before_step = None
 
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.start = snapshot(self.model)
+    def _start_weights(self):
+        return self.start
+
+    def _measure_from(self, weights):
+        self.start = snapshot(self.model) if weights is None else weights
 
     def on_step_begin(self, args, state, control, **kwargs):
         es = getattr(self.trainer, "es", None)

@@ -91,8 +91,8 @@ class ESConfig(GRPOConfig):
     perturbation: str = field(
         default="lowrank",
         metadata={
-            "help": "'lowrank' (default, docs/perturbations.md): rank-`perturbation_rank` noise on nn.Linear weights "
-            "through forward hooks, the whole population in one batch. 'full': full-rank noise written into the "
+            "help": "'lowrank' (default, docs/perturbations.md): rank-`perturbation_rank` noise on matrices (full-rank "
+            "on vectors) through forward hooks, every trainable parameter, the whole population in one batch. 'full': full-rank noise written into the "
             "weights, one member at a time; needed for DeepSpeed ZeRO-3 and for weights equal bit for bit on 1 or K "
             "processes."
         },
@@ -112,6 +112,7 @@ class ESConfig(GRPOConfig):
         self._check_es_fields()
         self._refuse_fsdp()
         apply_audit(self)
+        self.use_vllm = False  # warned: ES generates its population itself
         self._check_batch()
         if self.es_greedy and self._sampling_requested():
             logger.warning("es_greedy=True: members decode greedily; the sampling settings (temperature, top_p, top_k, "

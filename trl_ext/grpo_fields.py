@@ -34,11 +34,18 @@ class Row:
     meaning: Meaning
     grpo: str  # what GRPO does with it
     es: str  # what ES does with it, or why it is ignored or refused
+    companions: tuple[str, ...] = ()  # fields that serve only this one: its warning names those set too
 
 
 SAME, ES, WARNED, REFUSED, OPTIMIZER = Meaning.SAME, Meaning.ES, Meaning.WARNED, Meaning.REFUSED, Meaning.OPTIMIZER
 _LOSS = "ignored: a term of GRPO's policy-gradient loss; ES has no loss (fitness is a member's mean reward)"
-_VLLM = "used only with use_vllm=True, which ESTrainer refuses (it generates with transformers)"
+_VLLM = "used only with use_vllm=True, which ESTrainer ignores (it generates with transformers)"
+_VLLM_FIELDS = (
+    "vllm_mode", "vllm_model_impl", "vllm_enable_sleep_mode", "vllm_structured_outputs_regex", "vllm_server_base_url",
+    "vllm_server_host", "vllm_server_port", "vllm_server_timeout", "vllm_group_port", "vllm_gpu_memory_utilization",
+    "vllm_max_model_length", "vllm_tensor_parallel_size", "vllm_importance_sampling_correction",
+    "vllm_importance_sampling_mode", "vllm_importance_sampling_clip_max", "vllm_importance_sampling_clip_min",
+    "vllm_importance_sampling_cap")
 _REF = "GRPO's reference model, used only with beta > 0, which ESTrainer refuses"
 _ENTROPY = "ignored: GRPO's entropy regularisation of the policy-gradient loss; ES has no loss"
 _LOGS = "members' completions: every member's rows of the step, advantage = the member's shaped fitness"
@@ -123,14 +130,10 @@ FIELDS: dict[str, Row] = {
     "ref_model_mixup_alpha": Row(SAME, "mix-up of the reference update", _REF),
     "ref_model_sync_steps": Row(SAME, "steps between reference updates", _REF),
     # ---- vLLM -----------------------------------------------------------------------------------------------------
-    "use_vllm": Row(REFUSED, "generates with vLLM", "ESTrainer generates with transformers: each member's weights "
-                    "would have to be synchronised into vLLM"),
-    **{name: Row(SAME, "vLLM setting", _VLLM) for name in (
-        "vllm_mode", "vllm_model_impl", "vllm_enable_sleep_mode", "vllm_structured_outputs_regex",
-        "vllm_server_base_url", "vllm_server_host", "vllm_server_port", "vllm_server_timeout", "vllm_group_port",
-        "vllm_gpu_memory_utilization", "vllm_max_model_length", "vllm_tensor_parallel_size",
-        "vllm_importance_sampling_correction", "vllm_importance_sampling_mode", "vllm_importance_sampling_clip_max",
-        "vllm_importance_sampling_clip_min", "vllm_importance_sampling_cap")},
+    "use_vllm": Row(WARNED, "generates with vLLM", "ignored, and no vLLM engine is started: ESTrainer generates "
+                    "every member's completions itself with transformers (the low-rank population in one batch "
+                    "through hooks vLLM cannot run), so the vllm_* fields do not apply", companions=_VLLM_FIELDS),
+    **{name: Row(SAME, "vLLM setting", _VLLM) for name in _VLLM_FIELDS},
     # ---- logging ----------------------------------------------------------------------------------------------------
     "log_completions": Row(SAME, "logs a completions table (console, parquet, wandb/trackio)", _LOGS),
     "num_completions_to_print": Row(SAME, "rows of the console table", "the same"),
@@ -202,6 +205,11 @@ def apply_audit(config) -> None:
             continue
         if row.meaning is REFUSED:
             raise ValueError(f"ESTrainer does not support {name}={value!r}: {row.es}.")
+        companions = [f"{other}={getattr(config, other)!r}" for other in row.companions
+                      if getattr(config, other) != default(type(config), other)]
+        if companions:
+            logger.warning("ESTrainer: %s=%r (with %s) %s.", name, value, ", ".join(companions), row.es)
+            continue
         if row.meaning is OPTIMIZER:
             if config.es_optimizer == "trainer":
                 continue

@@ -133,6 +133,8 @@ class ESTrainer(GRPOTrainer):
             self.es = self._build_es()
             self.processes.rounds(self.es.members(0), self.es.perturbation.batched)  # checks the population split
             self._prepare_models_for_evaluation()
+        self._gradient_norm = None
+        self.resumed_checkpoint = None  # the checkpoint train() resumed from, where callbacks find their saved state
         if args.es_optimizer == "trainer":
             self.add_callback(_AppliedUpdateNorm(self))
         rows_per_step = args.population_size * args.per_device_train_batch_size * (
@@ -183,12 +185,6 @@ class ESTrainer(GRPOTrainer):
             args.perturbation, selected, args.sigma, model=self.model, rank=args.perturbation_rank,
             master_device=args.es_master_device, sharded=self.sharded, copy_all=args.es_optimizer == "trainer",
         )
-        left_out = sorted(set(selected) - set(perturbation.params)) if args.perturbation == "lowrank" else []
-        if left_out and args.es_param_spec not in (None, "all"):  # the default selection's are documented
-            logger.warning(
-                "ESTrainer: es_params=%r selects %d parameters outside nn.Linear weights (e.g. %s) that "
-                "perturbation='lowrank' leaves unchanged; set perturbation='full' to evolve them.",
-                args.es_params, len(left_out), left_out[0])
         return EvolutionStrategy(
             perturbation,
             population_size=args.population_size,
@@ -252,21 +248,32 @@ class ESTrainer(GRPOTrainer):
                     sums[name].append(value)
             return sums
 
-        scores = evaluate_population(
-            self.es.members(step), step, score, self.processes, batched=self.es.perturbation.batched,
-            unscored="every reward function returned None for every one of their completions; return a number for at "
-                     "least one completion",
-        )
-        fitness = scores.fitness
+        scores = evaluate_population(self.es.members(step), step, score, self.processes,
+                                     batched=self.es.perturbation.batched)
+        fitness, taking_part = scores.fitness, scores.scored
         if self.args.multi_objective_aggregation == "normalize_then_sum":
             fitness = normalized_then_summed(scores, weights)
+        if not taking_part.all():  # as GRPO gives unscorable completions no advantage, and goes on
+            logger.warning(
+                "ES step %d: population members %s have no scored completion (every reward function returned None for "
+                "each of them%s); they take no part in this step's update.", step,
+                torch.nonzero(~taking_part).flatten().tolist(),
+                ", or mask_truncated_completions left them out" if self.args.mask_truncated_completions else "")
         lr = self.lr_scheduler.get_last_lr()[0] if self.lr_scheduler is not None else self.args.learning_rate
         if self.args.es_optimizer == "sgd":
-            stats = self.es.step(step, fitness, lr=lr)
-        else:
-            stats = self.es.write_gradients(step, fitness)  # the optimizer applies it after this step (_AppliedUpdateNorm)
-        self._log_step(scored, stats, lr, self.es.shape_fitness(fitness), time.perf_counter() - started)
+            stats = self.es.step(step, fitness, lr=lr, scored=taking_part)
+        else:  # the optimizer applies it after this step (_AppliedUpdateNorm)
+            stats = self.es.write_gradients(step, fitness, scored=taking_part)
+        self._gradient_norm = stats.gradient_norm
+        self._log_step(scored, stats, lr, self.es.shaped(fitness, taking_part), time.perf_counter() - started)
         return torch.tensor(-stats.fitness_mean, device=self.args.device)
+
+    def _maybe_log_save_evaluate(self, tr_loss, grad_norm, *args, **kwargs):
+        """TRL's ``grad_norm`` is the norm of the gradient its step used; ES's step uses the estimate ``g``, whose
+        norm is logged under that name (with es_optimizer="trainer" the Trainer measures it in ``.grad`` itself)."""
+        if self.args.es_optimizer == "sgd" and self._gradient_norm is not None:
+            grad_norm = self._gradient_norm
+        return super()._maybe_log_save_evaluate(tr_loss, grad_norm, *args, **kwargs)
 
     def _rows_of_this_process(self, inputs: list[dict]) -> tuple[list[dict], bool]:
         """The rows this process generates for, each prompt ``num_generations`` times. Sharded, the processes split
@@ -380,6 +387,7 @@ class ESTrainer(GRPOTrainer):
         metrics["completions/mean_terminated_length"].append(terminated.mean().item())
         metrics["completions/min_terminated_length"].append(terminated.min().item())
         metrics["completions/max_terminated_length"].append(terminated.max().item())
+        metrics["es/unscored_members"].append(stats.left_out)
         metrics["es/fitness_mean"].append(stats.fitness_mean)
         metrics["es/fitness_std"].append(stats.fitness_std)
         metrics["es/fitness_max"].append(stats.fitness_max)
@@ -407,6 +415,7 @@ class ESTrainer(GRPOTrainer):
             resume_from_checkpoint = self.processes.broadcast(chosen)
             if isinstance(resume_from_checkpoint, Exception):
                 raise resume_from_checkpoint
+        self.resumed_checkpoint = resume_from_checkpoint or None  # where callbacks find their saved state
         return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
 
     def _checkpoint_to_resume(self, requested) -> str | Exception:
@@ -455,6 +464,9 @@ class ESTrainer(GRPOTrainer):
                 path = os.path.join(output_dir, ES_STATE_NAME)
                 torch.save(state, path + ".tmp")
                 os.replace(path + ".tmp", path)
+            for callback in self.callback_handler.callbacks:  # the drift callbacks' start weights
+                if hasattr(callback, "save_reference"):
+                    callback.save_reference(output_dir)
 
         self.processes.together(save_es_state, f"saving {ES_STATE_NAME}")
 

@@ -32,10 +32,12 @@ from .shaping import get_fitness_shaping
 
 @dataclass
 class StepStats:
-    update_norm: float
-    fitness_mean: float
+    update_norm: float  # of the step applied to the weights
+    gradient_norm: float  # of the estimate g
+    fitness_mean: float  # over the members that took part
     fitness_std: float
     fitness_max: float
+    left_out: int = 0  # members without a fitness, which took no part in the step
 
 
 def noise_coefficients(members: Sequence[Member], shaped_fitness: torch.Tensor) -> dict[int, float]:
@@ -44,6 +46,16 @@ def noise_coefficients(members: Sequence[Member], shaped_fitness: torch.Tensor) 
     for member in members:
         coefficients[member.seed] += member.sign * float(shaped_fitness[member.index])
     return {seed: c for seed, c in coefficients.items() if c != 0.0}
+
+
+def scored_members(fitness: torch.Tensor, scored: torch.Tensor | None) -> torch.Tensor:
+    """The boolean mask of the members that take part in a step (all, when ``scored`` is None)."""
+    if scored is None:
+        return torch.ones(fitness.numel(), dtype=torch.bool)
+    scored = torch.as_tensor(scored, dtype=torch.bool).flatten().cpu()
+    if scored.numel() != fitness.numel():
+        raise ValueError(f"scored has {scored.numel()} values for a population of {fitness.numel()}.")
+    return scored
 
 
 class EvolutionStrategy:
@@ -95,64 +107,83 @@ class EvolutionStrategy:
     def perturbed(self, member: Member) -> AbstractContextManager[None]:
         return self.perturbation.apply(member)
 
-    def check_fitness(self, fitness: torch.Tensor) -> torch.Tensor:
+    def check_fitness(self, fitness: torch.Tensor, scored: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``fitness`` as float64 and the mask of the members that take part; the fitness of a member left out
+        (``scored`` False) is ignored, that of any other must be finite."""
         fitness = torch.as_tensor(fitness, dtype=torch.float64).flatten().cpu()
         if fitness.numel() != self.population_size:
             raise ValueError(f"fitness has {fitness.numel()} values for a population of {self.population_size}.")
-        if not torch.isfinite(fitness).all():
-            bad = torch.nonzero(~torch.isfinite(fitness)).flatten().tolist()
+        scored = scored_members(fitness, scored)
+        bad = torch.nonzero(scored & ~torch.isfinite(fitness)).flatten().tolist()
+        if bad:
             raise ValueError(f"fitness of members {bad} is not finite ({fitness[bad].tolist()}).")
-        return fitness
+        return fitness, scored
 
-    def gradients(self, step: int, fitness: torch.Tensor):
+    def shaped(self, fitness: torch.Tensor, scored: torch.Tensor | None = None) -> torch.Tensor:
+        """The shaped fitness of the members that take part, 0 for those left out; all 0 when fewer than two take
+        part (one member alone says nothing about a direction)."""
+        fitness, scored = self.check_fitness(fitness, scored)
+        shaped = torch.zeros_like(fitness)
+        if int(scored.sum()) >= 2:
+            shaped[scored] = self.shape_fitness(fitness[scored]).to(shaped)
+        return shaped
+
+    def gradients(self, step: int, fitness: torch.Tensor, scored: torch.Tensor | None = None):
         """Yield ``(name, g)`` for every evolved tensor; only one tensor's estimate is alive at a time."""
-        return self._gradients(step, self.check_fitness(fitness))
-
-    def _coefficients(self, step: int, fitness: torch.Tensor) -> dict[int, float]:
-        return noise_coefficients(self.members(step), self.shape_fitness(fitness))
-
-    def _gradients(self, step: int, fitness: torch.Tensor):
-        coefficients = self._coefficients(step, fitness)
+        coefficients, divisor = self._coefficients(step, fitness, scored)
         for name in self.params:
-            yield name, self.perturbation.noise_sum(coefficients, name).div_(self.population_size * self.sigma)
+            yield name, self.perturbation.noise_sum(coefficients, name).div_(divisor)
 
-    def step(self, step: int, fitness: torch.Tensor, lr: float | None = None) -> StepStats:
+    def _coefficients(self, step: int, fitness: torch.Tensor, scored) -> tuple[dict[int, float], float]:
+        """The noise coefficients and ``N * sigma``, N counting the members that take part."""
+        _, scored = self.check_fitness(fitness, scored)
+        return (noise_coefficients(self.members(step), self.shaped(fitness, scored)),
+                max(int(scored.sum()), 1) * self.sigma)
+
+    def step(self, step: int, fitness: torch.Tensor, lr: float | None = None,
+             scored: torch.Tensor | None = None) -> StepStats:
         """Apply ``theta += lr * g`` through the fp32 master copy; the reported norm is that of the applied step.
+        ``scored``: which members take part (default all); the others' fitness is ignored and N counts the rest.
 
         With ``anchor_decay`` (lambda) the step is followed by ``theta <- theta_0 + (1 - lr * lambda) (theta -
         theta_0)``: a pull towards the starting weights that bounds the random walk of weakly constrained directions.
         """
         lr = self.lr if lr is None else lr
-        fitness = self.check_fitness(fitness)
-        squared_norm = 0.0
+        fitness, scored = self.check_fitness(fitness, scored)
         if self.anchor is None:  # lr * g goes straight in: the perturbation may add it without a dense tensor
-            coefficients = self._coefficients(step, fitness)
-            scale = lr / (self.population_size * self.sigma)
-            for name in self.params:
-                squared_norm += self.perturbation.add_noise_sum(coefficients, name, scale)
+            coefficients, divisor = self._coefficients(step, fitness, scored)
+            noise_squared = sum(self.perturbation.add_noise_sum(coefficients, name, lr / divisor)
+                                for name in self.params)
+            gradient_norm = math.sqrt(self.perturbation.total_squared_norm(noise_squared)) / divisor
+            update_norm = lr * gradient_norm
         else:
-            for name, update in self._gradients(step, fitness):
+            gradient_squared = update_squared = 0.0
+            for name, update in self.gradients(step, fitness, scored):
+                gradient_squared += float(update.double().pow(2).sum())
                 update.mul_(lr)
                 anchor = self.anchor[name].to(update.device)
                 moved = self.master.value(name).to(update.device) + update - anchor
                 update.sub_(moved, alpha=lr * self.anchor_decay)
-                squared_norm += float(update.double().pow(2).sum())
+                update_squared += float(update.double().pow(2).sum())
                 self.master.add_(name, update)
+            gradient_norm = math.sqrt(self.perturbation.total_squared_norm(gradient_squared))
+            update_norm = math.sqrt(self.perturbation.total_squared_norm(update_squared))
         self.perturbation.written()
-        return self._stats(fitness, squared_norm)
+        return self._stats(fitness, scored, update_norm, gradient_norm)
 
-    def write_gradients(self, step: int, fitness: torch.Tensor) -> StepStats:
+    def write_gradients(self, step: int, fitness: torch.Tensor, scored: torch.Tensor | None = None) -> StepStats:
         """Store ``-g`` in ``.grad`` (optimizers minimise), for a torch optimizer to take the step.
 
-        Call ``master.sync_from_model()`` after the optimizer has stepped. The reported norm is that of ``g``.
+        Call ``master.sync_from_model()`` after the optimizer has stepped. The reported norms are that of ``g``.
         """
-        fitness = self.check_fitness(fitness)
+        fitness, scored = self.check_fitness(fitness, scored)
         squared_norm = 0.0
-        for name, gradient in self._gradients(step, fitness):
+        for name, gradient in self.gradients(step, fitness, scored):
             squared_norm += float(gradient.double().pow(2).sum())
             p = self.params[name]
             p.grad = gradient.neg_().to(p.dtype)
-        return self._stats(fitness, squared_norm)
+        norm = math.sqrt(self.perturbation.total_squared_norm(squared_norm))
+        return self._stats(fitness, scored, norm, norm)
 
     def state_dict(self) -> dict:
         """What a checkpoint needs beyond the model's weights: the noise seed, for weights stored below fp32 the exact
@@ -198,10 +229,14 @@ class EvolutionStrategy:
                 self.anchor[name].copy_(saved)
         self.perturbation.written()
 
-    def _stats(self, fitness: torch.Tensor, squared_norm: float) -> StepStats:
+    @staticmethod
+    def _stats(fitness: torch.Tensor, scored: torch.Tensor, update_norm: float, gradient_norm: float) -> StepStats:
+        taking_part = fitness[scored] if scored.any() else torch.full((1,), math.nan, dtype=torch.float64)
         return StepStats(
-            update_norm=math.sqrt(self.perturbation.total_squared_norm(squared_norm)),
-            fitness_mean=float(fitness.mean()),
-            fitness_std=float(fitness.std(unbiased=False)),
-            fitness_max=float(fitness.max()),
+            update_norm=update_norm,
+            gradient_norm=gradient_norm,
+            fitness_mean=float(taking_part.mean()),
+            fitness_std=float(taking_part.std(unbiased=False)),
+            fitness_max=float(taking_part.max()),
+            left_out=int((~scored).sum()),
         )

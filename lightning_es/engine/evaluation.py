@@ -146,7 +146,13 @@ class PopulationScores:
 
     @property
     def fitness(self) -> torch.Tensor:
+        """Per member; NaN for a member nothing was scored for (see ``scored``)."""
         return self.mean(FITNESS)
+
+    @property
+    def scored(self) -> torch.Tensor:
+        """Which members had something scored (a weight above 0): only they can take part in the step."""
+        return self.totals[WEIGHT] > 0
 
     def mean(self, name: str) -> torch.Tensor:
         """Per member: the sum of ``name`` divided by the weight (its mean over what was scored)."""
@@ -159,12 +165,9 @@ def evaluate_population(
     score: Score,
     processes: Processes,
     batched: bool = False,
-    unscored: str = "nothing was scored for them",
 ) -> PopulationScores:
     """Score ``members`` (every member of step ``step``) over ``processes``; the same result on every process.
-
-    ``unscored`` explains, in the error, a member whose weights sum to zero.
-    """
+    A member whose weights sum to zero (nothing scored) is marked in ``PopulationScores.scored``."""
     size = len(members)
     totals: dict[str, torch.Tensor] = {}
     for round_members in processes.rounds(members, batched):
@@ -180,12 +183,7 @@ def evaluate_population(
         raise PopulationError(f"ES step {step}: score returned no {sorted(missing)} for the population.")
     zeros = torch.zeros(size, dtype=torch.float64)
     combined = processes.sum(torch.stack([totals.get(name, zeros) for name in names]))
-    scores = PopulationScores(dict(zip(names, combined)))
-
-    unscored_members = torch.nonzero(scores.totals[WEIGHT] == 0).flatten().tolist()
-    if unscored_members:
-        raise PopulationError(f"ES step {step}: population members {unscored_members} have no fitness: {unscored}.")
-    return scores
+    return PopulationScores(dict(zip(names, combined)))
 
 
 def _members(members: Sequence[Member]) -> str:

@@ -5,6 +5,8 @@ from collections.abc import Sequence
 
 import torch
 
+EVOLVABLE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
 
 def select_parameters(model: torch.nn.Module, es_params: str | Sequence[str] | None = None) -> dict[str, torch.nn.Parameter]:
     """Pick the parameters ES perturbs and updates.
@@ -30,4 +32,12 @@ def select_parameters(model: torch.nn.Module, es_params: str | Sequence[str] | N
             f"es_params={es_params!r} selects no parameter of {type(model).__name__}. "
             f"Use None (all trainable), 'all', 'lora', or regular expressions matching names such as: {example}."
         )
+    for name, p in selected.items():
+        if p.dtype not in EVOLVABLE_DTYPES:
+            raise ValueError(
+                f"{name} is stored as {p.dtype} ({type(p).__name__}): ES perturbs and updates weights in "
+                f"{', '.join(str(d).removeprefix('torch.') for d in EVOLVABLE_DTYPES)} only, and cannot evolve quantized "
+                "weights. Evolve LoRA adapters over the quantized model (peft_config, es_params='lora'), leave these "
+                "weights out with es_params, or load the model unquantized."
+            )
     return selected

@@ -1,22 +1,78 @@
 """Drift callbacks for Lightning, logging the same names as the TRL callbacks (``drift/kl``, ``drift/update_norm``,
-``drift/relative_norm``, ``drift/moved_fraction``, ``drift/norm/<layer type>``) through ``pl_module.log``."""
+``drift/relative_norm``, ``drift/moved_fraction``, ``drift/norm/<layer type>``) through ``pl_module.log``.
 
+Drift is measured from the weights the run started from, across resumes: each callback keeps those start weights
+(fp32, on the host) in the checkpoint's ``callbacks`` entry (``state_dict``), and ``fit(ckpt_path=...)`` gives them
+back (``load_state_dict``) before ``on_train_start``, which then keeps them instead of taking the resumed weights.
+"""
+
+import logging
 from collections.abc import Sequence
 
 import pytorch_lightning as pl
+import torch
 
 from ..drift import DriftProbe, KLDrift, parameter_drift, snapshot
+from ..drift.geometry import check_same_parameters
+
+logger = logging.getLogger(__name__)
 
 
 def _model(pl_module: pl.LightningModule, attribute: str | None):
     return getattr(pl_module, attribute) if attribute else pl_module
 
 
-class KLDriftCallback(pl.Callback):
+class _StartPoint(pl.Callback):
+    """Saves the start weights in checkpoints and restores them on resume.
+
+    Lightning restores callback states (``load_state_dict``) before ``on_train_start``: the loaded weights wait in
+    ``_restored`` until ``on_train_start`` adopts them through ``_measure_from``.
+    """
+
+    model_attribute: str | None
+    _restored: dict[str, torch.Tensor] | None = None
+
+    def _start_weights(self) -> dict[str, torch.Tensor] | None:
+        raise NotImplementedError
+
+    def _measure_from(self, weights: dict[str, torch.Tensor], model: torch.nn.Module) -> None:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        weights = self._restored if self._restored is not None else self._start_weights()
+        if weights is None:  # before training starts: nothing to keep
+            return {}
+        return {"start_weights": {n: t.detach().to("cpu", torch.float32) for n, t in weights.items()}}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._restored = state_dict.get("start_weights")
+
+    def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """In ``on_train_start``: measure from the restored start weights, or from the current ones."""
+        model = _model(pl_module, self.model_attribute)
+        restored, self._restored = self._restored, None
+        if restored is not None:
+            try:
+                check_same_parameters(dict(model.named_parameters()), restored, "the model", "the saved start weights")
+            except ValueError as error:
+                raise ValueError(f"{type(self).__name__} cannot measure drift from the checkpoint's start weights: "
+                                 f"{error}") from None
+            self._measure_from(restored, model)
+            return
+        if trainer.global_step > 0:
+            why = (f"the checkpoint {trainer.ckpt_path} holds no state for {type(self).__name__} (it was saved without "
+                   "this callback, or by a version that did not save its start weights)" if trainer.ckpt_path else
+                   "no checkpoint was restored")
+            logger.warning(f"{type(self).__name__}: training resumes at step {trainer.global_step} and {why}: drift is "
+                           "measured from the resumed weights, not from the weights the run started from.")
+        self._measure_from(None, model)
+
+
+class KLDriftCallback(_StartPoint):
     """KL(current || starting weights) on off-task probe prompts every ``every_n_steps`` training steps.
 
     ``model_attribute`` names the module's attribute holding the causal LM (``None``: the LightningModule itself).
-    The processes split the probes; the metric reduces over all of them.
+    The processes split the probes; the metric reduces over all of them. The starting weights are kept in checkpoints.
     """
 
     def __init__(self, probe_prompts: Sequence[str], tokenizer, every_n_steps: int = 10, estimator: str = "sampled",
@@ -32,9 +88,20 @@ class KLDriftCallback(pl.Callback):
         self.model_attribute = model_attribute
         self.probe = None
 
+    def _start_weights(self):
+        return None if self.probe is None else self.probe.reference
+
+    def _measure_from(self, weights, model):
+        if weights is None:
+            self.probe.set_reference(model)
+            return
+        params = dict(model.named_parameters())  # held in the model's dtype, as set_reference holds it
+        self.probe.reference = {n: t.to("cpu", params[n].dtype) for n, t in weights.items()}
+
     def on_train_start(self, trainer, pl_module):
         share = self.probe_prompts[trainer.global_rank :: trainer.world_size] or self.probe_prompts[:1]
         self.probe = DriftProbe(_model(pl_module, self.model_attribute), self.tokenizer, share, **self.options)
+        self._start(trainer, pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step
@@ -43,8 +110,9 @@ class KLDriftCallback(pl.Callback):
             pl_module.log("drift/kl", float(metric.compute()), on_step=True, on_epoch=False)
 
 
-class ParameterDriftCallback(pl.Callback):
-    """L2 norm of the update from the start, relative norm, per layer type, and fraction of weights moved."""
+class ParameterDriftCallback(_StartPoint):
+    """L2 norm of the update from the start, relative norm, per layer type, and fraction of weights moved. The start
+    weights are kept in checkpoints."""
 
     def __init__(self, every_n_steps: int = 10, threshold: float = 1e-6, model_attribute: str | None = None):
         if every_n_steps < 1:
@@ -54,8 +122,14 @@ class ParameterDriftCallback(pl.Callback):
         self.model_attribute = model_attribute
         self.start = None
 
+    def _start_weights(self):
+        return self.start
+
+    def _measure_from(self, weights, model):
+        self.start = snapshot(model) if weights is None else weights
+
     def on_train_start(self, trainer, pl_module):
-        self.start = snapshot(_model(pl_module, self.model_attribute))
+        self._start(trainer, pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step % self.every_n_steps == 0:

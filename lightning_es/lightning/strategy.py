@@ -259,8 +259,7 @@ class ESStrategy(DDPStrategy):
                 fitness = _fitness_value(module.training_step(*args, **kwargs))
             return {FITNESS: [fitness], WEIGHT: [1.0], **{name: [value] for name, value in logged.items()}}
 
-        scores = evaluate_population(self.es.members(step), step, score, self._processes,
-                                     unscored="no process scored them")
+        scores = evaluate_population(self.es.members(step), step, score, self._processes)
         logs.flush(module.log, scores, step)
         self._fitness = scores.fitness
         stats = None if self.has_optimizer else self.es.step(step, scores.fitness)

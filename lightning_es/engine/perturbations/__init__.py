@@ -1,7 +1,8 @@
 """How a population member is applied to the model: the swappable part of ``EvolutionStrategy``.
 
 - ``FullRankPerturbation``: full-rank noise written into the weights, one member at a time;
-- ``LowRankPerturbation``: rank-r noise on ``nn.Linear`` weights through forward hooks, a whole population per batch;
+- ``LowRankPerturbation``: rank-r noise on matrices (full-rank on vectors) through forward hooks, a whole population
+  per batch;
 - ``ShardedPerturbation``: full-rank noise on DeepSpeed ZeRO-3 slices, cut from the unsharded run's noise.
 
 ``build_perturbation`` maps the integrations' configuration strings to these objects.
@@ -13,7 +14,7 @@ import torch
 
 from .base import Perturbation
 from .full import FullRankPerturbation
-from .lowrank import LowRankPerturbation, hookable_linear_weights
+from .lowrank import LowRankPerturbation, parameter_owners
 from .sharded import ShardedNoise, ShardedPerturbation, ShardLayout
 
 PERTURBATIONS = ("full", "lowrank")
@@ -44,7 +45,7 @@ def build_perturbation(
     if kind == "full":
         return FullRankPerturbation(params, sigma, master_device=master_device)
     if model is None:
-        raise ValueError("perturbation='lowrank' needs model= to find the nn.Linear layers.")
+        raise ValueError("perturbation='lowrank' needs model= to find the modules that use the evolved parameters.")
     return LowRankPerturbation(model, params, sigma, rank, master_device=master_device, copy_all=copy_all)
 
 
@@ -57,5 +58,5 @@ __all__ = [
     "ShardedNoise",
     "ShardedPerturbation",
     "build_perturbation",
-    "hookable_linear_weights",
+    "parameter_owners",
 ]

@@ -39,10 +39,11 @@ class Perturbation:
         raise NotImplementedError
 
     def add_noise_sum(self, coefficients: Mapping[int, float], name: str, scale: float) -> float:
-        """Add ``scale * sum_s c_s * eps_s`` to the evolved tensor (through its fp32 master copy); its squared norm."""
-        update = self.noise_sum(coefficients, name).mul_(scale)
+        """Add ``scale * sum_s c_s * eps_s`` to the evolved tensor (through its fp32 master copy); return the squared
+        norm of ``sum_s c_s * eps_s`` (unscaled: the ES estimate's norm follows from it even where ``scale`` is 0)."""
+        update = self.noise_sum(coefficients, name)
         squared = float(update.double().pow(2).sum())
-        self.master.add_(name, update)
+        self.master.add_(name, update.mul_(scale))
         return squared
 
     def written(self) -> None:

@@ -13,6 +13,7 @@ import torch
 from ..master import MasterWeights
 from ..noise import GaussianNoise
 from ..population import Member
+from ..precision import perturbed_value
 from .base import Perturbation
 
 
@@ -38,9 +39,7 @@ class FullRankPerturbation(Perturbation):
             with torch.no_grad():
                 for name, p in self.params.items():
                     eps = self.noise.sample(member.seed, name, p.shape, p.device)
-                    # Perturb from the fp32 master and round once, instead of adding noise to rounded weights.
-                    eps.mul_(self.sigma * member.sign).add_(self.master[name].to(p.device))
-                    p.copy_(eps)
+                    p.copy_(perturbed_value(self.master[name], eps, self.sigma * member.sign, p.dtype))
                     del eps
             self.written()
             yield

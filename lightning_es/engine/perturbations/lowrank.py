@@ -1,37 +1,129 @@
 """Low-rank perturbations applied through forward hooks, for a whole population in one batch (EGGROLL).
 
-Member i's noise on a linear weight W (out x in) is ``eps_i = A_i B_i^T / sqrt(r)`` with A_i (out x r) and
-B_i (in x r) standard normal, regenerated from the member seed: entries of eps_i have unit variance, like full-rank
-noise. A hook adds ``sigma * sign_i * (x B_i) A_i^T / sqrt(r)`` to the layer's output, so the weights are never
-modified and every member shares one batched ``x W^T``. Batch rows are grouped by member, in the order the members
-were given: rows ``[m * R, (m + 1) * R)`` belong to member ``m``.
+Every evolved parameter is perturbed, as a gradient method would train it:
 
-Only ``nn.Linear`` weights are perturbed this way; a weight shared with an ``nn.Embedding`` (tied embeddings) is left
-out, because a hook on the output layer would perturb only one of its two uses.
+- a matrix W (rows x cols; a tensor of more dimensions is viewed as rows x the rest) gets member i's noise
+  ``eps_i = A_i B_i^T / sqrt(r)`` with A_i (rows x r) and B_i (cols x r) standard normal, regenerated from the member
+  seed: entries of eps_i have unit variance, like full-rank noise. An ``nn.Linear`` adds
+  ``sigma * sign_i * (x B_i) A_i^T / sqrt(r)`` to its output; an ``nn.Embedding`` looks the rows of its ids up in the
+  factor, adding ``sigma * sign_i * A_i[ids] B_i^T / sqrt(r)`` (times ``embed_scale`` for an embedding that scales its
+  lookup, as Gemma's does). A weight shared by both (tied embeddings) is one parameter with one noise, applied in both
+  places. Subclasses that override ``forward`` otherwise are treated as "any other module" below;
+- a vector (norm gains, biases) gets full-rank noise, cheap at its size: a linear layer adds it to its output,
+  any other module (norms) is evaluated once for all members with each member's perturbed vector
+  (``torch.func.vmap`` over ``functional_call``, or one call with the vectors broadcast once that is shown to give
+  the same result), which needs no knowledge of the module's formula;
+- a matrix held by a module that is neither (rare) is treated like a vector: each member's dense value, built once
+  per population (memory: members x its size).
+
+The weights are never modified, so every member shares one batched forward. Batch rows are grouped by member, in
+the order the members were given: rows ``[m * R, (m + 1) * R)`` belong to member ``m``. How the terms meet the
+forward's precision (autocast, bf16 or fp16 weights) is decided in ``engine.precision``.
 """
 
 import math
+from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import torch
 from torch import nn
+from torch.func import functional_call, vmap
 
 from ..master import MasterWeights
 from ..noise import GaussianNoise
 from ..population import Member
+from ..precision import CastCache, outside_autocast, perturbed_value
 from .base import Perturbation
 
 
-def hookable_linear_weights(model: nn.Module, params: Mapping[str, nn.Parameter]) -> dict[str, nn.Linear]:
-    """The selected parameters that are weights of ``nn.Linear`` layers, mapped to their layer."""
+def is_matrix(param: torch.Tensor) -> bool:
+    return param.dim() >= 2
+
+
+def parameter_owners(model: nn.Module, params: Mapping[str, nn.Parameter]) -> dict[nn.Module, dict[str, str]]:
+    """Every module that holds an evolved parameter, with ``{attribute: evolved name}``; a tied parameter appears
+    under each module that holds it."""
     names = {id(p): name for name, p in params.items()}
-    embedded = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    return {
-        names[id(m.weight)]: m
-        for m in model.modules()
-        if isinstance(m, nn.Linear) and id(m.weight) in names and id(m.weight) not in embedded
-    }
+    owners: dict[nn.Module, dict[str, str]] = defaultdict(dict)
+    for module in model.modules():
+        for attribute, p in module.named_parameters(recurse=False):
+            if id(p) in names:
+                owners[module][attribute] = names[id(p)]
+    unheld = set(params) - {name for held in owners.values() for name in held.values()}
+    if unheld:
+        raise ValueError(f"the evolved parameters {sorted(unheld)[:3]} belong to no module of the model.")
+    return dict(owners)
+
+
+def is_plain_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
+
+
+def is_lookup(module: nn.Module) -> bool:
+    """An embedding whose output is its rows of the ids, possibly times a constant ``embed_scale`` (Gemma's)."""
+    return isinstance(module, nn.Embedding) and (type(module).forward is nn.Embedding.forward
+                                                 or hasattr(module, "embed_scale"))
+
+
+def check_hookable(owners: Mapping[nn.Module, Mapping[str, str]]) -> None:
+    """A module other than a linear layer or an embedding lookup is re-evaluated per member with its parameters
+    swapped, which needs it to hold no submodule with parameters of their own (they would be evaluated, and hooked,
+    twice)."""
+    for module, held in owners.items():
+        if is_plain_linear(module) or is_lookup(module):
+            continue
+        if any(True for child in module.children() for _ in child.parameters()):
+            name = next(iter(held.values()))
+            raise ValueError(
+                f"perturbation='lowrank' cannot perturb {name}: it belongs to a {type(module).__name__} that also holds "
+                "submodules with parameters, so its forward cannot be re-evaluated per population member. Use "
+                "perturbation='full', or leave it out with es_params (ESConfig) / params (ESStrategy)."
+            )
+
+
+class _StepNoise:
+    """The noise of one population, per evolved tensor, drawn once and shared by every module that uses it."""
+
+    def __init__(self, perturbation: "LowRankPerturbation", members: Sequence[Member]):
+        self.perturbation = perturbation
+        self.members = members
+        self.scales = [perturbation.sigma * m.sign for m in members]
+        self._factors: dict[str, tuple[CastCache, CastCache]] = {}
+        self._vectors: dict[str, CastCache] = {}
+
+    def factors(self, name: str) -> tuple[CastCache, CastCache]:
+        """``(A, B)``: A (M, rows, r) scaled by ``sigma * sign / sqrt(r)`` per member, B (M, cols, r)."""
+        if name not in self._factors:
+            p = self.perturbation.params[name]
+            pairs = [self.perturbation.factors(m.seed, name, p) for m in self.members]
+            scale = torch.tensor(self.scales, device=p.device) / math.sqrt(self.perturbation.rank)
+            a = torch.stack([pair[0] for pair in pairs]) * scale[:, None, None]
+            b = torch.stack([pair[1] for pair in pairs])
+            self._factors[name] = (CastCache(a), CastCache(b))
+        return self._factors[name]
+
+    def vector(self, name: str) -> CastCache:
+        """(M, *shape): each member's ``sigma * sign * eps``, for a term added to an output."""
+        if name not in self._vectors:
+            p = self.perturbation.params[name]
+            noise = [self.perturbation.noise.sample(m.seed, name, p.shape, p.device) * s
+                     for m, s in zip(self.members, self.scales)]
+            self._vectors[name] = CastCache(torch.stack(noise))
+        return self._vectors[name]
+
+    def values(self, name: str) -> torch.Tensor:
+        """(M, *shape): each member's perturbed value of the parameter, in its dtype."""
+        p = self.perturbation.params[name]
+        master = self.perturbation.master.value(name)
+        return torch.stack([perturbed_value(master, self.perturbation.dense_noise(m.seed, name), s, p.dtype)
+                            for m, s in zip(self.members, self.scales)])
+
+
+def _grouped(tensor: torch.Tensor, count: int) -> torch.Tensor:
+    if tensor.shape[0] % count:
+        raise RuntimeError(f"batch of {tensor.shape[0]} rows cannot be split among {count} population members.")
+    return tensor.reshape(count, -1, *tensor.shape[1:])
 
 
 class LowRankPerturbation(Perturbation):
@@ -50,67 +142,134 @@ class LowRankPerturbation(Perturbation):
         """``copy_all``: keep an fp32 master copy of fp32 weights too, to measure a step another optimizer takes."""
         if rank < 1:
             raise ValueError(f"rank must be at least 1, got {rank}.")
-        self.layers = hookable_linear_weights(model, params)
-        if not self.layers:
-            raise ValueError("low-rank perturbations need at least one nn.Linear weight among the evolved parameters.")
-        self.params = {name: params[name] for name in self.layers}
+        if not params:
+            raise ValueError("params is empty: ES needs at least one parameter to evolve.")
+        self.owners = parameter_owners(model, params)
+        check_hookable(self.owners)
+        self.params = dict(params)
         self.sigma = sigma
         self.rank = rank
         self.noise = noise or GaussianNoise()
         # nothing is written into the weights, so fp32 weights need no restore source and take updates directly
         self.master = MasterWeights(self.params, device=master_device, only_low_precision=not copy_all)
+        self._broadcasts: dict[nn.Module, bool] = {}  # per module: its members' values broadcast (see _module_hook)
 
     @property
     def noise_kind(self) -> str:
         return f"lowrank(rank={self.rank})"
 
     def factors(self, seed: int, name: str, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out_features, in_features = weight.shape
-        a = self.noise.sample(seed, f"{name}#A", torch.Size([out_features, self.rank]), weight.device)
-        b = self.noise.sample(seed, f"{name}#B", torch.Size([in_features, self.rank]), weight.device)
+        """Member ``seed``'s factors of a matrix: A (rows x r) and B (cols x r), fp32."""
+        rows, cols = weight.shape[0], weight[0].numel()
+        a = self.noise.sample(seed, f"{name}#A", torch.Size([rows, self.rank]), weight.device)
+        b = self.noise.sample(seed, f"{name}#B", torch.Size([cols, self.rank]), weight.device)
         return a, b
+
+    def dense_noise(self, seed: int, name: str) -> torch.Tensor:
+        """Member ``seed``'s noise of one parameter as a dense fp32 tensor of its shape."""
+        p = self.params[name]
+        if not is_matrix(p):
+            return self.noise.sample(seed, name, p.shape, p.device)
+        a, b = self.factors(seed, name, p)
+        return (a @ b.T).div_(math.sqrt(self.rank)).view(p.shape)
 
     @contextmanager
     def apply_population(self, members: Sequence[Member]) -> Iterator[None]:
-        handles = []
-        try:
-            for name, layer in self.layers.items():
-                handles.append(layer.register_forward_hook(self._hook(name, layer.weight, members)))
+        noise = _StepNoise(self, members)
+        with ExitStack() as hooks:
+            for module, held in self.owners.items():
+                if is_plain_linear(module):
+                    hook = self._linear_hook(held, noise)
+                elif is_lookup(module):
+                    hook = self._embedding_hook(held["weight"], noise)
+                else:
+                    hook = self._module_hook(module, held, noise)
+                hooks.callback(module.register_forward_hook(hook, with_kwargs=True).remove)
             yield
-        finally:
-            for handle in handles:
-                handle.remove()
 
     @contextmanager
     def apply(self, member: Member) -> Iterator[None]:
         with self.apply_population([member]):
             yield
 
-    def _hook(self, name: str, weight: torch.Tensor, members: Sequence[Member]):
-        with torch.no_grad():
-            pairs = [self.factors(m.seed, name, weight) for m in members]
-            a = torch.stack([p[0] for p in pairs]).to(weight.dtype)  # (M, out, r)
-            b = torch.stack([p[1] for p in pairs]).to(weight.dtype)  # (M, in, r)
-            scale = torch.tensor([self.sigma * m.sign / math.sqrt(self.rank) for m in members], dtype=weight.dtype,
-                                 device=weight.device)
-            a_t = (a * scale[:, None, None]).transpose(1, 2).contiguous()  # (M, r, out)
-        count = len(members)
+    def _linear_hook(self, held: Mapping[str, str], noise: _StepNoise):
+        weight, bias = held.get("weight"), held.get("bias")
+        count = len(noise.members)
 
-        def hook(module, args, output):
-            x = args[0]
-            if x.shape[0] % count:
-                raise RuntimeError(f"batch of {x.shape[0]} rows cannot be split among {count} population members.")
-            projected = torch.bmm(x.reshape(count, -1, x.shape[-1]), b)  # (M, rows, r): x B_i, member by member
+        def hook(module, args, kwargs, output):
             if not output.is_contiguous():
-                return output + torch.bmm(projected, a_t).reshape(output.shape)
-            # add sigma (x B_i) A_i^T in one pass over the output, without a delta tensor; rank 1 is an outer product,
-            # which a broadcast multiply-add does faster than a matrix product with an inner size of 1
-            grouped = output.view(count, -1, output.shape[-1])
-            if self.rank == 1:
-                grouped.addcmul_(projected, a_t)
-            else:
-                grouped.baddbmm_(projected, a_t)
+                output = output.contiguous()
+            grouped = _grouped(output, count).view(count, -1, output.shape[-1])
+            with outside_autocast(output):
+                if weight is not None:
+                    a, b = noise.factors(weight)
+                    x = _grouped(args[0], count).reshape(count, -1, args[0].shape[-1]).to(output.dtype)
+                    grouped.baddbmm_(torch.bmm(x, b.like(output)), a.like(output).transpose(1, 2))
+                if bias is not None:
+                    grouped.add_(noise.vector(bias).like(output)[:, None, :])
             return output
+
+        return hook
+
+    def _embedding_hook(self, weight: str, noise: _StepNoise):
+        count = len(noise.members)
+
+        def hook(module, args, kwargs, output):
+            ids = _grouped(args[0], count).reshape(count, -1)
+            grouped = _grouped(output, count).view(count, -1, output.shape[-1])
+            a, b = noise.factors(weight)
+            members = torch.arange(count, device=ids.device)[:, None]
+            scale = getattr(module, "embed_scale", None)
+            with outside_autocast(output):
+                a_rows = a.like(output)[members, ids]
+                grouped.baddbmm_(a_rows if scale is None else a_rows * scale.to(output), b.like(output).transpose(1, 2))
+            return output
+
+        return hook
+
+    def _module_hook(self, module: nn.Module, held: Mapping[str, str], noise: _StepNoise):
+        """Any other module: its forward once more, for all members at once, with each member's parameter values.
+
+        Exactly: ``vmap`` over ``functional_call``. Most such modules (RMS norms) use their parameters elementwise, so
+        the members' values broadcast against the rows grouped by member in one plain call, several times cheaper
+        than ``vmap``; that is used for a module once its first result equals ``vmap``'s bit for bit."""
+        values = {attribute: noise.values(name) for attribute, name in held.items()}
+        count = len(noise.members)
+        inside = []  # set while the hook re-runs the module, whose own call would otherwise re-enter this hook
+
+        def one_member(member_values, *args, **kwargs):
+            return functional_call(module, member_values, args, kwargs)
+
+        def broadcast(grouped, kwargs, dim):
+            """The module's own forward (no hooks) with the stacked values in place of its parameters; a plain swap
+            in ``_parameters`` costs a fraction of ``functional_call``'s, in a hook run at every decoding step."""
+            saved = {attribute: module._parameters[attribute] for attribute in values}
+            for attribute, v in values.items():
+                module._parameters[attribute] = v.view(count, *[1] * (dim - v.dim()), *v.shape[1:])
+            try:
+                return module.forward(*grouped, **kwargs)
+            except RuntimeError:  # not elementwise in its parameters
+                return None
+            finally:
+                module._parameters.update(saved)
+
+        def hook(module, args, kwargs, output):
+            if inside or not isinstance(output, torch.Tensor):
+                return None
+            dims = tuple(0 if isinstance(a, torch.Tensor) and a.shape[:1] == output.shape[:1] else None for a in args)
+            grouped = [_grouped(a, count) if d == 0 else a for a, d in zip(args, dims)]
+            verified = self._broadcasts.get(module)
+            inside.append(True)
+            try:
+                result = broadcast(grouped, kwargs, output.dim() + 1) if verified is not False else None
+                if not verified:
+                    exact = vmap(one_member, in_dims=(0, *dims))(values, *grouped, **kwargs)
+                    self._broadcasts[module] = result is not None and result.shape == exact.shape and torch.equal(
+                        result, exact)
+                    result = exact
+            finally:
+                inside.clear()
+            return result.reshape(output.shape).to(output.dtype)
 
         return hook
 
@@ -125,21 +284,28 @@ class LowRankPerturbation(Perturbation):
         return torch.cat(a_columns, dim=1), torch.cat(b_columns, dim=1)
 
     def noise_sum(self, coefficients: Mapping[int, float], name: str) -> torch.Tensor:
-        """``sum_s c_s * eps_s`` for one weight, as a single matmul of the stacked factors."""
-        weight = self.params[name]
+        """``sum_s c_s * eps_s`` for one parameter; for a matrix, a single matmul of the stacked factors."""
+        p = self.params[name]
         if not coefficients:
-            return torch.zeros(weight.shape, device=weight.device, dtype=torch.float32)
+            return torch.zeros(p.shape, device=p.device, dtype=torch.float32)
+        if not is_matrix(p):
+            total = torch.zeros(p.shape, device=p.device, dtype=torch.float32)
+            for seed, coefficient in coefficients.items():
+                total.add_(self.noise.sample(seed, name, p.shape, p.device), alpha=coefficient)
+            return total
         a, b = self._stacked_factors(coefficients, name)
-        return (a @ b.T) / math.sqrt(self.rank)
+        return (a @ b.T).div_(math.sqrt(self.rank)).view(p.shape)
 
     def add_noise_sum(self, coefficients: Mapping[int, float], name: str, scale: float) -> float:
-        """For a weight without a master copy (fp32), the update ``scale * sum_s c_s eps_s`` is one ``addmm_`` into
-        the weight, and its squared norm comes from the factors' small Gram matrices: no dense update tensor."""
-        if name in self.master.copies or not coefficients:
+        """For a matrix without a master copy (fp32), the update ``scale * sum_s c_s eps_s`` is one ``addmm_`` into
+        the weight, and the squared norm of ``sum_s c_s eps_s`` comes from the factors' small Gram matrices: no dense
+        update tensor."""
+        p = self.params[name]
+        if name in self.master.copies or not coefficients or not is_matrix(p):
             return super().add_noise_sum(coefficients, name, scale)
         a, b = self._stacked_factors(coefficients, name)
-        alpha = scale / math.sqrt(self.rank)
+        alpha = 1 / math.sqrt(self.rank)
         with torch.no_grad():
-            self.params[name].addmm_(a.to(self.params[name].dtype), b.T.to(self.params[name].dtype), alpha=alpha)
+            p.view(p.shape[0], -1).addmm_(a.to(p.dtype), b.T.to(p.dtype), alpha=scale * alpha)
         a, b = a.double(), b.double()
         return float(((a.T @ a) * (b.T @ b)).sum()) * alpha**2

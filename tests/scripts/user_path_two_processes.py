@@ -1,0 +1,46 @@
+"""ESConfig's defaults (bf16, low-rank noise) over the processes ``accelerate launch`` starts; each process prints
+"every trainable parameter evolved" when every trainable parameter moved and every logged value is finite.
+
+    accelerate launch --multi_gpu --num_processes 2 user_path_two_processes.py OUTPUT_DIR
+"""
+
+import math
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from datasets import Dataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tiny import build_model, build_tokenizer  # noqa: E402
+
+from trl_ext import ESConfig, ESTrainer  # noqa: E402
+
+
+def mean_token_id(completion_ids, **kwargs):
+    return [sum(ids) / max(len(ids), 1) / 300 for ids in completion_ids]
+
+
+def main():
+    tokenizer = build_tokenizer()
+    model = build_model(tokenizer, tie=True, init_range=0.2)
+    args = ESConfig(output_dir=sys.argv[1], max_steps=2, max_completion_length=8, report_to="none",
+                    save_strategy="no", disable_tqdm=True, logging_steps=1)
+    dataset = Dataset.from_dict({"prompt": ["the quick brown", "what is 12", "count the apples", "brown fox"]})
+    trainer = ESTrainer(model, mean_token_id, args=args, train_dataset=dataset, processing_class=tokenizer)
+    before = {name: trainer.es.master.value(name).detach().clone() for name in trainer.es.params}
+    trainable = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+    trainer.train()
+    frozen = [n for n in trainable if n not in before or torch.equal(before[n], trainer.es.master.value(n))]
+    infinite = [(k, v) for h in trainer.state.log_history for k, v in h.items()
+                if isinstance(v, (int, float)) and not math.isfinite(v)]
+    if frozen or infinite:
+        raise AssertionError(f"never changed: {frozen[:4]}; not finite: {infinite[:4]}")
+    print(f"process {trainer.accelerator.process_index}: every trainable parameter evolved", flush=True)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
