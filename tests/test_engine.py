@@ -278,11 +278,17 @@ def test_a_checkpoint_continues_only_under_the_noise_it_was_trained_with():
 
     full = strategy(FullRankPerturbation(params, sigma=0.01))
     lowrank = strategy(LowRankPerturbation(model, params, sigma=0.01, rank=1))
-    assert full.state_dict()["noise"] == "full" and lowrank.state_dict()["noise"] == "lowrank(rank=1)"
-    with pytest.raises(ValueError, match=r"trained with 'full' noise, this run uses 'lowrank\(rank=1\)'"):
+    kind = "lowrank(rank=1, every parameter)"
+    assert full.state_dict()["noise"] == "full" and lowrank.state_dict()["noise"] == kind
+    with pytest.raises(ValueError, match=r"trained with 'full' noise, this run uses 'lowrank\(rank=1, every parameter\)'"):
         lowrank.load_state_dict(full.state_dict())
-    with pytest.raises(ValueError, match=r"trained with 'lowrank\(rank=1\)' noise, this run uses 'lowrank\(rank=2\)'"):
+    with pytest.raises(ValueError, match=r"trained with 'lowrank\(rank=1, every parameter\)' noise, this run uses "
+                                         r"'lowrank\(rank=2, every parameter\)'"):
         strategy(LowRankPerturbation(model, params, sigma=0.01, rank=2)).load_state_dict(lowrank.state_dict())
+    # a checkpoint from when low-rank noise evolved the linear weights only: refused, saying so
+    with pytest.raises(ValueError, match=r"'lowrank\(rank=1\)' noise \(low-rank noise then evolved nn.Linear weights "
+                                         r"only, not every parameter\)"):
+        lowrank.load_state_dict({**lowrank.state_dict(), "noise": "lowrank(rank=1)"})
     lowrank.load_state_dict(lowrank.state_dict())  # the same noise continues
     with pytest.warns(UserWarning, match="does not record its noise .* changed from 'full' to 'lowrank'"):
         lowrank.load_state_dict({"seed": full.state_dict()["seed"]})  # a checkpoint written before it was recorded

@@ -202,4 +202,115 @@ def test_vector_modules_are_exact_whether_or_not_their_parameters_broadcast():
     with torch.no_grad(), es.perturbation.apply_population(members):
         for _ in range(2):  # the first call decides how each module is evaluated, the second uses that
             torch.testing.assert_close(model(inputs.repeat(4, 1)), torch.cat(expected), rtol=1e-5, atol=1e-6)
-    assert es.perturbation._broadcasts == {model[1]: False, model[2]: False}
+    assert {key[0]: broadcasts for key, broadcasts in es.perturbation._broadcasts.items()} == {model[1]: False,
+                                                                                                model[2]: False}
+
+
+class FloatScaledEmbedding(torch.nn.Embedding):
+    """An embedding that scales its lookup by a Python float (BART's, BioGPT's)."""
+
+    def __init__(self):
+        super().__init__(10, 4)
+        self.embed_scale = 2.0
+
+    def forward(self, ids):
+        return super().forward(ids) * self.embed_scale
+
+
+class KeywordNorm(torch.nn.Module):
+    """A gain called with a keyword argument, as some models call their norms."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.linspace(0.5, 1.5, 4))
+
+    def forward(self, hidden_states):
+        return hidden_states * torch.rsqrt(hidden_states.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight
+
+
+class Model(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = FloatScaledEmbedding()
+        self.norm = KeywordNorm()
+        self.head = torch.nn.Linear(4, 3)
+
+    def forward(self, ids):
+        return self.head(self.norm(hidden_states=self.embed(ids)))
+
+
+def test_float_embed_scale_and_keyword_arguments_are_perturbed_exactly():
+    torch.manual_seed(0)
+    model = Model()
+    es = EvolutionStrategy(LowRankPerturbation(model, select_parameters(model), sigma=0.1, rank=2), population_size=4)
+    members = es.members(0)
+    ids = torch.randint(0, 10, (3, 5))
+    expected = []
+    for member in members:
+        explicit = copy.deepcopy(model)
+        with torch.no_grad():
+            for name, p in explicit.named_parameters():
+                p.add_(es.sigma * member.sign * es.perturbation.dense_noise(member.seed, name))
+            expected.append(explicit(ids))
+    with torch.no_grad(), es.perturbation.apply_population(members):
+        for _ in range(2):
+            torch.testing.assert_close(model(ids.repeat(4, 1)), torch.cat(expected), rtol=1e-5, atol=1e-6)
+
+
+def test_gpt2_conv1d_layers_are_perturbed_as_linear_layers_and_shared_positions_are_refused():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tokenizer = build_tokenizer()
+
+    def build():
+        torch.manual_seed(0)
+        return GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                          bos_token_id=None, eos_token_id=None)).eval()
+
+    model = build()
+    params = select_parameters(model, [r"^(?!transformer\.wpe\.)"])  # positions are shared by the batch: see below
+    es = EvolutionStrategy(LowRankPerturbation(model, params, sigma=0.05, rank=2), population_size=2, seed=4)
+    inputs = torch.randint(0, len(tokenizer), (2, 6))
+    with torch.no_grad(), es.perturbation.apply_population(es.members(0)):
+        batched = model(inputs.repeat(2, 1)).logits
+    for m, member in enumerate(es.members(0)):
+        with torch.no_grad():
+            expected = explicitly_perturbed(model, es, member, build)(inputs).logits
+        torch.testing.assert_close(batched[m * 2 : (m + 1) * 2], expected, rtol=1e-4, atol=5e-5)
+    es = EvolutionStrategy(LowRankPerturbation(model, select_parameters(model), sigma=0.05), population_size=2)
+    with pytest.raises(RuntimeError, match=r"cannot perturb transformer\.wpe\.weight: .*ids shared by the whole batch"):
+        with torch.no_grad(), es.perturbation.apply_population(es.members(0)):
+            model(inputs.repeat(2, 1))
+
+
+class Router(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bias = torch.nn.Parameter(torch.zeros(4))
+
+    def forward(self, x):
+        return x + self.bias, x.argmax(-1)
+
+
+class Experts(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = torch.nn.Parameter(torch.randn(2, 4, 4))
+
+    def forward(self, x):
+        return x @ self.up[0]
+
+
+def test_parameters_low_rank_hooks_cannot_perturb_are_refused_by_name():
+    holder = torch.nn.Module()
+    holder.table = torch.nn.ParameterDict({"a": torch.nn.Parameter(torch.ones(3))})
+    with pytest.raises(ValueError, match=r"cannot perturb table\.a: .*no forward of its own.*perturbation='full'"):
+        LowRankPerturbation(holder, select_parameters(holder), sigma=0.1)
+    experts = Experts()
+    with pytest.raises(ValueError, match=r"cannot perturb up: .*a matrix.*perturbation='full'"):
+        LowRankPerturbation(experts, select_parameters(experts), sigma=0.1)
+    router = Router()
+    es = EvolutionStrategy(LowRankPerturbation(router, select_parameters(router), sigma=0.1), population_size=2)
+    with pytest.raises(RuntimeError, match=r"cannot perturb bias: its Router returns a tuple"):
+        with torch.no_grad(), es.perturbation.apply_population(es.members(0)):
+            router(torch.randn(4, 4))

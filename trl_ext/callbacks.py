@@ -5,10 +5,11 @@ names as the Lightning callbacks: ``drift/kl``; ``drift/update_norm``, ``drift/r
 ``drift/moved_fraction``, ``drift/norm/<layer type>``, and for ESTrainer ``drift/realised_fraction``.
 
 Drift is measured from the weights the run started from, across resumes: each checkpoint folder gets those start
-weights (fp32, on the host) in ``drift_reference.pt``, written by ``on_save`` (a trainer may call ``save_reference``
-earlier, before it writes ``trainer_state.json``; each folder is written once), and a resumed run reads them back from
-the checkpoint it resumes from (``trainer.resumed_checkpoint`` where the trainer sets it, else
-``<output_dir>/checkpoint-<step>``). Both callbacks hold the same start weights, so they share the file.
+weights (of the trainable parameters, in the model's dtype) in ``drift_reference.pt``, written by ``on_save`` (a
+trainer may call ``save_reference`` earlier, before it writes ``trainer_state.json``; each folder is written once),
+and a resumed run reads them back from the checkpoint it resumes from (``trainer.resumed_checkpoint`` where the
+trainer sets it, else ``<output_dir>/checkpoint-<step>``). Both callbacks hold the same start weights, so they share
+the file.
 """
 
 import logging
@@ -51,7 +52,7 @@ class _TrainerDriftCallback(TrainerCallback):
         raise NotImplementedError
 
     def save_reference(self, checkpoint_dir: str) -> None:
-        """Write the start weights (fp32, host) to ``checkpoint_dir/drift_reference.pt``, atomically, on the process
+        """Write the start weights (host) to ``checkpoint_dir/drift_reference.pt``, atomically, on the process
         that saves (``args.should_save``). The trainer and ``on_save`` may both ask for a checkpoint, and the drift
         callbacks of a trainer hold the same start weights: a file this run has written already is not written again.
         """
@@ -67,7 +68,11 @@ class _TrainerDriftCallback(TrainerCallback):
         if any(key in c._written for c in [self, *siblings]) and os.path.exists(path):
             return
         os.makedirs(checkpoint_dir, exist_ok=True)
-        torch.save({n: t.detach().to("cpu", torch.float32) for n, t in weights.items()}, path + ".tmp")
+        # only what training can move (a frozen base, under PEFT, is the resumed model's own), in the model's dtype
+        # (start weights held below fp32 are exact there)
+        params = dict(self.model.named_parameters())
+        trainable = {n: t.detach().to("cpu", params[n].dtype) for n, t in weights.items() if params[n].requires_grad}
+        torch.save(trainable, path + ".tmp")
         os.replace(path + ".tmp", path)
         self._written.add(key)
 
@@ -93,7 +98,10 @@ class _TrainerDriftCallback(TrainerCallback):
             )
             self._measure_from(None)
             return
-        weights = torch.load(path, map_location="cpu", weights_only=True)
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        weights = {n: p.detach().to("cpu", torch.float32) for n, p in self.model.named_parameters()
+                   if not p.requires_grad and n not in saved}
+        weights |= {n: t.float() for n, t in saved.items()}
         try:
             check_same_parameters(dict(self.model.named_parameters()), weights, "the model", path)
         except ValueError as error:

@@ -33,10 +33,10 @@ from .shaping import get_fitness_shaping
 @dataclass
 class StepStats:
     update_norm: float  # of the step applied to the weights
-    gradient_norm: float  # of the estimate g
     fitness_mean: float  # over the members that took part
     fitness_std: float
     fitness_max: float
+    gradient_norm: float = math.nan  # of the estimate g
     left_out: int = 0  # members without a fitness, which took no part in the step
 
 
@@ -122,7 +122,9 @@ class EvolutionStrategy:
     def shaped(self, fitness: torch.Tensor, scored: torch.Tensor | None = None) -> torch.Tensor:
         """The shaped fitness of the members that take part, 0 for those left out; all 0 when fewer than two take
         part (one member alone says nothing about a direction)."""
-        fitness, scored = self.check_fitness(fitness, scored)
+        return self._shaped(*self.check_fitness(fitness, scored))
+
+    def _shaped(self, fitness: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
         shaped = torch.zeros_like(fitness)
         if int(scored.sum()) >= 2:
             shaped[scored] = self.shape_fitness(fitness[scored]).to(shaped)
@@ -130,14 +132,13 @@ class EvolutionStrategy:
 
     def gradients(self, step: int, fitness: torch.Tensor, scored: torch.Tensor | None = None):
         """Yield ``(name, g)`` for every evolved tensor; only one tensor's estimate is alive at a time."""
-        coefficients, divisor = self._coefficients(step, fitness, scored)
+        coefficients, divisor = self._coefficients(step, *self.check_fitness(fitness, scored))
         for name in self.params:
             yield name, self.perturbation.noise_sum(coefficients, name).div_(divisor)
 
-    def _coefficients(self, step: int, fitness: torch.Tensor, scored) -> tuple[dict[int, float], float]:
-        """The noise coefficients and ``N * sigma``, N counting the members that take part."""
-        _, scored = self.check_fitness(fitness, scored)
-        return (noise_coefficients(self.members(step), self.shaped(fitness, scored)),
+    def _coefficients(self, step: int, fitness: torch.Tensor, scored: torch.Tensor) -> tuple[dict[int, float], float]:
+        """The noise coefficients and ``N * sigma``, N counting the members that take part (checked fitness)."""
+        return (noise_coefficients(self.members(step), self._shaped(fitness, scored)),
                 max(int(scored.sum()), 1) * self.sigma)
 
     def step(self, step: int, fitness: torch.Tensor, lr: float | None = None,
@@ -211,9 +212,11 @@ class EvolutionStrategy:
                 "ESConfig's default perturbation changed from 'full' to 'lowrank': set the one it was trained with.",
                 stacklevel=2)
         elif state["noise"] != noise:
+            before = " (low-rank noise then evolved nn.Linear weights only, not every parameter)" if state[
+                "noise"].startswith("lowrank(") and "every parameter" not in state["noise"] else ""
             raise ValueError(
-                f"the checkpoint was trained with {state['noise']!r} noise, this run uses {noise!r}: resume with the "
-                "perturbation (and perturbation_rank) it was trained with, or start a new run."
+                f"the checkpoint was trained with {state['noise']!r} noise{before}, this run uses {noise!r}: resume with "
+                "the perturbation (and perturbation_rank) it was trained with, or start a new run."
             )
         if "master" in state:
             self.master.load_state_dict(self.perturbation.local_tensors(state["master"]))

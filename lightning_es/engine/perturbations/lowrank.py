@@ -8,13 +8,15 @@ Every evolved parameter is perturbed, as a gradient method would train it:
   ``sigma * sign_i * (x B_i) A_i^T / sqrt(r)`` to its output; an ``nn.Embedding`` looks the rows of its ids up in the
   factor, adding ``sigma * sign_i * A_i[ids] B_i^T / sqrt(r)`` (times ``embed_scale`` for an embedding that scales its
   lookup, as Gemma's does). A weight shared by both (tied embeddings) is one parameter with one noise, applied in both
-  places. Subclasses that override ``forward`` otherwise are treated as "any other module" below;
+  places. Subclasses that override ``forward`` otherwise count as "any other module" below;
 - a vector (norm gains, biases) gets full-rank noise, cheap at its size: a linear layer adds it to its output,
   any other module (norms) is evaluated once for all members with each member's perturbed vector
   (``torch.func.vmap`` over ``functional_call``, or one call with the vectors broadcast once that is shown to give
   the same result), which needs no knowledge of the module's formula;
-- a matrix held by a module that is neither (rare) is treated like a vector: each member's dense value, built once
-  per population (memory: members x its size).
+- ``transformers``' ``Conv1D`` (GPT-2), a linear layer with its weight stored as (in, out), is hooked as one;
+- a matrix held by any other module, a module returning something other than a tensor, one without a forward of its
+  own (``nn.ParameterDict``) or one that also holds parameterised submodules is refused by name: use full-rank noise
+  or leave the parameter out.
 
 The weights are never modified, so every member shares one batched forward. Batch rows are grouped by member, in
 the order the members were given: rows ``[m * R, (m + 1) * R)`` belong to member ``m``. How the terms meet the
@@ -60,24 +62,39 @@ def is_plain_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
 
 
+def is_transposed_linear(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2): ``x @ W + b`` with W stored as (in, out)."""
+    return type(module).__name__ == "Conv1D" and getattr(module, "nf", None) == module.weight.shape[-1]
+
+
 def is_lookup(module: nn.Module) -> bool:
     """An embedding whose output is its rows of the ids, possibly times a constant ``embed_scale`` (Gemma's)."""
     return isinstance(module, nn.Embedding) and (type(module).forward is nn.Embedding.forward
                                                  or hasattr(module, "embed_scale"))
 
 
-def check_hookable(owners: Mapping[nn.Module, Mapping[str, str]]) -> None:
-    """A module other than a linear layer or an embedding lookup is re-evaluated per member with its parameters
-    swapped, which needs it to hold no submodule with parameters of their own (they would be evaluated, and hooked,
-    twice)."""
+def check_hookable(owners: Mapping[nn.Module, Mapping[str, str]], params: Mapping[str, nn.Parameter]) -> None:
+    """A module other than a linear layer or an embedding lookup is re-evaluated per member with its vectors swapped:
+    it must have a forward of its own (a ParameterDict's parameters are used by whoever reads them), hold no
+    submodule with parameters (they would be evaluated, and hooked, twice), and hold vectors only (a member's dense
+    matrix, times the population, is what low-rank noise exists to avoid)."""
     for module, held in owners.items():
-        if is_plain_linear(module) or is_lookup(module):
+        if is_plain_linear(module) or is_transposed_linear(module) or is_lookup(module):
             continue
-        if any(True for child in module.children() for _ in child.parameters()):
-            name = next(iter(held.values()))
+        name = next(iter(held.values()))
+        why = None
+        if type(module).forward is nn.Module.forward:
+            why = "that has no forward of its own (the modules reading it cannot be hooked)"
+        elif any(True for child in module.children() for _ in child.parameters()):
+            why = "that also holds submodules with parameters, so its forward cannot be re-evaluated per member"
+        else:
+            matrix = next((n for n in held.values() if is_matrix(params[n])), None)
+            if matrix is not None:
+                name, why = matrix, ("which is neither a linear layer nor an embedding, and a matrix: each member would "
+                                     "need a dense copy")
+        if why is not None:
             raise ValueError(
-                f"perturbation='lowrank' cannot perturb {name}: it belongs to a {type(module).__name__} that also holds "
-                "submodules with parameters, so its forward cannot be re-evaluated per population member. Use "
+                f"perturbation='lowrank' cannot perturb {name}: it belongs to a {type(module).__name__} {why}. Use "
                 "perturbation='full', or leave it out with es_params (ESConfig) / params (ESStrategy)."
             )
 
@@ -145,18 +162,19 @@ class LowRankPerturbation(Perturbation):
         if not params:
             raise ValueError("params is empty: ES needs at least one parameter to evolve.")
         self.owners = parameter_owners(model, params)
-        check_hookable(self.owners)
+        check_hookable(self.owners, params)
         self.params = dict(params)
         self.sigma = sigma
         self.rank = rank
         self.noise = noise or GaussianNoise()
         # nothing is written into the weights, so fp32 weights need no restore source and take updates directly
         self.master = MasterWeights(self.params, device=master_device, only_low_precision=not copy_all)
-        self._broadcasts: dict[nn.Module, bool] = {}  # per module: its members' values broadcast (see _module_hook)
+        self._broadcasts: dict[tuple, bool] = {}  # per kind of call of a module: do its vectors broadcast (_module_hook)
 
     @property
     def noise_kind(self) -> str:
-        return f"lowrank(rank={self.rank})"
+        # "every parameter": before, the low-rank noise evolved nn.Linear weights only; such a checkpoint is refused
+        return f"lowrank(rank={self.rank}, every parameter)"
 
     def factors(self, seed: int, name: str, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Member ``seed``'s factors of a matrix: A (rows x r) and B (cols x r), fp32."""
@@ -178,8 +196,8 @@ class LowRankPerturbation(Perturbation):
         noise = _StepNoise(self, members)
         with ExitStack() as hooks:
             for module, held in self.owners.items():
-                if is_plain_linear(module):
-                    hook = self._linear_hook(held, noise)
+                if is_plain_linear(module) or is_transposed_linear(module):
+                    hook = self._linear_hook(held, noise, transposed=is_transposed_linear(module))
                 elif is_lookup(module):
                     hook = self._embedding_hook(held["weight"], noise)
                 else:
@@ -192,7 +210,8 @@ class LowRankPerturbation(Perturbation):
         with self.apply_population([member]):
             yield
 
-    def _linear_hook(self, held: Mapping[str, str], noise: _StepNoise):
+    def _linear_hook(self, held: Mapping[str, str], noise: _StepNoise, transposed: bool = False):
+        """``x W^T`` gets ``(x B) A^T``; a transposed layer's ``x W`` (W as in x out) gets ``(x A) B^T``."""
         weight, bias = held.get("weight"), held.get("bias")
         count = len(noise.members)
 
@@ -203,8 +222,10 @@ class LowRankPerturbation(Perturbation):
             with outside_autocast(output):
                 if weight is not None:
                     a, b = noise.factors(weight)
-                    x = _grouped(args[0], count).reshape(count, -1, args[0].shape[-1]).to(output.dtype)
-                    grouped.baddbmm_(torch.bmm(x, b.like(output)), a.like(output).transpose(1, 2))
+                    inputs = args[0] if args else next(iter(kwargs.values()))
+                    x = _grouped(inputs, count).reshape(count, -1, inputs.shape[-1]).to(output.dtype)
+                    into, out_of = (a, b) if transposed else (b, a)
+                    grouped.baddbmm_(torch.bmm(x, into.like(output)), out_of.like(output).transpose(1, 2))
                 if bias is not None:
                     grouped.add_(noise.vector(bias).like(output)[:, None, :])
             return output
@@ -215,60 +236,85 @@ class LowRankPerturbation(Perturbation):
         count = len(noise.members)
 
         def hook(module, args, kwargs, output):
-            ids = _grouped(args[0], count).reshape(count, -1)
+            ids = args[0] if args else next(iter(kwargs.values()))
+            if ids.shape[0] % count:  # e.g. learned positions, shared by every row of the batch
+                raise RuntimeError(
+                    f"perturbation='lowrank' cannot perturb {weight}: its {type(module).__name__} was called with "
+                    f"{ids.shape[0]} rows of ids for a population of {count} (ids shared by the whole batch, such as "
+                    "positions), so its members cannot differ. Use perturbation='full', or leave it out with es_params "
+                    "(ESConfig) / params (ESStrategy).")
+            ids = _grouped(ids, count).reshape(count, -1)
             grouped = _grouped(output, count).view(count, -1, output.shape[-1])
             a, b = noise.factors(weight)
             members = torch.arange(count, device=ids.device)[:, None]
             scale = getattr(module, "embed_scale", None)
             with outside_autocast(output):
                 a_rows = a.like(output)[members, ids]
-                grouped.baddbmm_(a_rows if scale is None else a_rows * scale.to(output), b.like(output).transpose(1, 2))
+                if scale is not None:
+                    a_rows = a_rows * torch.as_tensor(scale, dtype=output.dtype, device=output.device)
+                grouped.baddbmm_(a_rows, b.like(output).transpose(1, 2))
             return output
 
         return hook
 
     def _module_hook(self, module: nn.Module, held: Mapping[str, str], noise: _StepNoise):
-        """Any other module: its forward once more, for all members at once, with each member's parameter values.
+        """Any other module (norms): its forward once more, for all members at once, with each member's vectors.
 
-        Exactly: ``vmap`` over ``functional_call``. Most such modules (RMS norms) use their parameters elementwise, so
-        the members' values broadcast against the rows grouped by member in one plain call, several times cheaper
-        than ``vmap``; that is used for a module once its first result equals ``vmap``'s bit for bit."""
+        Exactly: ``vmap`` over ``functional_call``, batching every argument whose rows are the batch's. Most such
+        modules use their vectors elementwise, so the members' vectors also broadcast against the rows grouped by
+        member in one call of the module's own forward, several times cheaper than ``vmap``: that is used for calls
+        like one (the module, the population size, the output's dtype and rank) whose result was equal to ``vmap``'s
+        bit for bit; on any failure the module goes back to ``vmap``."""
         values = {attribute: noise.values(name) for attribute, name in held.items()}
         count = len(noise.members)
-        inside = []  # set while the hook re-runs the module, whose own call would otherwise re-enter this hook
+        inside = []  # set while vmap re-runs the module, whose own call would otherwise re-enter this hook
 
-        def one_member(member_values, *args, **kwargs):
+        def one_member(member_values, args, kwargs):
             return functional_call(module, member_values, args, kwargs)
 
-        def broadcast(grouped, kwargs, dim):
-            """The module's own forward (no hooks) with the stacked values in place of its parameters; a plain swap
+        def broadcast(args, kwargs, dim):
+            """The module's own forward (no hooks) with the stacked vectors in place of its parameters; a plain swap
             in ``_parameters`` costs a fraction of ``functional_call``'s, in a hook run at every decoding step."""
             saved = {attribute: module._parameters[attribute] for attribute in values}
             for attribute, v in values.items():
                 module._parameters[attribute] = v.view(count, *[1] * (dim - v.dim()), *v.shape[1:])
             try:
-                return module.forward(*grouped, **kwargs)
-            except RuntimeError:  # not elementwise in its parameters
+                return module.forward(*args, **kwargs)
+            except torch.OutOfMemoryError:
+                raise
+            except RuntimeError:  # not elementwise in its vectors
                 return None
             finally:
                 module._parameters.update(saved)
 
         def hook(module, args, kwargs, output):
-            if inside or not isinstance(output, torch.Tensor):
+            if inside:
                 return None
-            dims = tuple(0 if isinstance(a, torch.Tensor) and a.shape[:1] == output.shape[:1] else None for a in args)
-            grouped = [_grouped(a, count) if d == 0 else a for a, d in zip(args, dims)]
-            verified = self._broadcasts.get(module)
-            inside.append(True)
-            try:
-                result = broadcast(grouped, kwargs, output.dim() + 1) if verified is not False else None
-                if not verified:
-                    exact = vmap(one_member, in_dims=(0, *dims))(values, *grouped, **kwargs)
-                    self._broadcasts[module] = result is not None and result.shape == exact.shape and torch.equal(
-                        result, exact)
-                    result = exact
-            finally:
-                inside.clear()
+            if not isinstance(output, torch.Tensor):
+                raise RuntimeError(
+                    f"perturbation='lowrank' cannot perturb {next(iter(held.values()))}: its {type(module).__name__} "
+                    f"returns a {type(output).__name__}, not a tensor, so its members' outputs cannot be formed. Use "
+                    "perturbation='full', or leave it out with es_params (ESConfig) / params (ESStrategy).")
+
+            def batched(a):
+                return isinstance(a, torch.Tensor) and a.shape[:1] == output.shape[:1]
+
+            arg_dims = tuple(0 if batched(a) else None for a in args)
+            kwarg_dims = {k: 0 if batched(v) else None for k, v in kwargs.items()}
+            grouped_args = tuple(_grouped(a, count) if batched(a) else a for a in args)
+            grouped_kwargs = {k: _grouped(v, count) if batched(v) else v for k, v in kwargs.items()}
+            key = (module, count, output.dtype, output.dim())
+            result = None
+            if self._broadcasts.get(key) is not False:
+                result = broadcast(grouped_args, grouped_kwargs, output.dim() + 1)
+            if result is None or key not in self._broadcasts:
+                inside.append(True)
+                try:
+                    exact = vmap(one_member, in_dims=(0, arg_dims, kwarg_dims))(values, grouped_args, grouped_kwargs)
+                finally:
+                    inside.clear()
+                self._broadcasts[key] = result is not None and result.shape == exact.shape and torch.equal(result, exact)
+                result = exact
             return result.reshape(output.shape).to(output.dtype)
 
         return hook
