@@ -16,11 +16,9 @@ FAMILIES = {"qwen2": lambda t: build_model(t), "qwen2-tied": lambda t: build_mod
             "gemma3": lambda t: build_gemma3(t)}
 
 
-def explicitly_perturbed(model, es, member, build):
-    """A copy of ``model`` (made by ``build``) whose every evolved parameter holds theta + sigma * sign * eps (dense
-    noise)."""
-    explicit = build()
-    explicit.load_state_dict(model.state_dict())
+def explicitly_perturbed(model, es, member):
+    """A copy of ``model`` whose every evolved parameter holds theta + sigma * sign * eps (dense noise)."""
+    explicit = copy.deepcopy(model)
     weights = dict(explicit.named_parameters())
     with torch.no_grad():
         for name in es.params:
@@ -48,7 +46,7 @@ def test_hooked_forward_equals_explicitly_perturbed_weights(rank, family):
     torch.testing.assert_close(batched, first, rtol=0, atol=0)
     for m, member in enumerate(members):
         with torch.no_grad():
-            expected = explicitly_perturbed(model, es, member, build)(inputs).logits
+            expected = explicitly_perturbed(model, es, member)(inputs).logits
         torch.testing.assert_close(batched[m * 3 : (m + 1) * 3], expected, rtol=1e-4, atol=5e-5)
     with torch.no_grad():  # hooks removed: the model is unperturbed again
         torch.testing.assert_close(model(inputs).logits, build()(inputs).logits)
@@ -83,8 +81,7 @@ def test_hooks_follow_the_forward_precision(dtype, autocast):
         batched = model(inputs.repeat(2, 1)).logits.float()
     for m, member in enumerate(members):
         with torch.no_grad(), precision:
-            expected = explicitly_perturbed(model, es, member, lambda: build_model(tokenizer, tie=True, dtype=dtype))(
-                inputs).logits.float()
+            expected = explicitly_perturbed(model, es, member)(inputs).logits.float()
         assert torch.isfinite(batched).all()
         torch.testing.assert_close(batched[m * 2 : (m + 1) * 2], expected, rtol=0.05, atol=0.05)
 
@@ -192,13 +189,8 @@ def test_vector_modules_are_exact_whether_or_not_their_parameters_broadcast():
     es = EvolutionStrategy(LowRankPerturbation(model, select_parameters(model), sigma=0.1), population_size=4, seed=2)
     members = es.members(0)
     inputs = torch.randn(3, 4)
-    expected = []
-    for member in members:
-        explicit = copy.deepcopy(model)
-        with torch.no_grad():
-            for name, p in explicit.named_parameters():
-                p.add_(es.sigma * member.sign * es.perturbation.dense_noise(member.seed, name))
-            expected.append(explicit(inputs))
+    with torch.no_grad():
+        expected = [explicitly_perturbed(model, es, member)(inputs) for member in members]
     with torch.no_grad(), es.perturbation.apply_population(members):
         for _ in range(2):  # the first call decides how each module is evaluated, the second uses that
             torch.testing.assert_close(model(inputs.repeat(4, 1)), torch.cat(expected), rtol=1e-5, atol=1e-6)
@@ -245,13 +237,8 @@ def test_float_embed_scale_and_keyword_arguments_are_perturbed_exactly():
     es = EvolutionStrategy(LowRankPerturbation(model, select_parameters(model), sigma=0.1, rank=2), population_size=4)
     members = es.members(0)
     ids = torch.randint(0, 10, (3, 5))
-    expected = []
-    for member in members:
-        explicit = copy.deepcopy(model)
-        with torch.no_grad():
-            for name, p in explicit.named_parameters():
-                p.add_(es.sigma * member.sign * es.perturbation.dense_noise(member.seed, name))
-            expected.append(explicit(ids))
+    with torch.no_grad():
+        expected = [explicitly_perturbed(model, es, member)(ids) for member in members]
     with torch.no_grad(), es.perturbation.apply_population(members):
         for _ in range(2):
             torch.testing.assert_close(model(ids.repeat(4, 1)), torch.cat(expected), rtol=1e-5, atol=1e-6)
@@ -275,7 +262,7 @@ def test_gpt2_conv1d_layers_are_perturbed_as_linear_layers_and_shared_positions_
         batched = model(inputs.repeat(2, 1)).logits
     for m, member in enumerate(es.members(0)):
         with torch.no_grad():
-            expected = explicitly_perturbed(model, es, member, build)(inputs).logits
+            expected = explicitly_perturbed(model, es, member)(inputs).logits
         torch.testing.assert_close(batched[m * 2 : (m + 1) * 2], expected, rtol=1e-4, atol=5e-5)
     es = EvolutionStrategy(LowRankPerturbation(model, select_parameters(model), sigma=0.05), population_size=2)
     with pytest.raises(RuntimeError, match=r"cannot perturb transformer\.wpe\.weight: .*ids shared by the whole batch"):
