@@ -27,6 +27,24 @@ def common(tmp_path):
                 report_to="none", bf16=False, use_cpu=True, save_strategy="no", disable_tqdm=True, logging_steps=1)
 
 
+def language_model(pl, model, evolved: bool):
+    """A LightningModule around a causal LM: trained by SGD on its loss, or evolved (strategy='es') on -loss."""
+
+    class LanguageModel(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def training_step(self, batch, batch_idx):
+            loss = self.model(input_ids=batch, labels=batch).loss
+            return -loss if evolved else loss  # ES maximises a fitness
+
+        def configure_optimizers(self):
+            return None if evolved else torch.optim.SGD(self.parameters(), lr=0.5)
+
+    return LanguageModel()
+
+
 def attach(trainer):
     trainer.add_callback(KLDriftCallback(trainer, PROBES, every_n_steps=1, max_new_tokens=4))
     trainer.add_callback(ParameterDriftCallback(trainer, every_n_steps=1))
@@ -69,17 +87,6 @@ def test_lightning_drift_callbacks_log_the_same_names(tmp_path, tiny_model, toke
     from lightning_es.lightning.callbacks import KLDriftCallback as LightningKLDrift
     from lightning_es.lightning.callbacks import ParameterDriftCallback as LightningParameterDrift
 
-    class LanguageModel(pl.LightningModule):
-        def __init__(self, model):
-            super().__init__()
-            self.model = model
-
-        def training_step(self, batch, batch_idx):
-            return self.model(input_ids=batch, labels=batch).loss
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.5)
-
     data = torch.utils.data.DataLoader(torch.randint(0, len(tokenizer), (8, 6)), batch_size=4)
     logged = []
 
@@ -91,7 +98,7 @@ def test_lightning_drift_callbacks_log_the_same_names(tmp_path, tiny_model, toke
                  LightningParameterDrift(every_n_steps=1, model_attribute="model"), Capture()]
     trainer = pl.Trainer(max_steps=2, accelerator="cpu", devices=1, callbacks=callbacks, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, default_root_dir=tmp_path)
-    trainer.fit(LanguageModel(tiny_model), data)
+    trainer.fit(language_model(pl, tiny_model, evolved=False), data)
     assert {"drift/kl", "drift/update_norm", "drift/relative_norm", "drift/moved_fraction",
             "drift/norm/attention"} <= set(logged[-1])
     assert logged[-1]["drift/update_norm"] > 0 and logged[-1]["drift/kl"] > 0
@@ -193,17 +200,6 @@ def test_lightning_drift_after_resume_is_measured_from_the_start_of_the_run(tmp_
     from lightning_es.lightning.callbacks import KLDriftCallback as LightningKLDrift
     from lightning_es.lightning.callbacks import ParameterDriftCallback as LightningParameterDrift
 
-    class LanguageModel(pl.LightningModule):
-        def __init__(self, model):
-            super().__init__()
-            self.model = model
-
-        def training_step(self, batch, batch_idx):
-            return -self.model(input_ids=batch, labels=batch).loss  # the fitness
-
-        def configure_optimizers(self):
-            return None
-
     data = torch.utils.data.DataLoader(torch.randint(0, len(tokenizer), (16, 6), generator=torch.Generator().manual_seed(0)),
                                        batch_size=4)
 
@@ -223,7 +219,7 @@ def test_lightning_drift_after_resume_is_measured_from_the_start_of_the_run(tmp_
         trainer = pl.Trainer(strategy=ESStrategy(population_size=4, sigma=0.02, lr=1e-3, seed=1), accelerator="cpu",
                              devices=1, max_steps=4, callbacks=callbacks, logger=False, enable_progress_bar=False,
                              enable_model_summary=False, default_root_dir=tmp_path)
-        trainer.fit(LanguageModel(build_model(tokenizer)), data, ckpt_path=ckpt_path)
+        trainer.fit(language_model(pl, build_model(tokenizer), evolved=True), data, ckpt_path=ckpt_path)
         return capture.logged
 
     full = fit()

@@ -143,11 +143,7 @@ class KLDriftCallback(_TrainerDriftCallback):
         return self.probe.reference
 
     def _measure_from(self, weights):
-        if weights is None:
-            self.probe.set_reference(self.model)
-            return
-        params = dict(self.model.named_parameters())  # held in the model's dtype, as set_reference holds it
-        self.probe.reference = {n: t.to(params[n].dtype) for n, t in weights.items()}
+        self.probe.set_reference(self.model, weights)
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.due(state.global_step):

@@ -92,7 +92,8 @@ class ESConfig(GRPOConfig):
         default="lowrank",
         metadata={
             "help": "'lowrank' (default, docs/perturbations.md): rank-`perturbation_rank` noise on matrices (full-rank "
-            "on vectors) through forward hooks, every trainable parameter, the whole population in one batch. 'full': full-rank noise written into the "
+            "on vectors) through forward hooks, every trainable parameter, the whole population in one batch. "
+            "'full': full-rank noise written into the "
             "weights, one member at a time; needed for DeepSpeed ZeRO-3 and for weights equal bit for bit on 1 or K "
             "processes."
         },

@@ -69,9 +69,12 @@ class DriftProbe:
             )
         self.set_reference(model)
 
-    def set_reference(self, model: nn.Module) -> None:
-        """Take the model's current weights as the reference (a host-memory copy)."""
-        self.reference = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters()}
+    def set_reference(self, model: nn.Module, weights: dict[str, torch.Tensor] | None = None) -> None:
+        """Take the model's current weights as the reference (a host-memory copy), or ``weights`` (saved start
+        weights of the same parameters, held in the model's dtypes)."""
+        params = dict(model.named_parameters())
+        source = params if weights is None else weights
+        self.reference = {n: t.detach().to("cpu", params[n].dtype, copy=True) for n, t in source.items()}
 
     @contextmanager
     def reference_weights(self, model: nn.Module) -> Iterator[None]:

@@ -92,11 +92,7 @@ class KLDriftCallback(_StartPoint):
         return None if self.probe is None else self.probe.reference
 
     def _measure_from(self, weights, model):
-        if weights is None:
-            self.probe.set_reference(model)
-            return
-        params = dict(model.named_parameters())  # held in the model's dtype, as set_reference holds it
-        self.probe.reference = {n: t.to("cpu", params[n].dtype) for n, t in weights.items()}
+        self.probe.set_reference(model, weights)
 
     def on_train_start(self, trainer, pl_module):
         share = self.probe_prompts[trainer.global_rank :: trainer.world_size] or self.probe_prompts[:1]

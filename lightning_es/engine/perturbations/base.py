@@ -13,6 +13,7 @@ from contextlib import AbstractContextManager
 import torch
 
 from ..master import MasterWeights
+from ..noise import GaussianNoise
 from ..population import Member
 
 
@@ -26,6 +27,7 @@ class Perturbation:
     params: dict[str, torch.Tensor]
     master: MasterWeights
     sigma: float
+    noise: GaussianNoise
 
     def apply(self, member: Member) -> AbstractContextManager[None]:
         raise NotImplementedError
@@ -35,8 +37,12 @@ class Perturbation:
         raise NotImplementedError(f"{type(self).__name__} applies one member at a time (batched=False).")
 
     def noise_sum(self, coefficients: Mapping[int, float], name: str) -> torch.Tensor:
-        """``sum_s c_s * eps_s`` (fp32) for one evolved tensor."""
-        raise NotImplementedError
+        """``sum_s c_s * eps_s`` (fp32) for one evolved tensor, regenerating one seed's full-rank noise at a time."""
+        weight = self.params[name]
+        total = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32)
+        for seed, coefficient in coefficients.items():
+            total.add_(self.noise.sample(seed, name, weight.shape, weight.device), alpha=coefficient)
+        return total
 
     def add_noise_sum(self, coefficients: Mapping[int, float], name: str, scale: float) -> float:
         """Add ``scale * sum_s c_s * eps_s`` to the evolved tensor (through its fp32 master copy); return the squared

@@ -46,11 +46,3 @@ class FullRankPerturbation(Perturbation):
         finally:
             self.master.restore()
             self.written()
-
-    def noise_sum(self, coefficients: Mapping[int, float], name: str) -> torch.Tensor:
-        """``sum_s c_s * eps_s`` for one evolved tensor, regenerating one seed's noise at a time."""
-        weight = self.params[name]
-        total = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32)
-        for seed, coefficient in coefficients.items():
-            total.add_(self.noise.sample(seed, name, weight.shape, weight.device), alpha=coefficient)
-        return total

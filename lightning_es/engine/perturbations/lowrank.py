@@ -39,6 +39,9 @@ from ..precision import CastCache, outside_autocast, perturbed_value
 from .base import Perturbation
 
 
+WAY_OUT = "Use perturbation='full', or leave it out with es_params (ESConfig) / params (ESStrategy)."
+
+
 def is_matrix(param: torch.Tensor) -> bool:
     return param.dim() >= 2
 
@@ -94,8 +97,7 @@ def check_hookable(owners: Mapping[nn.Module, Mapping[str, str]], params: Mappin
                                      "need a dense copy")
         if why is not None:
             raise ValueError(
-                f"perturbation='lowrank' cannot perturb {name}: it belongs to a {type(module).__name__} {why}. Use "
-                "perturbation='full', or leave it out with es_params (ESConfig) / params (ESStrategy)."
+                f"perturbation='lowrank' cannot perturb {name}: it belongs to a {type(module).__name__} {why}. {WAY_OUT}"
             )
 
 
@@ -123,9 +125,7 @@ class _StepNoise:
     def vector(self, name: str) -> CastCache:
         """(M, *shape): each member's ``sigma * sign * eps``, for a term added to an output."""
         if name not in self._vectors:
-            p = self.perturbation.params[name]
-            noise = [self.perturbation.noise.sample(m.seed, name, p.shape, p.device) * s
-                     for m, s in zip(self.members, self.scales)]
+            noise = [self.perturbation.dense_noise(m.seed, name) * s for m, s in zip(self.members, self.scales)]
             self._vectors[name] = CastCache(torch.stack(noise))
         return self._vectors[name]
 
@@ -135,6 +135,11 @@ class _StepNoise:
         master = self.perturbation.master.value(name)
         return torch.stack([perturbed_value(master, self.perturbation.dense_noise(m.seed, name), s, p.dtype)
                             for m, s in zip(self.members, self.scales)])
+
+
+def _first_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    """What a linear layer or an embedding was called with, positionally or by keyword."""
+    return args[0] if args else next(iter(kwargs.values()))
 
 
 def _grouped(tensor: torch.Tensor, count: int) -> torch.Tensor:
@@ -222,7 +227,7 @@ class LowRankPerturbation(Perturbation):
             with outside_autocast(output):
                 if weight is not None:
                     a, b = noise.factors(weight)
-                    inputs = args[0] if args else next(iter(kwargs.values()))
+                    inputs = _first_input(args, kwargs)
                     x = _grouped(inputs, count).reshape(count, -1, inputs.shape[-1]).to(output.dtype)
                     into, out_of = (a, b) if transposed else (b, a)
                     grouped.baddbmm_(torch.bmm(x, into.like(output)), out_of.like(output).transpose(1, 2))
@@ -236,13 +241,12 @@ class LowRankPerturbation(Perturbation):
         count = len(noise.members)
 
         def hook(module, args, kwargs, output):
-            ids = args[0] if args else next(iter(kwargs.values()))
+            ids = _first_input(args, kwargs)
             if ids.shape[0] % count:  # e.g. learned positions, shared by every row of the batch
                 raise RuntimeError(
                     f"perturbation='lowrank' cannot perturb {weight}: its {type(module).__name__} was called with "
                     f"{ids.shape[0]} rows of ids for a population of {count} (ids shared by the whole batch, such as "
-                    "positions), so its members cannot differ. Use perturbation='full', or leave it out with es_params "
-                    "(ESConfig) / params (ESStrategy).")
+                    f"positions), so its members cannot differ. {WAY_OUT}")
             ids = _grouped(ids, count).reshape(count, -1)
             grouped = _grouped(output, count).view(count, -1, output.shape[-1])
             a, b = noise.factors(weight)
@@ -293,8 +297,8 @@ class LowRankPerturbation(Perturbation):
             if not isinstance(output, torch.Tensor):
                 raise RuntimeError(
                     f"perturbation='lowrank' cannot perturb {next(iter(held.values()))}: its {type(module).__name__} "
-                    f"returns a {type(output).__name__}, not a tensor, so its members' outputs cannot be formed. Use "
-                    "perturbation='full', or leave it out with es_params (ESConfig) / params (ESStrategy).")
+                    f"returns a {type(output).__name__}, not a tensor, so its members' outputs cannot be formed. "
+                    f"{WAY_OUT}")
 
             def batched(a):
                 return isinstance(a, torch.Tensor) and a.shape[:1] == output.shape[:1]
@@ -335,10 +339,7 @@ class LowRankPerturbation(Perturbation):
         if not coefficients:
             return torch.zeros(p.shape, device=p.device, dtype=torch.float32)
         if not is_matrix(p):
-            total = torch.zeros(p.shape, device=p.device, dtype=torch.float32)
-            for seed, coefficient in coefficients.items():
-                total.add_(self.noise.sample(seed, name, p.shape, p.device), alpha=coefficient)
-            return total
+            return super().noise_sum(coefficients, name)
         a, b = self._stacked_factors(coefficients, name)
         return (a @ b.T).div_(math.sqrt(self.rank)).view(p.shape)
 
