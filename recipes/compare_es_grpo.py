@@ -36,7 +36,7 @@ from lightning_es.drift import (
 from lightning_es.tasks import countdown, gsm8k
 from lightning_es.tasks.evaluation import greedy_scores
 from lightning_es.tasks.models import resolve_model
-from lightning_es.tasks.probes import OFF_TASK_PROMPTS, chat
+from lightning_es.tasks.probes import OFF_TASK_PROMPTS, answered, render
 from trl_ext import ESConfig, ESTrainer
 from trl_ext.callbacks import KLDriftCallback, ParameterDriftCallback
 from trl_ext.recipes import parse_recipe_args, use_all_cpu_cores
@@ -57,7 +57,8 @@ class CompareArguments:
     prompts_per_step: int | None = field(default=None, metadata={"help": "ES prompts per iteration (default: ESConfig's)."})
     max_completion_length: int = field(default=24, metadata={"help": "New tokens per completion."})
     population_size: int | None = field(default=None, metadata={"help": "ES population (default: ESConfig's)."})
-    es_learning_rate: float | None = field(default=None, metadata={"help": "ES step size (default: ESConfig's)."})
+    es_relative_learning_rate: float | None = field(
+        default=None, metadata={"help": "ES step, relative_learning_rate (default: ESConfig's)."})
     grpo_learning_rate: float = field(default=1e-5, metadata={"help": "GRPO AdamW learning rate."})
     grpo_prompts_per_step: int = field(default=2, metadata={"help": "GRPO prompts per iteration (backward is costly)."})
     grpo_generations: int = field(default=4, metadata={"help": "GRPO completions per prompt."})
@@ -110,16 +111,10 @@ def task_reward(model, tokenizer, test, module, args) -> dict[str, float]:
 
 def kl_probes(base, tokenizer, args) -> dict[str, DriftProbe]:
     """Both KL estimators on the same probe prompts, with the base model as their reference."""
-    prompts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
-               for p in chat(OFF_TASK_PROMPTS[: args.probes])]
-    tokenizer.padding_side = "left"
-    batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-    with torch.no_grad():
-        answers = base.generate(**batch, do_sample=False, max_new_tokens=args.probe_tokens,
-                                pad_token_id=tokenizer.pad_token_id)[:, batch["input_ids"].shape[1]:]
-    answered = [p + a for p, a in zip(prompts, tokenizer.batch_decode(answers, skip_special_tokens=True))]
-    return {"exact": DriftProbe(base, tokenizer, answered, estimator="exact"),
-            "sampled": DriftProbe(base, tokenizer, prompts, estimator="sampled", max_new_tokens=args.probe_tokens)}
+    prompts = OFF_TASK_PROMPTS[: args.probes]
+    return {"exact": DriftProbe(base, tokenizer, answered(base, tokenizer, prompts, args.probe_tokens), estimator="exact"),
+            "sampled": DriftProbe(base, tokenizer, render(tokenizer, prompts), estimator="sampled",
+                                  max_new_tokens=args.probe_tokens)}
 
 
 def train(method, args, seed, base_path, module, train_dataset, tokenizer, probe_texts):
@@ -129,7 +124,7 @@ def train(method, args, seed, base_path, module, train_dataset, tokenizer, probe
         bf16=False, seed=seed, disable_tqdm=True, reward_weights=[1.0, 0.5],
     )
     if method == "es":
-        chosen = {"population_size": args.population_size, "learning_rate": args.es_learning_rate,
+        chosen = {"population_size": args.population_size, "relative_learning_rate": args.es_relative_learning_rate,
                   "per_device_train_batch_size": args.prompts_per_step}
         config = ESConfig(**{k: v for k, v in chosen.items() if v is not None}, **common)
         trainer_class = ESTrainer

@@ -12,6 +12,7 @@ from tiny import build_model, build_tokenizer
 from trl_ext import ESConfig, ESTrainer
 from lightning_es.drift import layer_type
 from trl_ext.callbacks import REFERENCE_NAME, KLDriftCallback, ParameterDriftCallback
+from trl_ext.checkpoints import ES_STATE_NAME
 
 torch_save = torch.save
 
@@ -150,10 +151,11 @@ def test_es_trainer_drift_after_resume_is_measured_from_the_start_of_the_run(tmp
         for name in ("drift/update_norm", "drift/relative_norm", "drift/kl"):
             assert resumed[step][name] == pytest.approx(full[step][name], rel=1e-6, abs=1e-9), (step, name)
     assert resumed[3]["drift/update_norm"] > resumed[3]["es/update_norm"] * 1.05  # 3 steps from the start, not 1
-    # the resumed run passes the start on to its own checkpoints
-    saved = torch.load(checkpoint.parent / "checkpoint-4" / REFERENCE_NAME, weights_only=True)
-    original = torch.load(uninterrupted_dir / "checkpoint-2" / REFERENCE_NAME, weights_only=True)
+    # the resumed run passes the start on to its own checkpoints, in ES's state (the one copy ES keeps)
+    saved = torch.load(checkpoint.parent / "checkpoint-4" / ES_STATE_NAME, weights_only=True)["start"]
+    original = torch.load(uninterrupted_dir / "checkpoint-2" / ES_STATE_NAME, weights_only=True)["start"]
     assert saved.keys() == original.keys() and all(torch.equal(saved[n], original[n]) for n in saved)
+    assert not (checkpoint.parent / "checkpoint-4" / REFERENCE_NAME).exists()  # no second copy on disk
 
 
 @pytest.mark.slow
@@ -161,13 +163,15 @@ def test_es_trainer_resumed_without_a_saved_reference_warns_and_measures_from_th
         tmp_path, uninterrupted_es_run, tokenizer, caplog):
     uninterrupted_dir, dataset, _ = uninterrupted_es_run
     checkpoint, model = resume_copy(tmp_path, uninterrupted_dir)
-    (checkpoint / REFERENCE_NAME).unlink()
+    state = torch.load(checkpoint / ES_STATE_NAME, weights_only=True)
+    del state["start"]  # as a run without the drift callbacks saved it
+    torch.save(state, checkpoint / ES_STATE_NAME)
     with caplog.at_level(logging.WARNING, logger="trl_ext.callbacks"):
         _, resumed = train_es_with_drift(model, checkpoint.parent, tokenizer, dataset, resume=str(checkpoint),
                                          max_steps=3)
     warnings = [r.getMessage() for r in caplog.records if r.name == "trl_ext.callbacks"]
     assert len(warnings) == 2  # one from each callback
-    assert all(REFERENCE_NAME in w and "measured from the resumed weights" in w for w in warnings)
+    assert all("holds no start weights" in w and "measured from the resumed weights" in w for w in warnings)
     # one step from the resumed weights: the drift is that step's update
     assert resumed[3]["drift/update_norm"] == pytest.approx(resumed[3]["es/update_norm"], rel=1e-4)
 
@@ -250,7 +254,7 @@ def test_lightning_resume_from_a_checkpoint_without_the_start_weights_warns(tmp_
     with caplog.at_level(logging.WARNING, logger="lightning_es.lightning.callbacks"):
         trainer = fit([drift], ckpt_path=next((tmp_path / "checkpoints").glob("*.ckpt")), max_steps=3)
     warnings = [r.getMessage() for r in caplog.records if r.name == "lightning_es.lightning.callbacks"]
-    assert len(warnings) == 1 and "holds no state for ParameterDriftCallback" in warnings[0]
+    assert len(warnings) == 1 and "the strategy's checkpoint holds no start weights" in warnings[0]
     assert "measured from the resumed weights" in warnings[0]
     assert float(trainer.callback_metrics["drift/update_norm"]) == pytest.approx(
         float(trainer.callback_metrics["es/update_norm"]), rel=1e-4)  # one step from the resumed weights

@@ -56,3 +56,22 @@ def test_sharded_steps_equal_the_unsharded_step():
     for name, shape in SHAPES.items():
         numel = torch.Size(shape).numel()
         torch.testing.assert_close(torch.cat(pieces[name])[:numel].view(shape), expected[name], rtol=0, atol=1e-6)
+
+
+def test_relative_scales_of_a_padded_slice_ignore_its_padding():
+    """DeepSpeed leaves a slice's padding uninitialised: it is zeroed, and the scales are the whole tensor's."""
+    from lightning_es import relative_scales
+
+    torch.manual_seed(0)
+    full = {"w": torch.nn.Parameter(torch.randn(5, 3)), "b": torch.nn.Parameter(torch.randn(5))}
+    expected = relative_scales(FullRankPerturbation(full, sigma=0.1))
+    layouts = {name: ShardLayout(p.shape, start=0, size=p.numel() + 3) for name, p in full.items()}  # 3 padding
+    shards = {name: torch.nn.Parameter(torch.full((layout.size,), float("nan"))) for name, layout in layouts.items()}
+    with torch.no_grad():
+        for name, p in full.items():
+            shards[name][: p.numel()] = p.detach().reshape(-1)
+    perturbation = ShardedPerturbation(shards, layouts, sigma=0.1)
+    assert all(torch.count_nonzero(shard[-3:]) == 0 for shard in shards.values())
+    scales = relative_scales(perturbation)
+    assert torch.equal(scales["w"], expected["w"])
+    assert torch.equal(scales["b"][:5], expected["b"]) and torch.count_nonzero(scales["b"][5:]) == 0

@@ -85,7 +85,7 @@ def test_generation_batching_fields_warn(tmp_path, caplog):
 
 
 @pytest.mark.parametrize(("name", "value"), [
-    ("beta", 0.04), ("sync_ref_model", True), ("use_transformers_continuous_batching", True),
+    ("sync_ref_model", True), ("use_transformers_continuous_batching", True),
     ("auto_find_batch_size", True),
 ])
 def test_refused_fields_are_errors_that_name_them(tmp_path, name, value):
@@ -94,15 +94,21 @@ def test_refused_fields_are_errors_that_name_them(tmp_path, name, value):
         es_args(tmp_path, **{name: value})
 
 
-def test_beta_is_refused_before_a_reference_model_is_built(tmp_path, tiny_dir, monkeypatch):
+def test_beta_keeps_the_start_weights_instead_of_a_reference_model(tmp_path, tiny_dir, monkeypatch):
+    """GRPO loads a second model as beta's reference; ES keeps one copy of the start weights instead (host memory)."""
     import trl.trainer.grpo_trainer as grpo
 
     built = []
-    monkeypatch.setattr(grpo, "create_model_from_path", lambda *a, **k: built.append(a))
-    grpo_args = GRPOConfig(output_dir=str(tmp_path), beta=0.04, use_cpu=True, bf16=False, report_to="none")
-    with pytest.raises(ValueError, match="beta=0.04.*KLDriftCallback.*es_anchor_decay"):
-        ESTrainer(str(tiny_dir), token_rate, args=grpo_args, train_dataset=PROMPTS)
-    assert built == []
+    create = grpo.create_model_from_path
+    monkeypatch.setattr(grpo, "create_model_from_path", lambda *a, **k: built.append(a) or create(*a, **k))
+    grpo_args = GRPOConfig(output_dir=str(tmp_path), beta=0.04, use_cpu=True, report_to="none")
+    trainer = ESTrainer(str(tiny_dir), token_rate, args=grpo_args, train_dataset=PROMPTS)
+    assert len(built) == 1  # the policy only
+    assert trainer.beta == trainer.args.beta == 0.04 and trainer.ref_model is None
+    assert trainer.es.start is not None and trainer.es.start.nbytes == sum(
+        p.numel() * p.element_size() for p in trainer.es.params.values())
+    with pytest.raises(ValueError, match=r"beta must be non-negative, got -0.1.*fitness = reward - beta \* KL"):
+        es_args(tmp_path, beta=-0.1)
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "trainer"])
@@ -324,6 +330,8 @@ def test_a_grpo_script_with_many_fields_keeps_their_meaning(tmp_path, tiny_dir, 
         assert f"ESTrainer: {warned} ignored" in caplog.text, warned
 
 
-def test_the_same_script_with_a_reference_model_is_refused(tmp_path, tiny_dir, monkeypatch):
-    with pytest.raises(ValueError, match="ESTrainer does not support beta=0.04"):
-        run_many_fields(tmp_path, tiny_dir, monkeypatch, beta=0.04)
+def test_the_same_script_with_beta_trains_with_its_kl_penalty(tmp_path, tiny_dir, monkeypatch):
+    trainer = run_many_fields(tmp_path, tiny_dir, monkeypatch, beta=0.04)["trainer"]
+    train_logs = [h for h in trainer.state.log_history if "es/fitness_mean" in h]
+    assert len(train_logs) == 4 and all(h["kl"] >= 0 for h in train_logs)  # sampled members: TRL's k3 estimate
+    assert any(h["kl"] > 0 for h in train_logs[1:])  # moved away from the start

@@ -11,6 +11,7 @@ from trl import GRPOConfig
 from swap import run_swapped
 from tiny import build_model, build_tokenizer
 from trl_ext import ESConfig, ESTrainer
+from lightning_es.engine.scales import DEFAULT_RELATIVE_LEARNING_RATE, DEFAULT_RELATIVE_SIGMA
 from lightning_es import PopulationError
 from trl_ext.checkpoints import why_not_resumable
 
@@ -77,9 +78,10 @@ def test_grpo_config_keeps_what_the_user_changed_and_takes_es_defaults(tmp_path,
     )
     # left at TRL's defaults: ES's defaults apply
     assert (args.lr_scheduler_type, args.disable_dropout, args.gradient_checkpointing) == ("constant", True, False)
-    assert args.learning_rate == 1e-4 and args.population_size == 8 and args.sigma == 1e-2
+    assert args.population_size == 8 and args.sigma is None
+    assert (args.relative_sigma, args.relative_learning_rate) == (DEFAULT_RELATIVE_SIGMA, DEFAULT_RELATIVE_LEARNING_RATE)
     assert args.prompts_per_step == 2 and not args.greedy  # GRPO's batch of 4 completions: 2 prompts x 2 samples
-    assert "learning_rate (3e-06, tuned for Adam on true gradients) is replaced by the ES step 0.0001" in caplog.text
+    assert "learning_rate (3e-06, tuned for Adam on true gradients) is not used: ES steps by relative_learning_rate 0.0015" in caplog.text
 
 
 def test_a_default_grpo_config_gets_es_defaults(tmp_path, tiny_model, tokenizer, prompt_dataset, caplog):
@@ -105,7 +107,10 @@ def test_a_default_grpo_config_gets_es_defaults(tmp_path, tiny_model, tokenizer,
 def test_es_config_defaults_are_the_measured_ones():
     args = ESConfig(output_dir="unused", report_to="none", use_cpu=True)
     # docs/es_study.md: the settings that learned fastest per second on this machine
-    assert (args.population_size, args.sigma, args.learning_rate, args.antithetic) == (8, 1e-2, 1e-4, True)
+    assert (args.population_size, args.sigma, args.antithetic) == (8, None, True)
+    # relative noise and step: the study's sigma 1e-2 and lr 1e-4 as fractions of SmolLM2's median weight RMS (0.19),
+    # which keeps Gemma-3-270M's members coherent too (docs/reports/noise-scale/)
+    assert (args.relative_sigma, args.relative_learning_rate) == (0.03, 1.5e-3)
     assert (args.perturbation, args.perturbation_rank) == ("lowrank", 4)
     assert args.per_device_train_batch_size == 2 and args.prompts_per_step == 2
     assert args.fitness_shaping == "zscore" and args.num_generations == 1 and args.greedy
@@ -235,8 +240,8 @@ def test_members_without_a_scored_completion_sit_out_the_step(tmp_path, tiny_mod
     trainer = ESTrainer(tiny_model, half_none, args=args, train_dataset=prompt_dataset, processing_class=tokenizer)
     seen = []
     step = trainer.es.step
-    trainer.es.step = lambda s, fitness, lr=None, scored=None: seen.append((fitness, scored)) or step(s, fitness, lr,
-                                                                                                     scored)
+    trainer.es.step = lambda s, fitness, lr=None, scored=None, per_prompt=None: seen.append((fitness, scored)) or step(
+        s, fitness, lr, scored, per_prompt)
     before = weights(trainer.model)
     with caplog.at_level(logging.WARNING):
         trainer.train()

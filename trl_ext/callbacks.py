@@ -4,12 +4,13 @@ Like TRL's own callbacks they take the trainer, and add their values to the trai
 names as the Lightning callbacks: ``drift/kl``; ``drift/update_norm``, ``drift/relative_norm``,
 ``drift/moved_fraction``, ``drift/norm/<layer type>``, and for ESTrainer ``drift/realised_fraction``.
 
-Drift is measured from the weights the run started from, across resumes: each checkpoint folder gets those start
-weights (of the trainable parameters, in the model's dtype) in ``drift_reference.pt``, written by ``on_save`` (a
-trainer may call ``save_reference`` earlier, before it writes ``trainer_state.json``; each folder is written once),
-and a resumed run reads them back from the checkpoint it resumes from (``trainer.resumed_checkpoint`` where the
-trainer sets it, else ``<output_dir>/checkpoint-<step>``). Both callbacks hold the same start weights, so they share
-the file.
+Drift is measured from the weights the run started from, across resumes. Under ``ESTrainer`` the callbacks use the
+one copy of the start weights ES keeps (``es.keep_start()``), which its checkpoints carry in ``es_state.pt``. Under
+other trainers each callback keeps a host copy of the trainable parameters' start values, and each checkpoint folder
+gets them in ``drift_reference.pt``, written by ``on_save`` (a trainer may call ``save_reference`` earlier, before it
+writes ``trainer_state.json``; each folder is written once); a resumed run reads them back from the checkpoint it
+resumes from (``trainer.resumed_checkpoint`` where the trainer sets it, else ``<output_dir>/checkpoint-<step>``).
+Both callbacks hold the same start weights, so they share the file.
 """
 
 import logging
@@ -20,6 +21,7 @@ from transformers import TrainerCallback
 
 from lightning_es.drift import DriftProbe, KLDrift, parameter_drift, snapshot
 from lightning_es.drift.geometry import check_same_parameters
+from lightning_es.engine import StartWeights
 
 logger = logging.getLogger(__name__)
 
@@ -43,24 +45,24 @@ class _TrainerDriftCallback(TrainerCallback):
 
     # ---- the start weights, across resumes ---------------------------------------------------------------------
 
-    def _start_weights(self) -> dict[str, torch.Tensor] | None:
-        """The start weights this callback measures from (host tensors), None before training begins."""
-        raise NotImplementedError
+    start: StartWeights | None = None  # what this callback measures from, set when training begins
 
-    def _measure_from(self, weights: dict[str, torch.Tensor] | None) -> None:
-        """Measure from ``weights`` (fp32 host tensors), or from the model's current weights when None."""
-        raise NotImplementedError
+    def _measure_from(self, start: StartWeights) -> None:
+        self.start = start
+
+    @property
+    def _es(self):
+        """The trainer's ES, whose copy of the start weights is shared (None: another trainer, or not built yet)."""
+        return getattr(self.trainer, "es", None)
 
     def save_reference(self, checkpoint_dir: str) -> None:
         """Write the start weights (host) to ``checkpoint_dir/drift_reference.pt``, atomically, on the process
         that saves (``args.should_save``). The trainer and ``on_save`` may both ask for a checkpoint, and the drift
         callbacks of a trainer hold the same start weights: a file this run has written already is not written again.
         """
-        if not self.trainer.args.should_save:
-            return
-        weights = self._start_weights()
-        if weights is None:
-            return
+        if not self.trainer.args.should_save or self.start is None or self.start is getattr(self._es, "start", None):
+            return  # nothing yet, or ES's copy, which es_state.pt carries
+        weights = self.start.tensors
         path = os.path.join(checkpoint_dir, REFERENCE_NAME)
         key = os.path.realpath(path)
         handler = getattr(self.trainer, "callback_handler", None)
@@ -68,11 +70,7 @@ class _TrainerDriftCallback(TrainerCallback):
         if any(key in c._written for c in [self, *siblings]) and os.path.exists(path):
             return
         os.makedirs(checkpoint_dir, exist_ok=True)
-        # only what training can move (a frozen base, under PEFT, is the resumed model's own), in the model's dtype
-        # (start weights held below fp32 are exact there)
-        params = dict(self.model.named_parameters())
-        trainable = {n: t.detach().to("cpu", params[n].dtype) for n, t in weights.items() if params[n].requires_grad}
-        torch.save(trainable, path + ".tmp")
+        torch.save(weights, path + ".tmp")  # the trainable parameters, in the model's dtype
         os.replace(path + ".tmp", path)
         self._written.add(key)
 
@@ -83,12 +81,29 @@ class _TrainerDriftCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._written.clear()  # a new run: the files of an earlier one may hold other start weights
-        if state.global_step == 0:
-            self._measure_from(None)
-            return
+        es = self._es
         checkpoint = getattr(self.trainer, "resumed_checkpoint", None) or os.path.join(
             args.output_dir, f"checkpoint-{state.global_step}")
         path = os.path.join(checkpoint, REFERENCE_NAME)
+        if es is not None:
+            start = es.keep_start()
+            if state.global_step > 0 and not es.start_restored and os.path.exists(path):
+                # written by a version whose drift callbacks kept their own copy: it becomes ES's
+                saved = torch.load(path, map_location="cpu", weights_only=True)
+                names = {id(p): n for n, p in self.model.named_parameters()}
+                start.load_state_dict({name: saved[names[id(p)]] for name, p in es.params.items()
+                                       if names.get(id(p)) in saved})
+                es.start_restored = True
+            if state.global_step > 0 and not es.start_restored:
+                logger.warning(
+                    f"{type(self).__name__}: resuming at step {state.global_step} from a checkpoint whose es_state.pt "
+                    "holds no start weights (it was saved without the drift callbacks, beta or es_anchor_decay): drift "
+                    "is measured from the resumed weights, not from the weights the run started from.")
+            self._measure_from(start)
+            return
+        if state.global_step == 0:
+            self._measure_from(self._own_start())
+            return
         if not os.path.exists(path):
             logger.warning(
                 f"{type(self).__name__}: resuming at step {state.global_step} from {checkpoint}, which holds no "
@@ -96,17 +111,24 @@ class _TrainerDriftCallback(TrainerCallback):
                 "start weights): drift is measured from the resumed weights, not from the weights the run started "
                 "from."
             )
-            self._measure_from(None)
+            self._measure_from(self._own_start())
             return
         saved = torch.load(path, map_location="cpu", weights_only=True)
-        weights = {n: p.detach().to("cpu", torch.float32) for n, p in self.model.named_parameters()
-                   if not p.requires_grad and n not in saved}
-        weights |= {n: t.float() for n, t in saved.items()}
+        trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
         try:
-            check_same_parameters(dict(self.model.named_parameters()), weights, "the model", path)
+            check_same_parameters(trainable, saved, "the model's trainable parameters", path)
         except ValueError as error:
             raise ValueError(f"{type(self).__name__} cannot measure drift from {path}: {error}") from None
-        self._measure_from(weights)
+        self._measure_from(self._own_start(saved))
+
+    def _own_start(self, saved: dict[str, torch.Tensor] | None = None) -> StartWeights:
+        """A host copy of the trainable parameters' start values: the current ones, or ``saved``; one per trainer,
+        shared by its drift callbacks."""
+        handler = getattr(self.trainer, "callback_handler", None)
+        for other in [self, *getattr(handler, "callbacks", ())]:
+            if saved is None and isinstance(other, _TrainerDriftCallback) and other.start is not None:
+                return other.start
+        return StartWeights({n: p for n, p in self.model.named_parameters() if p.requires_grad}, saved)
 
     def log(self, values: dict[str, float]) -> None:
         """Join the trainer's next log entry (TRL trainers buffer metrics in ``_metrics``), else log now."""
@@ -135,15 +157,16 @@ class KLDriftCallback(_TrainerDriftCallback):
             for p in probe_prompts
         ]
         accelerator = trainer.accelerator
+        es = self._es
         self.probe = DriftProbe(self.model, tokenizer, prompts[accelerator.process_index :: accelerator.num_processes]
                                 or prompts[:1], estimator=estimator, max_new_tokens=max_new_tokens,
-                                batch_size=batch_size, seed=trainer.args.seed)
+                                batch_size=batch_size, seed=trainer.args.seed,
+                                reference=None if es is None else es.keep_start())
+        self.start = self.probe.reference
 
-    def _start_weights(self):
-        return self.probe.reference
-
-    def _measure_from(self, weights):
-        self.probe.set_reference(self.model, weights)
+    def _measure_from(self, start):
+        super()._measure_from(start)
+        self.probe.use_reference(start)
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.due(state.global_step):
@@ -159,14 +182,7 @@ class ParameterDriftCallback(_TrainerDriftCallback):
     def __init__(self, trainer, every_n_steps: int = 10, threshold: float = 1e-6):
         super().__init__(trainer, every_n_steps)
         self.threshold = threshold
-        self.start = None
         self.before_step = None
-
-    def _start_weights(self):
-        return self.start
-
-    def _measure_from(self, weights):
-        self.start = snapshot(self.model) if weights is None else weights
 
     def on_step_begin(self, args, state, control, **kwargs):
         es = getattr(self.trainer, "es", None)
@@ -176,7 +192,7 @@ class ParameterDriftCallback(_TrainerDriftCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if not self.due(state.global_step):
             return
-        values = parameter_drift(self.model, self.start, self.threshold)
+        values = parameter_drift(self.model, self.start.of_model(self.model), self.threshold)
         if self.before_step is not None:  # none without a master copy: fp32 weights take the step whole
             values["drift/realised_fraction"] = self._realised_fraction(*self.before_step)
         self.before_step = None

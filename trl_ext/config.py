@@ -2,6 +2,7 @@
 
 import dataclasses
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -10,12 +11,14 @@ from transformers.trainer_utils import SchedulerType
 from trl import GRPOConfig
 
 from lightning_es import FITNESS_SHAPING, PERTURBATIONS
+from lightning_es.engine.scales import DEFAULT_RELATIVE_LEARNING_RATE, DEFAULT_RELATIVE_SIGMA, check_relative
 
 from .grpo_fields import apply_audit, default
 
 logger = logging.getLogger(__name__)
 
 ES_OPTIMIZERS = ("sgd", "trainer")
+ABSOLUTE_SIGMA = 1e-2  # with a learning_rate set alone: the sigma all ESConfig scripts ran with before relative units
 
 
 @dataclass
@@ -27,14 +30,17 @@ class ESConfig(GRPOConfig):
     mean reward. Replicated processes split the population; under DeepSpeed ZeRO-3 they split the prompts, each
     process answering its own `per_device_train_batch_size // num_generations`.
 
-    Step size: `learning_rate` is `lr` in `theta += lr * g` with `g = sum_i f_i eps_i / (N sigma)`. The ES-at-scale
-    paper writes its step as `alpha / N * sum_i f_i eps_i`, so `learning_rate = alpha * sigma`.
+    Noise and step come in two units. Relative (the default): `relative_sigma` and `relative_learning_rate` are
+    fractions of each tensor's own scale (its RMS for a matrix, each entry's magnitude for a vector, fixed at the start:
+    `lightning_es.engine.scales`), so that they mean the same on every model. Absolute: set `sigma` (then
+    `learning_rate` is the step), as the ES papers write them. Either way the step is `lr` in `theta += lr * g` with
+    `g = sum_i f_i eps_i / (N sigma)`; the ES-at-scale paper writes it as `alpha / N * sum_i f_i eps_i`, so
+    `lr = alpha * sigma`. Its settings for 0.5B-7B models are `population_size=30`, `sigma=1e-3`,
+    `learning_rate=5e-7` (alpha 5e-4).
 
-    Defaults (docs/es_study.md): the settings that learned fastest per second in a study on SmolLM2-135M-Instruct
-    (GSM8K-style problems, 2-core CPU, 2-3 seeds each): 8 members, rank-4 noise, sigma 1e-2, lr 1e-4, 2 prompts per
-    iteration, greedy members. The ES-at-scale paper's settings for 0.5B-7B models are `population_size=30`,
-    `sigma=1e-3`, `learning_rate=5e-7` (alpha 5e-4); at this model size and under greedy decoding, sigma 1e-3 leaves
-    most members' answers unchanged (no fitness signal).
+    Defaults (docs/es_study.md, docs/reports/noise-scale/): 8 members, rank-4 noise, 2 prompts per iteration, greedy
+    members, from a study on SmolLM2-135M-Instruct; relative_sigma 0.03, which keeps the members of SmolLM2 and of
+    Gemma-3-270M coherent (0.08 and 0.13 nats per token from their base model), and the study's ratio of step to noise.
     """
 
     learning_rate: float = field(
@@ -60,12 +66,30 @@ class ESConfig(GRPOConfig):
         default=True, metadata={"help": "Evaluate members without dropout, so that fitness differences come from noise."}
     )
     population_size: int = field(default=8, metadata={"help": "Members per ES iteration (N)."})
-    sigma: float = field(default=1e-2, metadata={"help": "Standard deviation of the weight perturbations."})
+    sigma: float | None = field(
+        default=None,
+        metadata={"help": "Absolute noise: the standard deviation of the weight perturbations (learning_rate is then "
+                  "the step). Unset: relative noise (relative_sigma)."},
+    )
+    relative_sigma: float | None = field(
+        default=None,
+        metadata={"help": f"Noise as a fraction of each tensor's scale (RMS of a matrix, magnitude of a vector's "
+                  f"entries, at the start). Unset: {DEFAULT_RELATIVE_SIGMA} unless sigma is set."},
+    )
+    relative_learning_rate: float | None = field(
+        default=None,
+        metadata={"help": f"The step lr in the units of relative_sigma (lr / relative_sigma is the ES-at-scale paper's "
+                  f"alpha as a fraction of each tensor's scale). Unset: {DEFAULT_RELATIVE_LEARNING_RATE} with relative "
+                  "noise. Follows lr_scheduler_type as learning_rate would."},
+    )
     antithetic: bool = field(
         default=True, metadata={"help": "Evaluate mirrored pairs theta +- sigma*eps (population_size must be even)."}
     )
     fitness_shaping: str = field(
-        default="zscore", metadata={"help": "How fitness is normalised: 'zscore' or 'centered_rank'."}
+        default="zscore",
+        metadata={"help": "How fitness is normalised: 'zscore', 'centered_rank', or 'evidence_zscore' (the z-score "
+                  "scaled by the evidence that members differ beyond chance, read per prompt: a step only as large as "
+                  "the signal)."},
     )
     es_params: list[str] | None = field(
         default=None,
@@ -107,6 +131,11 @@ class ESConfig(GRPOConfig):
     es_master_device: str | None = field(
         default=None,
         metadata={"help": "Where the fp32 master copy of the evolved weights lives (default: beside each weight)."},
+    )
+    es_start_device: str = field(
+        default="cpu",
+        metadata={"help": "Where the one copy of the starting weights lives when something needs it (beta's reference, "
+                  "es_anchor_decay, the drift callbacks): host memory by default; the accelerator saves the transfers."},
     )
 
     def __post_init__(self):
@@ -180,8 +209,11 @@ class ESConfig(GRPOConfig):
                 f"population_size must be even when antithetic=True, got {self.population_size}: "
                 f"use {self.population_size + 1} or set antithetic=False."
             )
-        if not self.sigma > 0:
-            raise ValueError(f"sigma must be positive, got {self.sigma}.")
+        self._check_noise_units()
+        if not self.beta >= 0:
+            raise ValueError(
+                f"beta must be non-negative, got {self.beta}: it weighs each member's KL to the starting weights in its "
+                "fitness (fitness = reward - beta * KL); 0 turns the penalty off.")
         if self.fitness_shaping not in FITNESS_SHAPING:
             raise ValueError(f"fitness_shaping must be one of {sorted(FITNESS_SHAPING)}, got {self.fitness_shaping!r}.")
         if self.es_optimizer not in ES_OPTIMIZERS:
@@ -194,12 +226,77 @@ class ESConfig(GRPOConfig):
                 "starting weights; with es_optimizer='trainer' the Trainer's optimizer takes the step instead. Use the "
                 "optimizer's weight_decay, or es_optimizer='sgd'."
             )
+        if self.fitness_shaping == "evidence_zscore" and self.prompts_per_step < 2:
+            raise ValueError(
+                f"fitness_shaping='evidence_zscore' weighs each member's lead prompt by prompt, which needs at least 2 "
+                f"prompts per step; per_device_train_batch_size={self.per_device_train_batch_size} with num_generations="
+                f"{self.num_generations} gives {self.prompts_per_step}. Set per_device_train_batch_size="
+                f"{2 * self.num_generations}, or choose fitness_shaping='zscore'.")
+        try:
+            torch.device(self.es_start_device)
+        except (RuntimeError, TypeError) as error:
+            raise ValueError(f"es_start_device={self.es_start_device!r} is not a device ({error}); use e.g. 'cpu' or "
+                             "'cuda'.") from None
         if self.perturbation not in PERTURBATIONS:
             raise ValueError(f"perturbation must be one of {PERTURBATIONS}, got {self.perturbation!r}.")
         if self.perturbation_rank < 1:
             raise ValueError(f"perturbation_rank must be at least 1, got {self.perturbation_rank}.")
         if self.num_generations < 1:
             raise ValueError(f"num_generations must be at least 1, got {self.num_generations}.")
+
+    def _check_noise_units(self) -> None:
+        relative_set = self.relative_sigma is not None or self.relative_learning_rate is not None
+        if (self.sigma is None and not relative_set and self.es_optimizer != "trainer"
+                and self.learning_rate != default(type(self), "learning_rate")):
+            # a script written for absolute units (all there were before relative_sigma) sets only the step
+            self.sigma = ABSOLUTE_SIGMA
+            logger.warning(
+                "ESConfig: learning_rate=%g is an absolute step, so the noise is absolute too: sigma=%g (the default "
+                "before relative units). Set sigma to choose it, or relative_learning_rate (without learning_rate) for "
+                "noise and step relative to each tensor's scale.", self.learning_rate, ABSOLUTE_SIGMA)
+        if self.sigma is not None:
+            if not (self.sigma > 0 and math.isfinite(self.sigma)):
+                raise ValueError(f"sigma must be positive and finite, got {self.sigma}.")
+            for name in ("relative_sigma", "relative_learning_rate"):
+                if getattr(self, name) is not None:
+                    raise ValueError(
+                        f"sigma={self.sigma} (absolute noise, with learning_rate as the step) and {name}="
+                        f"{getattr(self, name)} (relative noise) were both set: set one of the two units.")
+            return
+        if self.relative_sigma is None:
+            self.relative_sigma = DEFAULT_RELATIVE_SIGMA
+        if self.es_optimizer == "trainer":  # the optimizer steps with learning_rate, in its own units
+            if self.relative_learning_rate is not None:
+                raise ValueError(
+                    f"relative_learning_rate={self.relative_learning_rate} is the in-place ES step (es_optimizer='sgd'); "
+                    "with es_optimizer='trainer' the Trainer's optimizer steps with learning_rate. Set that instead.")
+            check_relative(self.relative_sigma, None)
+            return
+        if self.relative_learning_rate is None:
+            self.relative_learning_rate = DEFAULT_RELATIVE_LEARNING_RATE
+        check_relative(self.relative_sigma, self.relative_learning_rate)
+        if self.learning_rate != default(type(self), "learning_rate"):
+            raise ValueError(
+                f"learning_rate={self.learning_rate} is an absolute step, which goes with an absolute sigma; with "
+                f"relative noise (relative_sigma={self.relative_sigma}) the step is relative_learning_rate. Set one "
+                "pair: sigma and learning_rate, or relative_sigma and relative_learning_rate.")
+
+    @property
+    def relative_noise(self) -> bool:
+        return self.sigma is None
+
+    @property
+    def es_sigma(self) -> float:
+        """The engine's sigma, in the units in use."""
+        return self.relative_sigma if self.relative_noise else self.sigma
+
+    def es_learning_rate(self, scheduled: float) -> float:
+        """The engine's step for the scheduler's current ``scheduled`` learning rate: the same fraction of
+        relative_learning_rate as scheduled is of learning_rate (the learning rate itself under absolute noise or an
+        optimizer's step)."""
+        if not self.relative_noise or self.relative_learning_rate is None:
+            return scheduled
+        return self.relative_learning_rate * (scheduled / self.learning_rate if self.learning_rate else 1.0)
 
     @property
     def prompts_per_step(self) -> int:
@@ -254,8 +351,9 @@ def to_es_config(args: GRPOConfig) -> ESConfig:
     ]
     if "learning_rate" in changed:
         logger.warning(
-            "ESTrainer got a GRPOConfig: its learning_rate (%g, tuned for Adam on true gradients) is replaced by the "
-            "ES step %g; pass an ESConfig to choose it.", changed.pop("learning_rate"), default(ESConfig, "learning_rate"),
+            "ESTrainer got a GRPOConfig: its learning_rate (%g, tuned for Adam on true gradients) is not used: ES steps "
+            "by relative_learning_rate %g (a fraction of each tensor's scale); pass an ESConfig to choose it.",
+            changed.pop("learning_rate"), DEFAULT_RELATIVE_LEARNING_RATE,
         )
     if replaced:
         logger.info("ESTrainer got a GRPOConfig: fields left at TRL's defaults take ES's: %s.", ", ".join(replaced))

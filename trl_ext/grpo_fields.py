@@ -46,7 +46,8 @@ _VLLM_FIELDS = (
     "vllm_max_model_length", "vllm_tensor_parallel_size", "vllm_importance_sampling_correction",
     "vllm_importance_sampling_mode", "vllm_importance_sampling_clip_max", "vllm_importance_sampling_clip_min",
     "vllm_importance_sampling_cap")
-_REF = "GRPO's reference model, used only with beta > 0, which ESTrainer refuses"
+_REF = ("GRPO's reference model, used only with beta > 0; ES's reference is the starting weights (the adapter-free "
+        "model under PEFT), fixed")
 _ENTROPY = "ignored: GRPO's entropy regularisation of the policy-gradient loss; ES has no loss"
 _LOGS = "members' completions: every member's rows of the step, advantage = the member's shaped fitness"
 
@@ -97,12 +98,14 @@ FIELDS: dict[str, Row] = {
                                        "order over members: 'normalize_then_sum' z-scores each function's member "
                                        "fitness over the population before the weighted sum"),
     "scale_rewards": Row(WARNED, "how advantages are normalised in a group", "ignored: ES shapes member fitness with "
-                         "fitness_shaping ('zscore' or 'centered_rank')"),
+                         "fitness_shaping ('zscore', 'centered_rank' or 'evidence_zscore')"),
     "mask_truncated_completions": Row(ES, "truncated completions leave the loss", "truncated completions leave the "
                                       "member's fitness (as if every reward function returned None for them)"),
-    "beta": Row(REFUSED, "KL penalty against a reference model", "ES has no loss to add it to, and scoring every "
-                "member's completions under a reference policy would double the cost of an iteration. Measure drift "
-                "with trl_ext.callbacks.KLDriftCallback and bound it with es_anchor_decay"),
+    "beta": Row(ES, "KL penalty against the reference model, per completion token", "the same penalty in each "
+                "member's fitness: its mean reward minus beta times its mean per-token KL to the starting weights (the "
+                "adapter-free model under PEFT) over its completions; TRL's k3 estimator when members sample, the "
+                "exact KL over the vocabulary when they decode greedily; logged as kl. Costs two forward passes over "
+                "the members' completions per step (README, beta); must be >= 0"),
     "num_iterations": Row(WARNED, "policy updates per generation batch", "ignored: ES makes one update per evaluated "
                           "population"),
     "loss_type": Row(WARNED, "normalisation of GRPO's loss", _LOSS),
@@ -141,9 +144,11 @@ FIELDS: dict[str, Row] = {
     "log_multimodal": Row(SAME, "logs images with completions", "the same"),
     "log_completions_hub_repo": Row(SAME, "uploads the completion tables", "the same"),
     # ---- TrainingArguments a GRPO script sets ---------------------------------------------------------------------
-    "learning_rate": Row(ES, "AdamW step size on the policy gradient", "lr in theta += lr * g (es_optimizer='sgd') or "
-                         "the optimizer's (es_optimizer='trainer'); a GRPOConfig's value, tuned for Adam on true "
-                         "gradients, is replaced by the ES default with a warning"),
+    "learning_rate": Row(ES, "AdamW step size on the policy gradient", "lr in theta += lr * g in absolute units "
+                         "(es_optimizer='sgd'; under relative noise, the default, the step is relative_learning_rate: "
+                         "an ESConfig that sets learning_rate alone keeps absolute units with sigma=1e-2, with a "
+                         "warning), or the optimizer's (es_optimizer='trainer'); a GRPOConfig's value, tuned for Adam "
+                         "on true gradients, is not used, with a warning"),
     "lr_scheduler_type": Row(ES, "schedule of the learning rate", "schedule of the ES step (ES default 'constant')"),
     "lr_scheduler_kwargs": Row(ES, "arguments of the schedule", "the same, for the ES step"),
     "warmup_steps": Row(ES, "warm-up of the learning rate", "warm-up of the ES step"),

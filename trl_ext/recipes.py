@@ -5,6 +5,8 @@ import os
 import torch
 from trl import TrlParser
 
+DRIFT_EVERY = 10  # steps between the main jobs' drift/kl log entries
+
 
 def parse_recipe_args(dataclass_types, defaults: dict, quick: dict, argv=None):
     """Parse CLI flags and `--config` YAML over `defaults`; with `--quick`, over `defaults | quick`.
@@ -35,19 +37,38 @@ def use_all_cpu_cores() -> None:
 
 
 def train_and_report(trainer, eval_dataset, rewards: dict, task: str) -> tuple[dict, dict]:
-    """Score greedy completions of ``eval_dataset`` before and after ``trainer.train()``, save, and print both."""
+    """Score greedy completions of ``eval_dataset`` and the off-task KL to the base model before and after
+    ``trainer.train()``, save, and print both.
+
+    The KL is the library's drift callback (``KLDriftCallback``, exact estimator, also logged as ``drift/kl`` every
+    ``DRIFT_EVERY`` steps) on the off-task probe prompts, each followed by the base model's greedy answer."""
+    from lightning_es.tasks import probes
     from lightning_es.tasks.evaluation import greedy_scores
+
+    from .callbacks import KLDriftCallback
 
     def scores():
         return greedy_scores(trainer.model, trainer.processing_class, eval_dataset, rewards,
                              max_new_tokens=trainer.args.max_completion_length, accelerator=trainer.accelerator)
 
-    before = scores()
+    tokenizer = getattr(trainer.processing_class, "tokenizer", trainer.processing_class)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    drift = KLDriftCallback(trainer, probes.answered(model, tokenizer), every_n_steps=DRIFT_EVERY, estimator="exact")
+    trainer.add_callback(drift)
+
+    def off_task_kl() -> float:
+        return float(drift.probe.measure(trainer.accelerator.unwrap_model(trainer.model)).compute())
+
+    before = scores() | {"off-task KL": off_task_kl()}
     trainer.train(resume_from_checkpoint=trainer.args.resume_from_checkpoint)
-    after = scores()
+    after = scores() | {"off-task KL": off_task_kl()}
     trainer.save_model(trainer.args.output_dir)
     if trainer.accelerator.is_main_process:
         for name in before:
-            print(f"{task} {name} on {len(eval_dataset)} held-out problems: before {before[name]:.1%}, "
-                  f"after {after[name]:.1%}")
+            if name == "off-task KL":
+                print(f"{task} off-task KL to the base model ({len(probes.OFF_TASK_PROMPTS)} probe prompts, exact, nats "
+                      f"per token): before {before[name]:.3f}, after {after[name]:.3f}")
+            else:
+                print(f"{task} {name} on {len(eval_dataset)} held-out problems: before {before[name]:.1%}, "
+                      f"after {after[name]:.1%}")
     return before, after

@@ -13,8 +13,11 @@ from dataclasses import dataclass, field
 import torch
 
 from lightning_es.engine import PopulationScores
-from lightning_es.engine.evaluation import FITNESS, WEIGHT
+from lightning_es.engine.evaluation import FITNESS, PROMPT, WEIGHT
 from lightning_es.engine.shaping import zscore
+
+KL = "kl"
+KL_TOKENS = "kl/tokens"
 
 
 @dataclass
@@ -30,6 +33,10 @@ class ScoredRows:
     extra: dict[str, list] = field(default_factory=dict)  # columns reward functions added with log_extra
     metrics: dict[str, list[float]] = field(default_factory=dict)  # values reward functions gave log_metric
     member: int | None = None
+    prompt_ids: list[list[int]] = field(default_factory=list)
+    completion_ids: list[list[int]] = field(default_factory=list)
+    kl: torch.Tensor | None = None  # (rows,) each completion's summed per-token KL to the reference, when measured
+    kl_tokens: torch.Tensor | None = None  # (rows,) the tokens it was summed over
 
     def split(self, size: int) -> list["ScoredRows"]:
         """Consecutive groups of ``size`` rows, one per member of a population scored in one batch (the metrics,
@@ -41,6 +48,9 @@ class ScoredRows:
                 self.prompts[part], self.completions[part], self.rewards[part], self.prompt_lengths[part],
                 self.completion_lengths[part], self.truncated[part],
                 {name: values[part] for name, values in self.extra.items()}, {} if groups else self.metrics,
+                prompt_ids=self.prompt_ids[part], completion_ids=self.completion_ids[part],
+                kl=None if self.kl is None else self.kl[part],
+                kl_tokens=None if self.kl_tokens is None else self.kl_tokens[part],
             ))
         return groups
 
@@ -51,9 +61,12 @@ def weighted_rewards(rewards_per_func: torch.Tensor, weights: torch.Tensor) -> t
     return weighted.masked_fill(rewards_per_func.isnan().all(dim=1), math.nan)
 
 
-def member_sums(rows: ScoredRows, weights: torch.Tensor, mask_truncated: bool) -> dict[str, float]:
+def member_sums(rows: ScoredRows, weights: torch.Tensor, mask_truncated: bool,
+                prompt_of_row: list[int]) -> dict[str, float]:
     """The fitness sums of one member's rows on this process, for ``evaluation.evaluate_population``: the weighted
-    rewards and their count, and per reward function its sum and count (for ``normalize_then_sum``)."""
+    rewards and their count; per reward function its sum and count (for ``normalize_then_sum``); per prompt of the
+    step (``prompt_of_row``: each row's index among the step's prompts) its sum and count (for ``evidence_zscore``);
+    and, when measured, the KL to the reference summed over the completion tokens and their number."""
     rewards = rows.rewards.clone()
     if mask_truncated:
         rewards[torch.tensor(rows.truncated, dtype=torch.bool)] = math.nan
@@ -65,6 +78,14 @@ def member_sums(rows: ScoredRows, weights: torch.Tensor, mask_truncated: bool) -
         valid = ~column.isnan()
         sums[f"function/{index}"] = float(column[valid].sum())
         sums[f"function/{index}/count"] = float(valid.sum())
+    for row, prompt in enumerate(prompt_of_row):
+        name = f"{PROMPT}{prompt:06d}"  # reported for every prompt, scored or not: one value per member
+        sums[name] = sums.get(name, 0.0) + (float(weighted[row]) if counted[row] else 0.0)
+        sums[f"{name}/count"] = sums.get(f"{name}/count", 0.0) + float(counted[row])
+    if rows.kl is not None:  # as in GRPO's loss, a truncated completion masked out of it leaves the KL too
+        kept = ~torch.tensor(rows.truncated, dtype=torch.bool) if mask_truncated else torch.ones(len(rows.kl), dtype=torch.bool)
+        sums[KL] = float(rows.kl[kept].sum())
+        sums[KL_TOKENS] = float(rows.kl_tokens[kept].sum())
     return sums
 
 
@@ -74,6 +95,13 @@ def nothing(functions: int) -> dict[str, float]:
     for index in range(functions):
         sums[f"function/{index}"] = sums[f"function/{index}/count"] = 0.0
     return sums
+
+
+def member_kl(scores: PopulationScores) -> torch.Tensor | None:
+    """Each member's mean per-token KL to the reference over its completions (0 without tokens), if measured."""
+    if KL not in scores.totals:
+        return None
+    return scores.totals[KL] / scores.totals[KL_TOKENS].clamp(min=1)
 
 
 def normalized_then_summed(scores: PopulationScores, weights: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ import logging
 import os
 import time
 from collections import defaultdict, deque
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 import trl.trainer.grpo_trainer as grpo_trainer_module
@@ -27,10 +27,21 @@ from lightning_es.engine.evaluation import FITNESS, WEIGHT
 
 from .checkpoints import ES_STATE_NAME, TRAINER_STATE_NAME, last_resumable_checkpoint, why_not_resumable
 from .config import ESConfig, to_es_config
+from .member_kl import CompletionBatch, chunks, completion_logits, row_kl_sums
 from .reward_checks import checked_reward_function
-from .scoring import ScoredRows, member_sums, normalized_then_summed, nothing, weighted_rewards
+from .scoring import (
+    ScoredRows,
+    member_kl,
+    member_sums,
+    normalized_then_summed,
+    nothing,
+    weighted_rewards,
+)
 
 logger = logging.getLogger(__name__)
+
+INCOHERENT_KL = 1.0  # nats per token between a member and the start weights, above which its answers are noise
+CHECK_TOKENS = 32  # the first step's member check (without beta) reads each completion's first tokens only
 
 
 def _check_prompt_column(dataset, argument: str) -> None:
@@ -103,19 +114,17 @@ class ESTrainer(GRPOTrainer):
             checked_reward_function(f) if callable(f) and not isinstance(f, torch.nn.Module) else f for f in reward_funcs
         ]
 
-        super().__init__(
-            model=model,
-            reward_funcs=reward_funcs,
-            args=args,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            reward_processing_classes=reward_processing_classes,
-            callbacks=callbacks,
-            optimizers=optimizers,
-            quantization_config=quantization_config,
-            peft_config=peft_config,
-        )
+        beta, args.beta = args.beta, 0.0  # GRPO would load a second model as the reference: ES keeps the start weights
+        try:
+            super().__init__(
+                model=model, reward_funcs=reward_funcs, args=args, train_dataset=train_dataset,
+                eval_dataset=eval_dataset, processing_class=processing_class,
+                reward_processing_classes=reward_processing_classes, callbacks=callbacks, optimizers=optimizers,
+                quantization_config=quantization_config, peft_config=peft_config,
+            )
+        finally:
+            args.beta = beta
+        self.beta = beta
 
         if args.greedy:
             greedy = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None, "min_p": None}
@@ -182,18 +191,33 @@ class ESTrainer(GRPOTrainer):
         args = self.args
         selected = select_parameters(self.model, args.es_param_spec)
         perturbation = build_perturbation(
-            args.perturbation, selected, args.sigma, model=self.model, rank=args.perturbation_rank,
+            args.perturbation, selected, args.es_sigma, model=self.model, rank=args.perturbation_rank,
             master_device=args.es_master_device, sharded=self.sharded, copy_all=args.es_optimizer == "trainer",
+            relative=args.relative_noise,
         )
-        return EvolutionStrategy(
+        es = EvolutionStrategy(
             perturbation,
             population_size=args.population_size,
-            lr=args.learning_rate,
+            lr=args.es_learning_rate(args.learning_rate),
             antithetic=args.antithetic,
             fitness_shaping=args.fitness_shaping,
             seed=derive_seed(args.seed, "es-noise"),
             anchor_decay=args.es_anchor_decay,
+            start_device=args.es_start_device,
         )
+        if self.beta > 0 and not self._adapters_only:  # beta's reference (with adapters only: the model without them)
+            es.keep_start()
+        return es
+
+    @property
+    def _adapters_only(self) -> bool:
+        """A PEFT model whose adapters are all that evolves: beta's reference is then the model without them, as in
+        GRPO (other evolved weights, e.g. es_params="all", make it the start weights)."""
+        model = self.accelerator.unwrap_model(self.model)
+        if not (hasattr(model, "disable_adapter") and hasattr(model, "peft_config")):
+            return False
+        adapters = {n for n, p in model.named_parameters() if p.requires_grad}
+        return set(select_parameters(self.model, self.args.es_param_spec)) <= adapters
 
     def _ensure_es(self) -> None:
         if self.es is None:
@@ -230,43 +254,151 @@ class ESTrainer(GRPOTrainer):
 
         weights = self.reward_weights.cpu()
 
+        # the members' KL to the reference: for beta, and at the first step to check that the noise separates the
+        # members from the start weights without destroying them (there the reference is the current weights)
+        measure_kl = self.beta > 0 or step == 0
+        prompt_of_row = self._prompt_of_row(len(rows))
+
         def score(members: list[Member]) -> dict[str, list[float]]:
-            if self.es.perturbation.batched:
-                with self.es.perturbation.apply_population(members), self._sampling_seed(step, members[0]):
-                    groups = self._score(rows * len(members)).split(len(rows))
-            else:
-                (member,) = members
-                with self.es.perturbed(member), self._sampling_seed(step, member):
-                    groups = [self._score(rows)]
+            with self._member_weights(members), self._sampling_seed(step, members[0]):
+                group = self._score(rows * len(members))
+            if measure_kl:
+                group.kl, group.kl_tokens = self._completion_kl(members, group, step)
+            groups = group.split(len(rows))
             sums = defaultdict(list)
             for member, group in zip(members, groups, strict=True):
                 group.member = member.index
+                group.prompt_ids = group.completion_ids = []  # used; not gathered for the logs
                 if not padding:
                     scored.append(group)
                 for name, value in (nothing(len(weights)) if padding else member_sums(
-                        group, weights, self.args.mask_truncated_completions)).items():
+                        group, weights, self.args.mask_truncated_completions, prompt_of_row)).items():
                     sums[name].append(value)
             return sums
 
         scores = evaluate_population(self.es.members(step), step, score, self.processes,
                                      batched=self.es.perturbation.batched)
         fitness, taking_part = scores.fitness, scores.scored
+        per_prompt = scores.per_prompt
         if self.args.multi_objective_aggregation == "normalize_then_sum":
             fitness = normalized_then_summed(scores, weights)
+        kl = member_kl(scores)
+        if self.beta > 0:  # GRPO's per-token KL penalty, in the fitness
+            fitness = fitness - self.beta * kl
+            per_prompt = per_prompt - self.beta * kl[:, None]
+        if step == 0:
+            self._check_members(scored, kl)
         if not taking_part.all():  # as GRPO gives unscorable completions no advantage, and goes on
             logger.warning(
                 "ES step %d: population members %s have no scored completion (every reward function returned None for "
                 "each of them%s); they take no part in this step's update.", step,
                 torch.nonzero(~taking_part).flatten().tolist(),
                 ", or mask_truncated_completions left them out" if self.args.mask_truncated_completions else "")
-        lr = self.lr_scheduler.get_last_lr()[0] if self.lr_scheduler is not None else self.args.learning_rate
+        scheduled = self.lr_scheduler.get_last_lr()[0] if self.lr_scheduler is not None else self.args.learning_rate
+        lr = self.args.es_learning_rate(scheduled)
         if self.args.es_optimizer == "sgd":
-            stats = self.es.step(step, fitness, lr=lr, scored=taking_part)
+            stats = self.es.step(step, fitness, lr=lr, scored=taking_part, per_prompt=per_prompt)
         else:  # the optimizer applies it after this step (_AppliedUpdateNorm)
-            stats = self.es.write_gradients(step, fitness, scored=taking_part)
+            stats = self.es.write_gradients(step, fitness, scored=taking_part, per_prompt=per_prompt)
         self._gradient_norm = stats.gradient_norm
-        self._log_step(scored, stats, lr, self.es.shaped(fitness, taking_part), time.perf_counter() - started)
+        if self.beta > 0:
+            self._metrics["train"]["kl"].append(float(scores.totals["kl"].sum() / scores.totals["kl/tokens"].sum()
+                                                      .clamp(min=1)))
+        self._log_step(scored, stats, lr, self.es.shaped(fitness, taking_part, per_prompt),
+                       time.perf_counter() - started)
         return torch.tensor(-stats.fitness_mean, device=self.args.device)
+
+    def _prompt_of_row(self, rows: int) -> list[int]:
+        """Each row's index among the step's prompts (each prompt fills num_generations rows; sharded, the processes
+        hold every world_size-th prompt)."""
+        stride, offset = (self.processes.world_size, self.processes.rank) if self.sharded else (1, 0)
+        return [offset + stride * (row // self.num_generations) for row in range(rows)]
+
+    def _member_weights(self, members: list[Member]):
+        """Inside, the model computes as ``members`` (a batched perturbation: rows grouped by member)."""
+        if self.es.perturbation.batched:
+            return self.es.perturbation.apply_population(members)
+        (member,) = members
+        return self.es.perturbed(member)
+
+    def _completion_kl(self, members: list[Member], group: ScoredRows, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per row of ``group`` (the completions of ``members``, grouped by member): the KL to the reference summed
+        over its completion tokens, and their number. Rows are taken in chunks that bound the logits held at once
+        (one chunk when sharded, where every process must run the same passes); without beta (the first step's
+        check) only the first row of each member and its first CHECK_TOKENS tokens: the passes cost about a prefill
+        of the rows each."""
+        per_member = len(group.completion_ids) // len(members)
+        measured = list(range(len(group.completion_ids)))
+        if self.beta == 0:
+            measured, per_member = measured[::per_member], 1
+        prompt_ids = [group.prompt_ids[i] for i in measured]
+        completion_ids = [group.completion_ids[i][:CHECK_TOKENS] if self.beta == 0 else group.completion_ids[i]
+                          for i in measured]
+        rows = len(measured)
+        positions = max(1, max(len(ids) for ids in completion_ids))
+        config = self.accelerator.unwrap_model(self.model).config
+        vocabulary = getattr(config.get_text_config(), "vocab_size", None) or 1
+        spans = [(0, rows)] if self.sharded else chunks(rows, per_member, positions, vocabulary)
+        sums = torch.zeros(len(group.completion_ids), dtype=torch.float64)
+        tokens = torch.zeros_like(sums)
+        for start, stop in spans:
+            batch = CompletionBatch.build(prompt_ids[start:stop], completion_ids[start:stop],
+                                          self._tokenizer.pad_token_id, self.accelerator.device)
+            with self._member_weights(members[start // per_member:(stop - 1) // per_member + 1]):
+                member_logits = self._completion_logits(batch)
+            with self._reference_policy(step):
+                reference_logits = self._completion_logits(batch)
+            rows_here = measured[start:stop]
+            sums[rows_here], tokens[rows_here] = row_kl_sums(member_logits, reference_logits, batch,
+                                                             self.args.greedy, self.temperature)
+            del member_logits, reference_logits
+        return sums, tokens
+
+    def _completion_logits(self, batch: CompletionBatch) -> torch.Tensor:
+        """The policy's logits at the completion positions, with the precision generation used (autocast), no
+        dropout."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad(), self.accelerator.autocast():
+                return completion_logits(self.model, batch)
+        finally:
+            self.model.train(was_training)
+
+    def _reference_policy(self, step: int):
+        """Inside, the model is beta's reference: the start weights (at step 0, the weights themselves), or under
+        PEFT the model without its adapters, as in GRPO."""
+        if step == 0 and self.beta == 0:  # the first step's check: the weights are the start weights
+            return nullcontext()
+        if self._adapters_only:
+            return self.accelerator.unwrap_model(self.model).disable_adapter()
+        if step == 0:
+            return nullcontext()
+        return self.es.keep_start().swapped_in()
+
+    def _check_members(self, scored: list[ScoredRows], kl: torch.Tensor) -> None:
+        """At the first step, warn when the noise cannot separate the members from the start weights: every member
+        answered alike (no fitness signal), or every member's answers are noise (KL above INCOHERENT_KL)."""
+        everything = [rows for share in gather_object([scored]) for rows in share]
+        answers = {}
+        for rows in everything:
+            answers.setdefault(rows.member, []).extend(rows.completions)
+        units = (f"relative_sigma={self.args.relative_sigma}" if self.args.relative_noise
+                 else f"sigma={self.args.sigma}")
+        if len(answers) > 1 and all(a == next(iter(answers.values())) for a in answers.values()):
+            logger.warning(
+                "ES step 0: all %d population members gave the same completions (mean KL to the start weights %.2g "
+                "nats per token): %s is too small to make the members differ on these prompts, so their fitness "
+                "carries no signal. Raise it (or sample: num_generations > 1).", len(answers), float(kl.mean()), units)
+        if float(kl.min()) > INCOHERENT_KL:
+            logger.warning(
+                "ES step 0: every population member is at least %.2g nats per token from the start weights (mean "
+                "%.2g; above %g their answers are noise, not variations of the model's): %s is too large for this "
+                "model. Lower it.", float(kl.min()), float(kl.mean()), INCOHERENT_KL, units)
+
+    def _get_learning_rate(self):
+        """The step ES takes, as logged under ``learning_rate`` (relative_learning_rate under relative noise)."""
+        return self.args.es_learning_rate(super()._get_learning_rate())
 
     def _maybe_log_save_evaluate(self, tr_loss, grad_norm, *args, **kwargs):
         """TRL's ``grad_norm`` is the norm of the gradient its step used; ES's step uses the estimate ``g``, whose
@@ -311,6 +443,7 @@ class ESTrainer(GRPOTrainer):
             completion_lengths=[len(ids) for ids in completion_ids],
             truncated=[bool(ids) and ids[-1] not in ends for ids in completion_ids],
             extra=dict(self._pending_extra_logs), metrics=dict(self._pending_metrics),
+            prompt_ids=[list(ids) for ids in prompt_ids], completion_ids=[list(ids) for ids in completion_ids],
         )
         self._pending_extra_logs.clear()
         self._pending_metrics.clear()
@@ -478,6 +611,11 @@ class ESTrainer(GRPOTrainer):
         # memory-mapped: a sharded process reads only its slices of the saved fp32 tensors
         self.es.load_state_dict(torch.load(os.path.join(checkpoint, ES_STATE_NAME), map_location="cpu",
                                            weights_only=True, mmap=True))
+        if self.beta > 0 and not self._adapters_only and not self.es.start_restored:
+            logger.warning(
+                "beta=%g: the checkpoint %s holds no start weights (it was trained with beta=0 and without the drift "
+                "callbacks or es_anchor_decay): the KL penalty is measured from the resumed weights, not from the "
+                "weights the run started from.", self.beta, checkpoint)
 
 
 class _AppliedUpdateNorm(TrainerCallback):

@@ -1,7 +1,8 @@
 """Off-task drift: KL between the current policy and its starting weights on probe prompts.
 
-The reference weights are kept as one fp32 copy in host memory, never a second model on the accelerator; they are
-swapped into the model for the reference pass and the current weights swapped back exactly.
+The reference weights are the trainable parameters' start values (``engine.StartWeights``): a copy in host memory,
+never a second model on the accelerator, or the copy ES already keeps (``use_reference``); they are exchanged with the
+model's for the reference pass and exchanged back exactly.
 """
 
 from collections.abc import Iterator, Sequence
@@ -11,7 +12,8 @@ import torch
 from torch import nn
 
 from ..engine.noise import derive_seed
-from .geometry import moved_fraction, parameter_delta, update_norm, weights_restored
+from ..engine.start import StartWeights
+from .geometry import moved_fraction, parameter_delta, update_norm
 from .metrics import KLDrift, exact_token_kl, sampled_token_kl
 
 ESTIMATORS = ("sampled", "exact")
@@ -47,7 +49,10 @@ class DriftProbe:
         max_new_tokens: int = 32,
         batch_size: int = 8,
         seed: int = 0,
+        reference: StartWeights | None = None,
     ):
+        """``reference``: the start weights to measure from, kept elsewhere (ES's copy); None: a host copy of the
+        model's trainable parameters as they are now."""
         if not prompts:
             raise ValueError("prompts is empty: the drift probe needs at least one off-task prompt.")
         if estimator not in ESTIMATORS:
@@ -67,20 +72,24 @@ class DriftProbe:
                 f"{f' + {max_new_tokens} new' if estimator == 'sampled' else ''}) but the model's context is "
                 f"{context}: shorten the probe prompts or max_new_tokens."
             )
-        self.set_reference(model)
+        if reference is None:
+            self.set_reference(model)
+        else:
+            self.use_reference(reference)
 
     def set_reference(self, model: nn.Module, weights: dict[str, torch.Tensor] | None = None) -> None:
-        """Take the model's current weights as the reference (a host-memory copy), or ``weights`` (saved start
-        weights of the same parameters, held in the model's dtypes)."""
-        params = dict(model.named_parameters())
-        source = params if weights is None else weights
-        self.reference = {n: t.detach().to("cpu", params[n].dtype, copy=True) for n, t in source.items()}
+        """Take the model's current values of its trainable parameters as the reference (a host-memory copy), or
+        ``weights`` (saved start values of those parameters); the frozen ones are the model's own."""
+        trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        self.reference = StartWeights(trainable, weights)
+
+    def use_reference(self, start: StartWeights) -> None:
+        """Measure from ``start``, a copy kept elsewhere (ES's), instead of a copy of its own."""
+        self.reference = start
 
     @contextmanager
     def reference_weights(self, model: nn.Module) -> Iterator[None]:
-        with weights_restored(model) as params, torch.no_grad():
-            for n, p in params.items():
-                p.copy_(self.reference[n])
+        with self.reference.swapped_in():
             yield
 
     def _batches(self, device):

@@ -14,7 +14,9 @@ from .perturbations import (
     build_perturbation,
 )
 from .population import Member, Population
-from .shaping import FITNESS_SHAPING, centered_rank, zscore
+from .scales import relative_scales
+from .shaping import FITNESS_SHAPING, centered_rank, evidence_zscore, zscore
+from .start import StartWeights
 
 __all__ = [
     "FITNESS_SHAPING",
@@ -31,11 +33,14 @@ __all__ = [
     "PopulationScores",
     "Processes",
     "ShardedPerturbation",
+    "StartWeights",
     "StepStats",
     "build_perturbation",
     "centered_rank",
     "derive_seed",
     "evaluate_population",
+    "evidence_zscore",
+    "relative_scales",
     "select_parameters",
     "zscore",
 ]

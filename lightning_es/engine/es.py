@@ -5,7 +5,7 @@ One ES step, as in OpenAI-ES and the ES-at-scale paper:
 1. ``members(step)``: N members, each with an integer seed (antithetic pairs share one seed with opposite signs);
 2. for every member, inside ``perturbed(member)``, measure its fitness (higher is better; ``evaluation`` runs this
    loop over processes);
-3. ``step(step, fitness)`` shapes the fitness (``zscore`` or ``centered_rank``), forms
+3. ``step(step, fitness)`` shapes the fitness (``zscore``, ``centered_rank`` or ``evidence_zscore``), forms
    ``g = sum_i f_i * eps_i / (N * sigma)`` and applies ``theta += lr * g``; or ``write_gradients`` puts ``-g`` into
    ``.grad`` for a torch optimizer to consume.
 
@@ -13,7 +13,10 @@ The ES-at-scale paper writes its step as ``alpha / N * sum_i f_i * eps_i``; that
 ``lr = alpha * sigma`` (alpha = 5e-4 and sigma = 1e-3 give the default lr = 5e-7).
 
 What a member does to the model (full-rank noise in place, low-rank hooks, ZeRO-3 slices) is the ``perturbation``
-object's business; this file only asks it for ``noise_sum`` and writes updates through its fp32 master copy.
+object's business; this file only asks it for ``noise_sum`` and writes updates through its fp32 master copy. With
+noise relative to each tensor's scale (``engine.scales``) the same formulas hold in those units. The weights training
+started from are kept once (``start``, ``engine.start``), for anchored decay and for whoever else asks (``beta``'s
+reference, the drift callbacks).
 """
 
 import math
@@ -27,7 +30,8 @@ import torch
 
 from .population import Member, Population
 from .perturbations import Perturbation
-from .shaping import get_fitness_shaping
+from .shaping import get_fitness_shaping, uses_prompts
+from .start import StartWeights
 
 
 @dataclass
@@ -68,7 +72,9 @@ class EvolutionStrategy:
         fitness_shaping: str | Callable[[torch.Tensor], torch.Tensor] = "zscore",
         seed: int = 0,
         anchor_decay: float = 0.0,
+        start_device: torch.device | str = "cpu",
     ):
+        """``start_device``: where the start weights are kept once something needs them (``keep_start``)."""
         sigma = perturbation.sigma
         if not sigma > 0 or not math.isfinite(sigma):
             raise ValueError(f"sigma must be a positive finite number, got {sigma}.")
@@ -81,9 +87,11 @@ class EvolutionStrategy:
         self.lr = lr
         self.shape_fitness = fitness_shaping if callable(fitness_shaping) else get_fitness_shaping(fitness_shaping)
         self.anchor_decay = anchor_decay
-        self.anchor = (
-            {name: self.master.value(name).detach().clone() for name in self.params} if anchor_decay else None
-        )
+        self.start_device = start_device
+        self.start: StartWeights | None = None
+        self.start_restored = False  # the start weights came from a checkpoint (else: from this run's weights)
+        if anchor_decay:
+            self.keep_start()
 
     @property
     def params(self) -> dict[str, torch.Tensor]:
@@ -100,6 +108,15 @@ class EvolutionStrategy:
     @property
     def population_size(self) -> int:
         return self.population.size
+
+    def keep_start(self) -> StartWeights:
+        """The weights training started from, kept from the first call on (call it before the first step, or after
+        ``load_state_dict`` of a checkpoint that holds them); one copy, whoever asks."""
+        if self.start is None:
+            values = {name: self.master.value(name) for name in self.params}
+            self.start = StartWeights(self.params, values, device=self.start_device,
+                                      after_write=self.perturbation.written)
+        return self.start
 
     def members(self, step: int) -> list[Member]:
         return self.population.members(step)
@@ -119,50 +136,61 @@ class EvolutionStrategy:
             raise ValueError(f"fitness of members {bad} is not finite ({fitness[bad].tolist()}).")
         return fitness, scored
 
-    def shaped(self, fitness: torch.Tensor, scored: torch.Tensor | None = None) -> torch.Tensor:
+    def shaped(self, fitness: torch.Tensor, scored: torch.Tensor | None = None,
+               per_prompt: torch.Tensor | None = None) -> torch.Tensor:
         """The shaped fitness of the members that take part, 0 for those left out; all 0 when fewer than two take
-        part (one member alone says nothing about a direction)."""
-        return self._shaped(*self.check_fitness(fitness, scored))
+        part (one member alone says nothing about a direction). ``per_prompt``: (N, prompts) mean rewards, for a
+        shaping that weighs the evidence (``evidence_zscore``)."""
+        return self._shaped(*self.check_fitness(fitness, scored), per_prompt)
 
-    def _shaped(self, fitness: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
+    def _shaped(self, fitness: torch.Tensor, scored: torch.Tensor, per_prompt: torch.Tensor | None) -> torch.Tensor:
         shaped = torch.zeros_like(fitness)
         if int(scored.sum()) >= 2:
-            shaped[scored] = self.shape_fitness(fitness[scored]).to(shaped)
+            if uses_prompts(self.shape_fitness):
+                if per_prompt is None:
+                    raise ValueError("this fitness shaping weighs the evidence per prompt: pass per_prompt.")
+                values = self.shape_fitness(fitness[scored], torch.as_tensor(per_prompt).cpu()[scored])
+            else:
+                values = self.shape_fitness(fitness[scored])
+            shaped[scored] = values.to(shaped)
         return shaped
 
-    def gradients(self, step: int, fitness: torch.Tensor, scored: torch.Tensor | None = None):
+    def gradients(self, step: int, fitness: torch.Tensor, scored: torch.Tensor | None = None,
+                  per_prompt: torch.Tensor | None = None):
         """Yield ``(name, g)`` for every evolved tensor; only one tensor's estimate is alive at a time."""
-        coefficients, divisor = self._coefficients(step, *self.check_fitness(fitness, scored))
+        coefficients, divisor = self._coefficients(step, *self.check_fitness(fitness, scored), per_prompt)
         for name in self.params:
             yield name, self.perturbation.noise_sum(coefficients, name).div_(divisor)
 
-    def _coefficients(self, step: int, fitness: torch.Tensor, scored: torch.Tensor) -> tuple[dict[int, float], float]:
+    def _coefficients(self, step: int, fitness: torch.Tensor, scored: torch.Tensor,
+                      per_prompt: torch.Tensor | None) -> tuple[dict[int, float], float]:
         """The noise coefficients and ``N * sigma``, N counting the members that take part (checked fitness)."""
-        return (noise_coefficients(self.members(step), self._shaped(fitness, scored)),
+        return (noise_coefficients(self.members(step), self._shaped(fitness, scored, per_prompt)),
                 max(int(scored.sum()), 1) * self.sigma)
 
     def step(self, step: int, fitness: torch.Tensor, lr: float | None = None,
-             scored: torch.Tensor | None = None) -> StepStats:
+             scored: torch.Tensor | None = None, per_prompt: torch.Tensor | None = None) -> StepStats:
         """Apply ``theta += lr * g`` through the fp32 master copy; the reported norm is that of the applied step.
         ``scored``: which members take part (default all); the others' fitness is ignored and N counts the rest.
+        ``per_prompt``: (N, prompts) mean rewards, for ``evidence_zscore``.
 
         With ``anchor_decay`` (lambda) the step is followed by ``theta <- theta_0 + (1 - lr * lambda) (theta -
         theta_0)``: a pull towards the starting weights that bounds the random walk of weakly constrained directions.
         """
         lr = self.lr if lr is None else lr
         fitness, scored = self.check_fitness(fitness, scored)
-        if self.anchor is None:  # lr * g goes straight in: the perturbation may add it without a dense tensor
-            coefficients, divisor = self._coefficients(step, fitness, scored)
+        if not self.anchor_decay:  # lr * g goes straight in: the perturbation may add it without a dense tensor
+            coefficients, divisor = self._coefficients(step, fitness, scored, per_prompt)
             noise_squared = sum(self.perturbation.add_noise_sum(coefficients, name, lr / divisor)
                                 for name in self.params)
             gradient_norm = math.sqrt(self.perturbation.total_squared_norm(noise_squared)) / divisor
             update_norm = lr * gradient_norm
         else:
             gradient_squared = update_squared = 0.0
-            for name, update in self.gradients(step, fitness, scored):
+            for name, update in self.gradients(step, fitness, scored, per_prompt):
                 gradient_squared += float(update.double().pow(2).sum())
                 update.mul_(lr)
-                anchor = self.anchor[name].to(update.device)
+                anchor = self.start.value(name, update.device)
                 moved = self.master.value(name).to(update.device) + update - anchor
                 update.sub_(moved, alpha=lr * self.anchor_decay)
                 update_squared += float(update.double().pow(2).sum())
@@ -172,14 +200,15 @@ class EvolutionStrategy:
         self.perturbation.written()
         return self._stats(fitness, scored, update_norm, gradient_norm)
 
-    def write_gradients(self, step: int, fitness: torch.Tensor, scored: torch.Tensor | None = None) -> StepStats:
+    def write_gradients(self, step: int, fitness: torch.Tensor, scored: torch.Tensor | None = None,
+                        per_prompt: torch.Tensor | None = None) -> StepStats:
         """Store ``-g`` in ``.grad`` (optimizers minimise), for a torch optimizer to take the step.
 
         Call ``master.sync_from_model()`` after the optimizer has stepped. The reported norms are that of ``g``.
         """
         fitness, scored = self.check_fitness(fitness, scored)
         squared_norm = 0.0
-        for name, gradient in self.gradients(step, fitness, scored):
+        for name, gradient in self.gradients(step, fitness, scored, per_prompt):
             squared_norm += float(gradient.double().pow(2).sum())
             p = self.params[name]
             p.grad = gradient.neg_().to(p.dtype)
@@ -188,13 +217,19 @@ class EvolutionStrategy:
 
     def state_dict(self) -> dict:
         """What a checkpoint needs beyond the model's weights: the noise seed, for weights stored below fp32 the exact
-        fp32 master copy, and the anchor of anchored decay; whole tensors (a collective when sharded, after which
-        only process 0 holds them)."""
+        fp32 master copy, the start weights when kept, and relative noise's scales; whole tensors (a collective when
+        sharded, after which only process 0 holds them)."""
         state = {"seed": self.population.seed, "noise": self.perturbation.noise_kind}
         if any(p.dtype != torch.float32 for p in self.params.values()):
             state["master"] = self.perturbation.full_tensors(self.master.copies)
-        if self.anchor is not None:
-            state["anchor"] = self.perturbation.full_tensors(self.anchor)
+        if self.start is not None:
+            state["start"] = self.perturbation.full_tensors(self.start.tensors)
+        scales = self.perturbation.scales
+        if scales:
+            state["scales"] = {  # one value for a tensor (a matrix's RMS, a floor), or one per entry (a vector's)
+                "per_tensor": {name: float(s) for name, s in scales.items() if s.dim() == 0},
+                "per_entry": self.perturbation.full_tensors({name: s for name, s in scales.items() if s.dim() > 0}),
+            }
         return state
 
     def load_state_dict(self, state: Mapping) -> None:
@@ -212,6 +247,17 @@ class EvolutionStrategy:
                 "ESConfig's default perturbation changed from 'full' to 'lowrank': set the one it was trained with.",
                 stacklevel=2)
         elif state["noise"] != noise:
+            units = self.perturbation.scale_kind
+            if state["noise"] + units == noise:
+                raise ValueError(
+                    f"the checkpoint was trained with absolute noise ({state['noise']!r}), this run uses noise relative "
+                    "to each tensor's scale (the default since relative units): resume with sigma and learning_rate set "
+                    "as it was trained (ESConfig's defaults then: sigma=1e-2, learning_rate=1e-4; ESStrategy's: "
+                    "sigma=1e-3, lr=5e-7).")
+            if state["noise"] == noise + ", relative to each tensor's scale":
+                raise ValueError(
+                    f"the checkpoint was trained with noise relative to each tensor's scale ({state['noise']!r}), this "
+                    "run uses absolute noise (sigma): resume with relative_sigma and relative_learning_rate instead.")
             before = " (low-rank noise then evolved nn.Linear weights only, not every parameter)" if state[
                 "noise"].startswith("lowrank(") and "every parameter" not in state["noise"] else ""
             raise ValueError(
@@ -222,14 +268,25 @@ class EvolutionStrategy:
             self.master.load_state_dict(self.perturbation.local_tensors(state["master"]))
         else:
             self.master.sync_from_model()
-        if self.anchor is not None:
-            if "anchor" not in state:
-                raise ValueError(
-                    "the checkpoint holds no anchor for anchor_decay (it was trained without it): resume with "
-                    "anchor_decay=0, or start a new run."
-                )
-            for name, saved in self.perturbation.local_tensors(state["anchor"]).items():
-                self.anchor[name].copy_(saved)
+        if "scales" in state:
+            scales = {name: torch.tensor(s) for name, s in state["scales"]["per_tensor"].items()}
+            self.perturbation.set_scales(scales | self.perturbation.local_tensors(state["scales"]["per_entry"]))
+        start = state.get("start", state.get("anchor"))  # "anchor": an fp32 copy, as versions before 0.2 saved it
+        if start is not None:
+            saved = self.perturbation.local_tensors(start)
+            if self.start is None:
+                self.start = StartWeights(self.params, saved, device=self.start_device,
+                                          after_write=self.perturbation.written)
+            else:
+                self.start.load_state_dict(saved)
+            self.start_restored = True
+        elif self.anchor_decay:
+            raise ValueError(
+                "the checkpoint holds no start weights for anchor_decay (it was trained without it): resume with "
+                "anchor_decay=0, or start a new run."
+            )
+        elif self.start is not None:  # kept before the checkpoint was read, which has none: the resumed weights
+            self.start.load_state_dict({name: self.master.value(name) for name in self.params})
         self.perturbation.written()
 
     @staticmethod

@@ -35,6 +35,7 @@ from .population import Member
 
 FITNESS = "fitness"
 WEIGHT = "weight"
+PROMPT = "prompt/"  # PROMPT + an id: a member's summed reward on one prompt (example) of the step; with "/count"
 
 Score = Callable[[Sequence[Member]], Mapping[str, Sequence[float]]]
 T = TypeVar("T")
@@ -157,6 +158,16 @@ class PopulationScores:
     def mean(self, name: str) -> torch.Tensor:
         """Per member: the sum of ``name`` divided by the weight (its mean over what was scored)."""
         return self.totals[name] / self.totals[WEIGHT]
+
+    @property
+    def per_prompt(self) -> torch.Tensor:
+        """(members, prompts): each member's mean reward on each prompt (example) of the step that ``score`` reported
+        per prompt (``PROMPT``), NaN where it has none; no columns when none was."""
+        names = sorted(name for name in self.totals if name.startswith(PROMPT) and not name.endswith("/count"))
+        columns = [self.totals[name] / self.totals[f"{name}/count"] for name in names]
+        if not columns:
+            return torch.full((self.totals[WEIGHT].numel(), 0), float("nan"), dtype=torch.float64)
+        return torch.stack(columns, dim=1)
 
 
 def evaluate_population(

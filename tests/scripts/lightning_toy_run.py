@@ -66,11 +66,14 @@ def main():
     parser.add_argument("--fail_on_rank", type=int, default=-1)
     parser.add_argument("--failure", choices=["nan", "names"], default="nan")
     parser.add_argument("--perturb_on_rank", type=int, default=-1, help="start this process from other weights")
+    parser.add_argument("--relative", action="store_true", help="relative_sigma 0.05 and relative_learning_rate --lr")
     args = parser.parse_args()
 
     pl.seed_everything(0)
+    units = (dict(relative_sigma=0.05, relative_learning_rate=args.lr) if args.relative
+             else dict(sigma=0.05, lr=args.lr))
     strategy = ESStrategy(
-        population_size=8, sigma=0.05, lr=args.lr, seed=3, process_group_backend="gloo", anchor_decay=args.anchor_decay,
+        population_size=8, **units, seed=3, process_group_backend="gloo", anchor_decay=args.anchor_decay,
         deepspeed_config={"zero_optimization": {"stage": 3}} if args.sharded else None,
     )
     history = FitnessHistory()
@@ -96,7 +99,7 @@ def main():
     weights = trainer.strategy.lightning_module_state_dict()
     es_state = trainer.strategy.es.state_dict()  # a collective when sharded
     held = {key: {name: tuple(t.shape) for name, t in value.items()} for key, value in es_state.items()
-            if isinstance(value, dict)}
+            if isinstance(value, dict) and all(isinstance(t, torch.Tensor) for t in value.values())}
     everyone = [None] * trainer.world_size
     if dist.is_initialized():
         dist.all_gather_object(everyone, held)

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 
 import torch
 
+from ..scales import relative_scales
 from .base import Perturbation
 from .full import FullRankPerturbation
 from .lowrank import LowRankPerturbation, parameter_owners
@@ -29,9 +30,18 @@ def build_perturbation(
     master_device: torch.device | str | None = None,
     sharded: bool = False,
     copy_all: bool = False,
+    relative: bool = False,
 ) -> Perturbation:
     """``kind`` is ``"full"`` or ``"lowrank"``; ``sharded``: ``params`` are parameters of a DeepSpeed ZeRO-3 engine;
-    ``copy_all``: an fp32 master copy of every evolved weight (full-rank keeps one anyway), for an optimizer's step."""
+    ``copy_all``: an fp32 master copy of every evolved weight (full-rank keeps one anyway), for an optimizer's step;
+    ``relative``: noise relative to each tensor's scale at this moment (``engine.scales``), ``sigma`` a fraction of it."""
+    perturbation = _build(kind, params, sigma, model, rank, master_device, sharded, copy_all)
+    if relative:
+        perturbation.set_scales(relative_scales(perturbation))
+    return perturbation
+
+
+def _build(kind, params, sigma, model, rank, master_device, sharded, copy_all) -> Perturbation:
     if kind not in PERTURBATIONS:
         raise ValueError(f"perturbation must be one of {PERTURBATIONS}, got {kind!r}.")
     if sharded:

@@ -1,7 +1,8 @@
 """What every perturbation provides to ``EvolutionStrategy``.
 
-A perturbation owns the evolved tensors (``params``), their fp32 master copy (``master``) and the noise scale
-(``sigma``). It applies a member (``apply``, a context manager inside which the model behaves as ``theta + sigma *
+A perturbation owns the evolved tensors (``params``), their fp32 master copy (``master``), the noise scale
+(``sigma``) and, for noise relative to each tensor's size, per-tensor ``scales`` (``engine.scales``; none: absolute
+noise). It applies a member (``apply``, a context manager inside which the model behaves as ``theta + sigma *
 sign * eps_member`` and after which it is exactly ``theta`` again) and regenerates the noise of a weighted set of seeds
 (``noise_sum``), which is all the ES estimate needs. The remaining methods describe where the tensors live; the
 defaults are for one process holding whole tensors, ``ShardedPerturbation`` overrides them for ZeRO-3 slices.
@@ -9,6 +10,7 @@ defaults are for one process holding whole tensors, ``ShardedPerturbation`` over
 
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
+from types import MappingProxyType
 
 import torch
 
@@ -23,11 +25,47 @@ class Perturbation:
     @property
     def noise_kind(self) -> str:
         """Which noise this perturbation draws from a seed; a checkpoint continues only under the same kind."""
-        return "full"
+        return "full" + self.scale_kind
+
+    @property
+    def scale_kind(self) -> str:
+        return ", relative to each tensor's scale" if self.scales else ""
     params: dict[str, torch.Tensor]
     master: MasterWeights
     sigma: float
     noise: GaussianNoise
+    scales: Mapping[str, torch.Tensor] = MappingProxyType({})  # per tensor, multiplying its noise; none: 1
+
+    def set_scales(self, scales: Mapping[str, torch.Tensor] | None) -> None:
+        """Multiply each tensor's noise by its scale from now on (``engine.scales.relative_scales``); None: absolute."""
+        if scales is None:
+            self.scales = MappingProxyType({})
+            return
+        missing = set(self.params) - set(scales)
+        if missing:
+            raise KeyError(f"noise scales lack {len(missing)} evolved tensors, e.g. {sorted(missing)[:3]}.")
+        self.scales = {name: scales[name].to(self.params[name].device, torch.float32) for name in self.params}
+
+    def scaled_noise(self, seed: int, name: str, draw: str | None = None, shape: torch.Size | None = None,
+                     device=None) -> torch.Tensor:
+        """``noise.sample`` of ``draw`` (default: ``name``) times the scale of tensor ``name`` (fp32)."""
+        weight = self.params[name]
+        eps = self.noise.sample(seed, draw or name, weight.shape if shape is None else shape,
+                                weight.device if device is None else device)
+        scale = self.scales.get(name)
+        return eps if scale is None else eps.mul_(scale.to(eps.device))
+
+    def real(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """The elements of ``tensor`` (held like the evolved tensor ``name``) that belong to the parameter, flattened
+        (a sharded slice ends in padding)."""
+        return tensor.reshape(-1)
+
+    def shape(self, name: str) -> torch.Size:
+        """The whole tensor's shape (a sharded process holds a slice)."""
+        return self.params[name].shape
+
+    def numel(self, name: str) -> int:
+        return self.shape(name).numel()
 
     def apply(self, member: Member) -> AbstractContextManager[None]:
         raise NotImplementedError
@@ -41,7 +79,7 @@ class Perturbation:
         weight = self.params[name]
         total = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32)
         for seed, coefficient in coefficients.items():
-            total.add_(self.noise.sample(seed, name, weight.shape, weight.device), alpha=coefficient)
+            total.add_(self.scaled_noise(seed, name), alpha=coefficient)
         return total
 
     def add_noise_sum(self, coefficients: Mapping[int, float], name: str, scale: float) -> float:

@@ -38,7 +38,7 @@ class FullRankPerturbation(Perturbation):
         try:
             with torch.no_grad():
                 for name, p in self.params.items():
-                    eps = self.noise.sample(member.seed, name, p.shape, p.device)
+                    eps = self.scaled_noise(member.seed, name)
                     p.copy_(perturbed_value(self.master[name], eps, self.sigma * member.sign, p.dtype))
                     del eps
             self.written()

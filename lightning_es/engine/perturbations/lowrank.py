@@ -179,12 +179,12 @@ class LowRankPerturbation(Perturbation):
     @property
     def noise_kind(self) -> str:
         # "every parameter": before, the low-rank noise evolved nn.Linear weights only; such a checkpoint is refused
-        return f"lowrank(rank={self.rank}, every parameter)"
+        return f"lowrank(rank={self.rank}, every parameter)" + self.scale_kind
 
     def factors(self, seed: int, name: str, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Member ``seed``'s factors of a matrix: A (rows x r) and B (cols x r), fp32."""
+        """Member ``seed``'s factors of a matrix: A (rows x r, times the matrix's scale) and B (cols x r), fp32."""
         rows, cols = weight.shape[0], weight[0].numel()
-        a = self.noise.sample(seed, f"{name}#A", torch.Size([rows, self.rank]), weight.device)
+        a = self.scaled_noise(seed, name, f"{name}#A", torch.Size([rows, self.rank]))  # A carries the tensor's scale
         b = self.noise.sample(seed, f"{name}#B", torch.Size([cols, self.rank]), weight.device)
         return a, b
 
@@ -192,7 +192,7 @@ class LowRankPerturbation(Perturbation):
         """Member ``seed``'s noise of one parameter as a dense fp32 tensor of its shape."""
         p = self.params[name]
         if not is_matrix(p):
-            return self.noise.sample(seed, name, p.shape, p.device)
+            return self.scaled_noise(seed, name)
         a, b = self.factors(seed, name, p)
         return (a @ b.T).div_(math.sqrt(self.rank)).view(p.shape)
 

@@ -20,7 +20,7 @@ from .full import FullRankPerturbation
 class ShardLayout:
     shape: torch.Size  # of the full parameter
     start: int  # first element of the flattened parameter held by this process
-    size: int  # elements held by this process, zero padding after the parameter's end included
+    size: int  # elements held by this process, padding after the parameter's end included (zeroed by ES)
 
     @property
     def held(self) -> int:
@@ -85,6 +85,9 @@ class ShardedPerturbation(FullRankPerturbation):
         self.layouts = dict(layouts)
         self.partitioned = list(partitioned)
         self.group = group
+        with torch.no_grad():  # DeepSpeed leaves a slice's padding uninitialised: zero it, as the noise there is
+            for name, shard in shards.items():
+                shard.view(-1)[self.layouts[name].held:].zero_()
         super().__init__(shards, sigma, noise=ShardedNoise(self.layouts), master_device=master_device)
 
     @classmethod
@@ -97,6 +100,12 @@ class ShardedPerturbation(FullRankPerturbation):
 
     def written(self) -> None:
         release_gathered(self.partitioned)
+
+    def shape(self, name: str) -> torch.Size:
+        return self.layouts[name].shape
+
+    def real(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.reshape(-1)[: self.layouts[name].held]
 
     def total_squared_norm(self, local: float) -> float:
         if not dist.is_initialized():
@@ -131,8 +140,8 @@ class ShardedPerturbation(FullRankPerturbation):
 
     def local_tensors(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         slices = {}
-        for name, layout in self.layouts.items():
-            saved = tensors[name]
+        for name, saved in tensors.items():
+            layout = self.layouts[name]
             if tuple(saved.shape) != tuple(layout.shape):
                 raise ValueError(f"{name}: the saved tensor has shape {tuple(saved.shape)}, the model {tuple(layout.shape)}.")
             shard = torch.zeros(layout.size, dtype=saved.dtype)
