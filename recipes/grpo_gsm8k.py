@@ -31,7 +31,7 @@ RECIPE_DEFAULTS = dict(
     report_to="none",
 )
 # Where the two trainers need different values. ES: ESConfig's own defaults, the fastest learners per second in
-# docs/es_study.md (2 prompts, 8 members, rank-4 noise, sigma 1e-2, lr 1e-4), 60 iterations of about 7 s. GRPO:
+# docs/es_study.md (2 prompts, 8 members, rank-4 noise; relative noise and step), 60 iterations of about 7 s. GRPO:
 # 2 prompts x 4 completions and an AdamW step that learns within this budget (TRL's default 1e-6 barely moves), as in
 # benchmarks/time_to_reward.py, 30 steps of about 20 s.
 TRAINER_DEFAULTS = {"ESConfig": dict(max_steps=60),

@@ -44,7 +44,9 @@ def evidence_zscore(fitness: torch.Tensor, per_prompt: torch.Tensor) -> torch.Te
     ``k * zscore(fitness)``: a step as large as the z-score's when every member is consistently better or worse on
     every prompt, none when a member's lead comes from one prompt, and for a reward of random numbers small steps that
     do not accumulate into a random walk. Prompts some member has no reward for are left out of the estimate; with fewer
-    than two prompts left there is no estimate of chance, and the plain z-score is returned.
+    than two prompts left there is no estimate of chance, and the plain z-score is returned. With few prompts a lead
+    that shows on one prompt only cannot be told from chance: on the main job's 2 prompts per step (GSM8K-style,
+    SmolLM2) no step was taken in 20 iterations, so it needs more prompts per iteration.
     """
     fitness = fitness.double()
     table = torch.as_tensor(per_prompt, dtype=torch.float64)
