@@ -10,10 +10,11 @@ with a safe arithmetic parser, never `eval`. Accuracy on held-out problems is pr
 
 from dataclasses import dataclass, field
 
+from transformers import AutoTokenizer
 from trl import ModelConfig, get_peft_config
 
 from lightning_es.tasks.models import resolve_model
-from lightning_es.tasks import countdown
+from lightning_es.tasks import countdown, prompts_for
 from trl_ext import ESConfig, ESTrainer
 from trl_ext.recipes import parse_recipe_args, train_and_report, use_all_cpu_cores
 
@@ -47,15 +48,18 @@ def main(script_args, training_args, model_args):
     train_dataset = countdown.generate(script_args.train_size, seed=training_args.seed, **sizes)
     eval_dataset = countdown.generate(script_args.eval_size, seed=training_args.seed + 1_000_003, **sizes)
     training_args.model_init_kwargs = {"dtype": model_args.dtype}
+    model = resolve_model(model_args.model_name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(model, padding_side="left", truncation_side="left")  # as TRL loads it
     trainer = ESTrainer(
-        model=resolve_model(model_args.model_name_or_path),
+        model=model,
         reward_funcs=[countdown.correctness_reward, countdown.format_reward],
         args=training_args,
-        train_dataset=train_dataset,
+        train_dataset=prompts_for(tokenizer, train_dataset),
+        processing_class=tokenizer,
         peft_config=get_peft_config(model_args),
     )
     rewards = {"accuracy": countdown.correctness_reward, "answer format": countdown.format_reward}
-    return train_and_report(trainer, eval_dataset, rewards, "Countdown")
+    return train_and_report(trainer, prompts_for(tokenizer, eval_dataset), rewards, "Countdown")
 
 
 if __name__ == "__main__":

@@ -12,10 +12,11 @@ and after training. This file and grpo_gsm8k.py differ only in the line that imp
 
 from dataclasses import dataclass, field
 
+from transformers import AutoTokenizer
 from trl import ModelConfig, ScriptArguments, get_peft_config
 
 from lightning_es.tasks.models import resolve_model
-from lightning_es.tasks import gsm8k
+from lightning_es.tasks import gsm8k, prompts_for
 from trl_ext.recipes import parse_recipe_args, train_and_report, use_all_cpu_cores
 from trl_ext import ESConfig as GRPOConfig, ESTrainer as GRPOTrainer
 
@@ -62,15 +63,17 @@ def main(script_args, training_args, model_args):
         script_args.dataset_train_split, script_args.dataset_test_split, script_args.train_size,
         script_args.eval_size, seed=training_args.seed, style=script_args.answer_style,
     )
+    tokenizer = AutoTokenizer.from_pretrained(model, padding_side="left", truncation_side="left")  # as TRL loads it
     trainer = GRPOTrainer(
         model=model,
         reward_funcs=[gsm8k.correctness_reward, gsm8k.format_reward],
         args=training_args,
-        train_dataset=train_dataset,
+        train_dataset=prompts_for(tokenizer, train_dataset),
+        processing_class=tokenizer,
         peft_config=get_peft_config(model_args),
     )
     rewards = {"accuracy": gsm8k.correctness_reward, "answer format": gsm8k.format_reward}
-    return train_and_report(trainer, eval_dataset, rewards, "GSM8K")
+    return train_and_report(trainer, prompts_for(tokenizer, eval_dataset), rewards, "GSM8K")
 
 
 if __name__ == "__main__":

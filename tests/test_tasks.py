@@ -168,3 +168,18 @@ def test_countdown_generation_is_seeded_and_solvable():
     assert countdown.generate(4, seed=4)["numbers"] != first["numbers"]
     assert all(3 <= len(n) <= 4 for n in first["numbers"])
     assert str(first["target"][0]) in first["prompt"][0][0]["content"]
+
+
+def test_a_model_without_a_chat_template_is_asked_in_plain_text(tokenizer):
+    """A base model (Gemma-3-270M) has no chat template: the recipes ask it each question as text, which TRL then
+    tokenizes with the model's special tokens; a chat model keeps the conversational prompts."""
+    from datasets import Dataset
+
+    from lightning_es.tasks import prompts_for
+
+    dataset = Dataset.from_dict({"prompt": [[{"role": "user", "content": "What is 2 + 3?"}]], "answer": ["5"]})
+    assert prompts_for(tokenizer, dataset)["prompt"] == dataset["prompt"]  # the tiny tokenizer has a template
+    tokenizer.chat_template = None
+    plain = prompts_for(tokenizer, dataset)
+    assert plain["prompt"] == ["Question: What is 2 + 3?\nAnswer:"] and plain["answer"] == ["5"]
+    assert prompts_for(tokenizer, plain)["prompt"] == plain["prompt"]  # already text: unchanged

@@ -33,8 +33,11 @@ def greedy_scores(
     scores = {name: [] for name in rewards}
     for start in range(0, len(indices), batch_size):
         rows = dataset.select(indices[start : start + batch_size])
-        text = render_prompts(tokenizer, rows["prompt"])
-        inputs = tokenizer(text, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        prompts = list(rows["prompt"])
+        text = render_prompts(tokenizer, prompts)
+        # a chat template writes the special tokens itself; a plain-text prompt gets them as TRL tokenizes it
+        specials = isinstance(prompts[0], str)
+        inputs = tokenizer(text, return_tensors="pt", padding=True, add_special_tokens=specials).to(device)
         output = model.generate(
             **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
             temperature=None, top_p=None, top_k=None,

@@ -2,6 +2,8 @@
 
 import torch
 
+from .text import as_question
+
 OFF_TASK_PROMPTS = [
     "Write a short poem about the sea.",
     "What is the capital of Japan, and what is it known for?",
@@ -39,7 +41,7 @@ def render(tokenizer, prompts: list[str]) -> list[str]:
     base model without one a question after the beginning-of-sequence token (Gemma's output is noise without it)."""
     if tokenizer.chat_template:
         return [tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in chat(prompts)]
-    return [f"{tokenizer.bos_token or ''}Question: {p}\nAnswer:" for p in prompts]
+    return [f"{tokenizer.bos_token or ''}{as_question(p)}" for p in prompts]
 
 
 @torch.no_grad()
