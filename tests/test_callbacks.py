@@ -176,6 +176,25 @@ def test_es_trainer_resumed_without_a_saved_reference_warns_and_measures_from_th
     assert resumed[3]["drift/update_norm"] == pytest.approx(resumed[3]["es/update_norm"], rel=1e-4)
 
 
+@pytest.mark.slow
+def test_es_trainer_adopts_a_drift_reference_saved_before_es_kept_the_start(tmp_path, uninterrupted_es_run, tokenizer,
+                                                                          caplog):
+    """A checkpoint from before: the start weights in the callbacks' drift_reference.pt, none in es_state.pt. They
+    become ES's one copy, and drift is measured from the run's start."""
+    uninterrupted_dir, dataset, full = uninterrupted_es_run
+    checkpoint, model = resume_copy(tmp_path, uninterrupted_dir)
+    state = torch.load(checkpoint / ES_STATE_NAME, weights_only=True)
+    torch.save(state.pop("start"), checkpoint / REFERENCE_NAME)
+    torch.save(state, checkpoint / ES_STATE_NAME)
+    with caplog.at_level(logging.WARNING, logger="trl_ext.callbacks"):
+        trainer, resumed = train_es_with_drift(model, checkpoint.parent, tokenizer, dataset, resume=str(checkpoint))
+    assert not [r for r in caplog.records if r.name == "trl_ext.callbacks"]
+    assert trainer.es.start_restored
+    for step in (3, 4):
+        for name in ("drift/update_norm", "drift/kl"):
+            assert resumed[step][name] == pytest.approx(full[step][name], rel=1e-6, abs=1e-9), (step, name)
+
+
 def test_save_reference_writes_once_per_folder_on_the_saving_process_only(tmp_path, tiny_model, monkeypatch):
     trainer = SimpleNamespace(model=tiny_model, accelerator=SimpleNamespace(unwrap_model=lambda m: m),
                               args=SimpleNamespace(should_save=True, output_dir=str(tmp_path)))

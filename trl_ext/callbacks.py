@@ -62,7 +62,7 @@ class _TrainerDriftCallback(TrainerCallback):
         """
         if not self.trainer.args.should_save or self.start is None or self.start is getattr(self._es, "start", None):
             return  # nothing yet, or ES's copy, which es_state.pt carries
-        weights = self.start.tensors
+        weights = self.start.state_dict()
         path = os.path.join(checkpoint_dir, REFERENCE_NAME)
         key = os.path.realpath(path)
         handler = getattr(self.trainer, "callback_handler", None)
@@ -89,10 +89,7 @@ class _TrainerDriftCallback(TrainerCallback):
             start = es.keep_start()
             if state.global_step > 0 and not es.start_restored and os.path.exists(path):
                 # written by a version whose drift callbacks kept their own copy: it becomes ES's
-                saved = torch.load(path, map_location="cpu", weights_only=True)
-                names = {id(p): n for n, p in self.model.named_parameters()}
-                start.load_state_dict({name: saved[names[id(p)]] for name, p in es.params.items()
-                                       if names.get(id(p)) in saved})
+                start.load_model_state(self.model, torch.load(path, map_location="cpu", weights_only=True))
                 es.start_restored = True
             if state.global_step > 0 and not es.start_restored:
                 logger.warning(

@@ -9,6 +9,7 @@ import os
 import time
 from collections import defaultdict, deque
 from contextlib import contextmanager, nullcontext
+from functools import cached_property
 
 import torch
 import trl.trainer.grpo_trainer as grpo_trainer_module
@@ -30,6 +31,8 @@ from .config import ESConfig, to_es_config
 from .member_kl import CompletionBatch, chunks, completion_logits, row_kl_sums
 from .reward_checks import checked_reward_function
 from .scoring import (
+    KL,
+    KL_TOKENS,
     ScoredRows,
     member_kl,
     member_sums,
@@ -209,7 +212,7 @@ class ESTrainer(GRPOTrainer):
             es.keep_start()
         return es
 
-    @property
+    @cached_property
     def _adapters_only(self) -> bool:
         """A PEFT model whose adapters are all that evolves: beta's reference is then the model without them, as in
         GRPO (other evolved weights, e.g. es_params="all", make it the start weights)."""
@@ -302,8 +305,8 @@ class ESTrainer(GRPOTrainer):
             stats = self.es.write_gradients(step, fitness, scored=taking_part, per_prompt=per_prompt)
         self._gradient_norm = stats.gradient_norm
         if self.beta > 0:
-            self._metrics["train"]["kl"].append(float(scores.totals["kl"].sum() / scores.totals["kl/tokens"].sum()
-                                                      .clamp(min=1)))
+            tokens = scores.totals[KL_TOKENS].sum().clamp(min=1)
+            self._metrics["train"]["kl"].append(float(scores.totals[KL].sum() / tokens))
         self._log_step(scored, stats, lr, self.es.shaped(fitness, taking_part, per_prompt),
                        time.perf_counter() - started)
         return torch.tensor(-stats.fitness_mean, device=self.args.device)
@@ -368,11 +371,9 @@ class ESTrainer(GRPOTrainer):
     def _reference_policy(self, step: int):
         """Inside, the model is beta's reference: the start weights (at step 0, the weights themselves), or under
         PEFT the model without its adapters, as in GRPO."""
-        if step == 0 and self.beta == 0:  # the first step's check: the weights are the start weights
-            return nullcontext()
-        if self._adapters_only:
+        if self.beta > 0 and self._adapters_only:
             return self.accelerator.unwrap_model(self.model).disable_adapter()
-        if step == 0:
+        if step == 0:  # the weights are the start weights (without beta, only the first step measures the KL)
             return nullcontext()
         return self.es.keep_start().swapped_in()
 

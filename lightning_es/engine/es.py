@@ -30,6 +30,7 @@ import torch
 
 from .population import Member, Population
 from .perturbations import Perturbation
+from .perturbations.base import RELATIVE_NOISE
 from .shaping import get_fitness_shaping, uses_prompts
 from .start import StartWeights
 
@@ -223,7 +224,7 @@ class EvolutionStrategy:
         if any(p.dtype != torch.float32 for p in self.params.values()):
             state["master"] = self.perturbation.full_tensors(self.master.copies)
         if self.start is not None:
-            state["start"] = self.perturbation.full_tensors(self.start.tensors)
+            state["start"] = self.perturbation.full_tensors(self.start.state_dict())
         scales = self.perturbation.scales
         if scales:
             state["scales"] = {  # one value for a tensor (a matrix's RMS, a floor), or one per entry (a vector's)
@@ -254,7 +255,7 @@ class EvolutionStrategy:
                     "to each tensor's scale (the default since relative units): resume with sigma and learning_rate set "
                     "as it was trained (ESConfig's defaults then: sigma=1e-2, learning_rate=1e-4; ESStrategy's: "
                     "sigma=1e-3, lr=5e-7).")
-            if state["noise"] == noise + ", relative to each tensor's scale":
+            if state["noise"] == noise + RELATIVE_NOISE:
                 raise ValueError(
                     f"the checkpoint was trained with noise relative to each tensor's scale ({state['noise']!r}), this "
                     "run uses absolute noise (sigma): resume with relative_sigma and relative_learning_rate instead.")

@@ -11,6 +11,8 @@ from collections.abc import Mapping
 
 import torch
 
+from .params import require_every
+
 
 class MasterWeights:
     """Copies of ``params``; with ``only_low_precision`` just of those not stored in fp32 (when nothing perturbs the
@@ -61,9 +63,7 @@ class MasterWeights:
 
     @torch.no_grad()
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        missing = set(self.copies) - set(state)
-        if missing:
-            raise KeyError(f"ES master state lacks {len(missing)} evolved parameters, e.g. {sorted(missing)[:3]}.")
+        require_every(self.copies, state, "the saved master copies")
         for name, t in self.copies.items():
             t.copy_(state[name])
         self.restore()

@@ -1,11 +1,18 @@
 """Which parameters evolve."""
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 
 EVOLVABLE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def require_every(names: Iterable[str], given: Mapping, what: str) -> None:
+    """Raise a KeyError naming the evolved tensors of ``names`` that ``given`` (``what``) lacks."""
+    missing = set(names) - set(given)
+    if missing:
+        raise KeyError(f"{what} lack {len(missing)} evolved tensors, e.g. {sorted(missing)[:3]}.")
 
 
 def select_parameters(model: torch.nn.Module, es_params: str | Sequence[str] | None = None) -> dict[str, torch.nn.Parameter]:

@@ -59,9 +59,9 @@ def relative_scales(perturbation) -> dict[str, torch.Tensor]:
     ``perturbation`` provides the values (``master.value``; a process's slices when sharded, whose whole-tensor RMS
     comes from ``total_squared_norm``) and each tensor's whole size (``numel``)."""
     values = {name: perturbation.master.value(name) for name in perturbation.params}
+    reals = {name: perturbation.real(name, value) for name, value in values.items()}  # without a slice's padding
     rms = {}
-    for name, value in values.items():
-        real = perturbation.real(name, value)  # a sharded slice's padding is not the parameter's
+    for name, real in reals.items():
         squared = perturbation.total_squared_norm(float(torch.linalg.vector_norm(real, dtype=torch.float64) ** 2))
         rms[name] = (squared / perturbation.numel(name)) ** 0.5
     is_matrix = {name: len(perturbation.shape(name)) >= 2 for name in values}
@@ -80,7 +80,7 @@ def relative_scales(perturbation) -> dict[str, torch.Tensor]:
             scale = torch.tensor(rms[name], dtype=torch.float32, device=value.device)
         else:
             scale = torch.zeros_like(value, dtype=torch.float32)  # padding, if any, gets no noise
-            real = perturbation.real(name, value)
+            real = reals[name]
             scale.view(-1)[: real.numel()] = real.detach().abs().float().clamp(min=VECTOR_FLOOR * rms[name])
         scales[name] = scale
     return scales

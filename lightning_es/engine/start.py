@@ -15,6 +15,8 @@ from contextlib import contextmanager
 
 import torch
 
+from .params import require_every
+
 
 class StartWeights:
     def __init__(self, params: Mapping[str, torch.Tensor], values: Mapping[str, torch.Tensor] | None = None,
@@ -24,9 +26,7 @@ class StartWeights:
         drops its gathered copies)."""
         self.params = dict(params)
         source = self.params if values is None else values
-        missing = set(self.params) - set(source)
-        if missing:
-            raise KeyError(f"the start weights lack {len(missing)} evolved tensors, e.g. {sorted(missing)[:3]}.")
+        require_every(self.params, source, "the start weights")
         self.tensors = {name: source[name].detach().to(device, self.params[name].dtype, copy=True)
                         for name in self.params}
         self.after_write = after_write or (lambda: None)
@@ -69,8 +69,12 @@ class StartWeights:
         return self.tensors
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        missing = set(self.tensors) - set(state)
-        if missing:
-            raise KeyError(f"the saved start weights lack {len(missing)} evolved tensors, e.g. {sorted(missing)[:3]}.")
+        require_every(self.tensors, state, "the saved start weights")
         for name, t in self.tensors.items():
             t.copy_(state[name])
+
+    def load_model_state(self, model: torch.nn.Module, saved: Mapping[str, torch.Tensor]) -> None:
+        """Adopt start values saved under ``model``'s parameter names (found by identity, whatever they are called
+        here), as drift callbacks saved them before ES kept the start weights."""
+        names = {id(p): n for n, p in model.named_parameters()}
+        self.load_state_dict({name: saved[names[id(p)]] for name, p in self.params.items() if names.get(id(p)) in saved})

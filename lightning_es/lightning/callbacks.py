@@ -41,7 +41,7 @@ class _StartPoint(pl.Callback):
             return {"start_weights": self._restored}
         if self.start is None or self._shared:
             return {}
-        return {"start_weights": self.start.tensors}
+        return {"start_weights": self.start.state_dict()}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._restored = state_dict.get("start_weights")
@@ -55,9 +55,7 @@ class _StartPoint(pl.Callback):
         if es is not None:
             self.start, self._shared = es.keep_start(), True
             if restored is not None and not es.start_restored:  # saved by this callback, before ES kept them
-                names = {id(p): n for n, p in model.named_parameters()}
-                self.start.load_state_dict({name: restored[names[id(p)]] for name, p in es.params.items()
-                                            if names.get(id(p)) in restored})
+                self.start.load_model_state(model, restored)
                 es.start_restored = True
             if trainer.global_step > 0 and not es.start_restored:
                 self._warn_resumed(trainer, "the strategy's checkpoint holds no start weights")

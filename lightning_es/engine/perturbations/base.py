@@ -15,8 +15,12 @@ from types import MappingProxyType
 import torch
 
 from ..master import MasterWeights
+from ..params import require_every
 from ..noise import GaussianNoise
 from ..population import Member
+
+
+RELATIVE_NOISE = ", relative to each tensor's scale"  # how noise_kind names noise relative to each tensor
 
 
 class Perturbation:
@@ -29,7 +33,7 @@ class Perturbation:
 
     @property
     def scale_kind(self) -> str:
-        return ", relative to each tensor's scale" if self.scales else ""
+        return RELATIVE_NOISE if self.scales else ""
     params: dict[str, torch.Tensor]
     master: MasterWeights
     sigma: float
@@ -41,17 +45,14 @@ class Perturbation:
         if scales is None:
             self.scales = MappingProxyType({})
             return
-        missing = set(self.params) - set(scales)
-        if missing:
-            raise KeyError(f"noise scales lack {len(missing)} evolved tensors, e.g. {sorted(missing)[:3]}.")
+        require_every(self.params, scales, "the noise scales")
         self.scales = {name: scales[name].to(self.params[name].device, torch.float32) for name in self.params}
 
-    def scaled_noise(self, seed: int, name: str, draw: str | None = None, shape: torch.Size | None = None,
-                     device=None) -> torch.Tensor:
-        """``noise.sample`` of ``draw`` (default: ``name``) times the scale of tensor ``name`` (fp32)."""
+    def scaled_noise(self, seed: int, name: str, draw: str | None = None, shape: torch.Size | None = None
+                     ) -> torch.Tensor:
+        """``noise.sample`` of ``draw`` (default: ``name``, in its shape) times the scale of tensor ``name`` (fp32)."""
         weight = self.params[name]
-        eps = self.noise.sample(seed, draw or name, weight.shape if shape is None else shape,
-                                weight.device if device is None else device)
+        eps = self.noise.sample(seed, draw or name, weight.shape if shape is None else shape, weight.device)
         scale = self.scales.get(name)
         return eps if scale is None else eps.mul_(scale.to(eps.device))
 
