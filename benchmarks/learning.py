@@ -1,8 +1,9 @@
 """Held-out learning curves for the benchmarks that compare how ES settings (and GRPO) learn on this machine.
 
 ``HeldOutCurve`` scores the held-out problems with greedy decoding at the start and then every ``every_steps``
-iterations, at the iterations ``at_steps``, or every ``every_seconds`` seconds of training; its clock counts training only (evaluation time excluded),
-so curves of different methods share one time axis. ``budget_seconds`` stops training once that much has been spent.
+iterations, at the iterations ``at_steps``, or at the first step end past each of ``at_seconds`` seconds of training;
+its clock counts training only (evaluation time excluded), so curves of different methods share one time axis.
+``budget_seconds`` stops training once that much has been spent, and scores the model there.
 """
 
 import json
@@ -18,19 +19,19 @@ REWARD_WEIGHTS = [1.0, 0.5]  # accuracy, answer format: the recipes' weighting
 EVAL_SEED = 1_000_003
 
 
-def task(name: str, train_size: int = 256, eval_size: int = 32, seed: int = 0):
-    """(train dataset, held-out dataset, reward functions) of a task; the held-out problems do not depend on seed."""
+def task(name: str, train_size: int = 256, eval_size: int = 32, seed: int = 0, eval_seed: int = EVAL_SEED):
+    """(train dataset, held-out dataset, reward functions) of a task; the held-out problems depend on eval_seed only."""
     if name == "gsm8k":
         train = gsm8k.generate_offline(train_size, seed=seed, style="final_answer")
-        held_out = gsm8k.generate_offline(eval_size, seed=EVAL_SEED, style="final_answer")
+        held_out = gsm8k.generate_offline(eval_size, seed=eval_seed, style="final_answer")
         return train, held_out, {"accuracy": gsm8k.correctness_reward, "format": gsm8k.format_reward}
     if name == "arithmetic":  # short sums and differences, answered in GSM8K's '#### <number>' form
         train = arithmetic(train_size, seed)
-        held_out = arithmetic(eval_size, EVAL_SEED)
+        held_out = arithmetic(eval_size, eval_seed)
         return train, held_out, {"accuracy": gsm8k.correctness_reward, "format": gsm8k.format_reward}
     if name == "countdown":
         train = countdown.generate(train_size, seed=seed)
-        held_out = countdown.generate(eval_size, seed=EVAL_SEED)
+        held_out = countdown.generate(eval_size, seed=eval_seed)
         return train, held_out, {"accuracy": countdown.correctness_reward, "format": countdown.format_reward}
     raise ValueError(f"task must be 'gsm8k', 'arithmetic' or 'countdown', got {name!r}.")
 
@@ -48,7 +49,7 @@ def weighted(scores: dict[str, float]) -> float:
 
 
 class HeldOutCurve(TrainerCallback):
-    def __init__(self, trainer, held_out, rewards, every_steps: int | None = None, every_seconds: float | None = None,
+    def __init__(self, trainer, held_out, rewards, every_steps: int | None = None, at_seconds=(),
                  budget_seconds: float | None = None, max_new_tokens: int | None = None, at_steps=(),
                  start: dict | None = None):
         """``start``: the held-out scores of the untrained model when already known (greedy, so the same every run)."""
@@ -57,13 +58,12 @@ class HeldOutCurve(TrainerCallback):
         self.rewards = rewards
         self.every_steps = every_steps
         self.at_steps = set(at_steps)
-        self.every_seconds = every_seconds
+        self.marks = sorted(at_seconds)
         self.budget_seconds = budget_seconds
         self.max_new_tokens = max_new_tokens or trainer.args.max_completion_length
         self.points: list[dict] = [start] if start else []
         self.training_seconds = 0.0
         self._since = None
-        self._next_mark = every_seconds
 
     def evaluate(self, step: int) -> None:
         trainer = self.trainer
@@ -81,11 +81,10 @@ class HeldOutCurve(TrainerCallback):
         self.training_seconds += time.perf_counter() - self._since
         over_budget = self.budget_seconds is not None and self.training_seconds >= self.budget_seconds
         due = (self.every_steps and state.global_step % self.every_steps == 0) or state.global_step in self.at_steps or (
-            self.every_seconds and self.training_seconds >= self._next_mark)
+            self.marks and self.training_seconds >= self.marks[0])
         if due or over_budget or state.global_step >= state.max_steps:
             self.evaluate(state.global_step)
-            while self.every_seconds and self._next_mark <= self.training_seconds:
-                self._next_mark += self.every_seconds
+            self.marks = [mark for mark in self.marks if mark > self.training_seconds]
         if over_budget:
             control.should_training_stop = True
         self._since = time.perf_counter()

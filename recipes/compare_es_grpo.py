@@ -33,7 +33,7 @@ from lightning_es.drift import (
     DriftProbe, cosine_similarity, linear_connectivity, moved_fraction, parameter_delta, realised_fraction, snapshot,
     update_norm,
 )
-from lightning_es.tasks import countdown, gsm8k
+from lightning_es.tasks import countdown, gsm8k, prompts_for
 from lightning_es.tasks.evaluation import greedy_scores
 from lightning_es.tasks.models import resolve_model
 from lightning_es.tasks.probes import OFF_TASK_PROMPTS, answered, render
@@ -97,10 +97,13 @@ class StepPrecisionAudit(TrainerCallback):
             self.before = None
 
 
-def task_data(args):
+def task_data(args, tokenizer):
+    """(training, held-out) prompts as the model is asked: through its chat template, or as plain-text questions."""
     if args.task == "gsm8k":
-        return gsm8k.load_splits(train_size=args.train_size, eval_size=args.eval_size, seed=0, style="final_answer")
-    return countdown.generate(args.train_size, seed=0), countdown.generate(args.eval_size, seed=1_000_003)
+        splits = gsm8k.load_splits(train_size=args.train_size, eval_size=args.eval_size, seed=0, style="final_answer")
+    else:
+        splits = countdown.generate(args.train_size, seed=0), countdown.generate(args.eval_size, seed=1_000_003)
+    return tuple(prompts_for(tokenizer, split) for split in splits)
 
 
 def task_reward(model, tokenizer, test, module, args) -> dict[str, float]:
@@ -186,6 +189,7 @@ def findings(runs: dict, before: dict, args) -> list[str]:
     value = lambda method, key: [runs[s][method][key] for s in seeds]  # noqa: E731
     mean_kl = lambda method, name: [statistics.mean(runs[s][method][f"kl_{name}"]) for s in seeds]  # noqa: E731
     one_problem = 1 / args.eval_size
+    against = f" (GRPO at AdamW lr {args.grpo_learning_rate:g})"
     lines = []
 
     es_acc, grpo_acc = value("es", "accuracy"), value("grpo", "accuracy")
@@ -193,15 +197,15 @@ def findings(runs: dict, before: dict, args) -> list[str]:
     noise = max(max(es_acc) - min(es_acc), max(grpo_acc) - min(grpo_acc), one_problem)
     parity = abs(gap) <= noise
     lines.append(
-        f"1. Accuracy parity: {'holds' if parity else 'does not hold'}. Held-out accuracy ES {spread(es_acc)}, GRPO "
-        f"{spread(grpo_acc)} (base {before['accuracy']:.3f}); the gap {gap:+.3f} is "
+        f"1. Accuracy parity{against}: {'holds' if parity else 'does not hold'}. Held-out accuracy ES "
+        f"{spread(es_acc)}, GRPO {spread(grpo_acc)} (base {before['accuracy']:.3f}); the gap {gap:+.3f} is "
         f"{'within' if parity else 'beyond'} the seeds' range ({noise:.3f}). Task reward ES "
         f"{spread(value('es', 'reward'))}, GRPO {spread(value('grpo', 'reward'))}."
     )
     ratios = [e / g if g else math.inf for e, g in zip(value("es", "update_norm"), value("grpo", "update_norm"))]
     larger = all(r > 1 for r in ratios)
     lines.append(
-        f"2. Larger update norm for ES: {'holds' if larger else 'does not hold'}. ES/GRPO L2 norm per seed "
+        f"2. Larger update norm for ES{against}: {'holds' if larger else 'does not hold'}. ES/GRPO L2 norm per seed "
         f"{', '.join(f'{r:.1f}x' for r in ratios)} (ES {spread(value('es', 'update_norm'))}, GRPO "
         f"{spread(value('grpo', 'update_norm'))})."
     )
@@ -212,8 +216,8 @@ def findings(runs: dict, before: dict, args) -> list[str]:
     verdict = "holds" if every_seed and es_higher > len(pairs) / 2 else (
         "is reversed" if every_seed_lower and es_higher < len(pairs) / 2 else "is not established")
     lines.append(
-        f"3. Larger off-task KL for ES: {verdict}. Exact teacher-forced KL (mean over {args.probes} probes) ES "
-        f"{spread(mean_kl('es', 'exact'))}, GRPO {spread(mean_kl('grpo', 'exact'))}; ES higher on {es_higher} of "
+        f"3. Larger off-task KL for ES{against}: {verdict}. Exact teacher-forced KL (mean over {args.probes} "
+        f"probes) ES {spread(mean_kl('es', 'exact'))}, GRPO {spread(mean_kl('grpo', 'exact'))}; ES higher on {es_higher} of "
         f"{len(pairs)} (seed, probe) pairs. Sampled estimate: ES {spread(mean_kl('es', 'sampled'))}, GRPO "
         f"{spread(mean_kl('grpo', 'sampled'))}."
     )
@@ -222,7 +226,7 @@ def findings(runs: dict, before: dict, args) -> list[str]:
     orthogonal = all(abs(c) < 0.1 for c in cosines)
     no_barrier = all(b <= one_problem for b in barriers)
     lines.append(
-        f"4. Near-orthogonal updates with no barrier on the linear path: "
+        f"4. Near-orthogonal updates with no barrier on the linear path{against}: "
         f"{'holds' if orthogonal and no_barrier else 'does not hold'}. Cosine per seed "
         f"{', '.join(f'{c:.4f}' for c in cosines)} ({'all' if orthogonal else 'not all'} below 0.1 in size); barrier "
         f"in task reward per seed {', '.join(f'{b:.3f}' for b in barriers)} ({'all' if no_barrier else 'not all'} "
@@ -323,7 +327,7 @@ def main(args):
     report.mkdir(parents=True, exist_ok=True)
     base_path = resolve_model(args.model_name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(base_path, padding_side="left")
-    module, data = TASKS[args.task], task_data(args)
+    module, data = TASKS[args.task], task_data(args, tokenizer)
     base = AutoModelForCausalLM.from_pretrained(base_path)
     start = snapshot(base)
     before = task_reward(base, tokenizer, data[1], module, args)

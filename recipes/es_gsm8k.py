@@ -34,7 +34,7 @@ RECIPE_DEFAULTS = dict(
 # Where the two trainers need different values. ES: ESConfig's own defaults, the fastest learners per second in
 # docs/es_study.md (2 prompts, 8 members, rank-4 noise; relative noise and step), 60 iterations of about 7 s. GRPO:
 # 2 prompts x 4 completions and an AdamW step that learns within this budget (TRL's default 1e-6 barely moves), as in
-# benchmarks/time_to_reward.py, 30 steps of about 20 s.
+# benchmarks/drift_race.py, 30 steps of about 20 s.
 TRAINER_DEFAULTS = {"ESConfig": dict(max_steps=60),
                     "GRPOConfig": dict(max_steps=30, per_device_train_batch_size=8, num_generations=4, learning_rate=1e-5)}
 QUICK = dict(max_steps=2, per_device_train_batch_size=2, num_generations=2, max_completion_length=8, population_size=4,

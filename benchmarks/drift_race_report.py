@@ -1,0 +1,296 @@
+"""The race's report, rebuilt from its saved runs (``drift_race.py render``): result.json, report.md and plots.
+
+Per model, on the GSM8K-style task: the target is the tuned GRPO's final held-out reward (mean over its seeds); each
+run's moment is the training seconds at which its held-out reward first reaches the target (linearly between marks;
+a run that never does counts as its whole budget, and its KL is read at the end). ``ratio`` = ES's mean seconds / GRPO's
+mean seconds; ``kl_ratio`` = ES's mean off-task KL at its moments / GRPO's. On the second task, ``accuracy_ratio`` =
+ES's mean held-out accuracy gain at the end of the budget / GRPO's.
+"""
+
+import itertools
+import json
+import statistics
+from pathlib import Path
+
+SECOND_TASK = "arithmetic"
+STEADY_SHARE = 0.8
+
+
+def spread(values) -> tuple[float, float]:
+    """(mean, sample standard deviation; 0 for one value)."""
+    values = [float(v) for v in values]
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def shown(values, digits: int = 3) -> str:
+    mean, sd = spread(values)
+    return f"{mean:.{digits}f} ± {sd:.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f}"
+
+
+def at_seconds(points: list[dict], seconds: float, metric: str) -> float:
+    """``metric`` at ``seconds`` of training, linearly between marks; the last mark's value past the end."""
+    for before, after in zip(points, points[1:]):
+        if after["seconds"] >= seconds:
+            share = (seconds - before["seconds"]) / max(after["seconds"] - before["seconds"], 1e-9)
+            return before[metric] + share * (after[metric] - before[metric])
+    return points[-1][metric]
+
+
+def at_budget(run: dict, metric: str) -> float:
+    """``metric`` at the end of the run's budget: its last step may end past it, and is not counted."""
+    return at_seconds(run["points"], run["budget_seconds"], metric)
+
+
+def moment(run: dict, target: float) -> dict:
+    """When ``run`` first reaches ``target`` held-out reward within its budget (else the budget), and its off-task KL
+    then."""
+    from learning import seconds_to_reach
+
+    seconds = seconds_to_reach(run["points"], target)
+    reached = seconds is not None and seconds <= run["budget_seconds"]
+    seconds = seconds if reached else run["budget_seconds"]
+    return {"seed": run["seed"], "reached": reached, "seconds": seconds, "kl": at_seconds(run["points"], seconds, "kl")}
+
+
+def mean_train_reward(run: dict) -> float:
+    return statistics.mean(r for _, r in run["train_reward"]) if run["train_reward"] else float("-inf")
+
+
+def tuned(runs: list[dict], model: str, task: str, method: str) -> list[dict]:
+    return [r for r in runs if (r["phase"], r["model"], r["task"], r["method"]) == ("tune", model, task, method)]
+
+
+def chosen(runs: list[dict], model: str, task: str, method: str) -> str | None:
+    """The tuning run (seed 0) of ``method`` with the highest mean training reward."""
+    candidates = tuned(runs, model, task, method)
+    return max(candidates, key=mean_train_reward)["label"] if candidates else None
+
+
+def late_train_reward(run: dict) -> float:
+    rewards = [r for _, r in run["train_reward"]]
+    return statistics.mean(rewards[-max(1, len(rewards) // 3):]) if rewards else float("-inf")
+
+
+def steadiest(runs: list[dict], model: str, task: str) -> str | None:
+    """The ES tuning run that moved its weights least (update norm at the end of its budget) among those whose training
+    reward over their last third of iterations came within ``STEADY_SHARE`` of the best ES run's: drift weighed in the
+    choice from the weights alone, without the off-task probes or the held-out problems."""
+    candidates = tuned(runs, model, task, "es")
+    if not candidates:
+        return None
+    best = max(late_train_reward(r) for r in candidates)
+    learned = [r for r in candidates if late_train_reward(r) >= STEADY_SHARE * best]
+    return min(learned, key=lambda r: at_budget(r, "update_norm"))["label"]
+
+
+def race_labels(runs: list[dict], model: str, task: str) -> list[str]:
+    """What the race runs: the chosen GRPO, the chosen ES, the steadiest ES, and ESConfig's defaults before the race."""
+    labels = [chosen(runs, model, task, "grpo"), chosen(runs, model, task, "es"), steadiest(runs, model, task)]
+    return list(dict.fromkeys([label for label in labels if label] + ["es-before"]))
+
+
+def of(runs: list[dict], phase: str, model: str, task: str, label: str) -> list[dict]:
+    """The runs of one setting in one phase, by seed."""
+    return sorted((r for r in runs if (r["phase"], r["model"], r["task"], r["label"]) == (phase, model, task, label)),
+                  key=lambda r: r["seed"])
+
+
+def race(runs: list[dict], model: str) -> dict | None:
+    """``ratio`` and ``kl_ratio`` on GSM8K, ``accuracy_ratio`` on the second task, with what they are made of."""
+    grpo, es = chosen(runs, model, "gsm8k", "grpo"), chosen(runs, model, "gsm8k", "es")
+    if grpo is None or es is None:
+        return None
+    grpo_runs = of(runs, "race", model, "gsm8k", grpo)
+    if not grpo_runs or not of(runs, "race", model, "gsm8k", es):
+        return None
+    target = statistics.mean(at_budget(r, "reward") for r in grpo_runs)
+    start = max(r["points"][0]["reward"] for r in grpo_runs)
+    result = {"grpo": grpo, "es": es, "target_reward": target, "methods": {}}
+    for label in race_labels(runs, model, "gsm8k"):
+        moments = [moment(r, target) for r in of(runs, "race", model, "gsm8k", label)]
+        if moments:
+            result["methods"][label] = {"moments": moments, "reached": sum(m["reached"] for m in moments),
+                                        "seconds": statistics.mean(m["seconds"] for m in moments),
+                                        "kl": statistics.mean(m["kl"] for m in moments)}
+    grpo_moment = result["methods"][grpo]
+    if target <= start or not grpo_moment["seconds"] or not grpo_moment["kl"]:
+        result.update(ratio=None, kl_ratio=None, why=f"the tuned GRPO ended at {target:.3f}, not above the base "
+                      f"model's held-out reward {start:.3f}: every run reaches it at once")
+    else:
+        for label, summary in result["methods"].items():
+            summary["ratio"] = summary["seconds"] / grpo_moment["seconds"]
+            summary["kl_ratio"] = summary["kl"] / grpo_moment["kl"]
+            # a seed that never reached the target counts as the whole budget: the ratio is then a lower bound
+            summary["ratio_is_lower_bound"] = summary["reached"] < len(summary["moments"])
+        result.update({k: result["methods"][es][k] for k in ("ratio", "kl_ratio", "ratio_is_lower_bound")})
+    result["seeds"] = {label: [m["seed"] for m in summary["moments"]] for label, summary in result["methods"].items()}
+    second = accuracy_gain(runs, model)
+    if second:
+        result.update(second)
+    return result
+
+
+def accuracy_gain(runs: list[dict], model: str) -> dict | None:
+    grpo, es = chosen(runs, model, SECOND_TASK, "grpo"), chosen(runs, model, SECOND_TASK, "es")
+    if grpo is None or es is None or not of(runs, "race", model, SECOND_TASK, grpo) or not of(
+            runs, "race", model, SECOND_TASK, es):
+        return None
+    gains = {label: [at_budget(r, "accuracy") - r["points"][0]["accuracy"]
+                     for r in of(runs, "race", model, SECOND_TASK, label)]
+             for label in race_labels(runs, model, SECOND_TASK)}
+    gains = {label: values for label, values in gains.items() if values}
+    grpo_gain = statistics.mean(gains[grpo])
+    second = {"second_task": {"grpo": grpo, "es": es, "accuracy_gain": gains}}
+    if grpo_gain <= 0:
+        return second | {"accuracy_ratio": None, "accuracy_why": f"the tuned GRPO's accuracy gain is {grpo_gain:.3f}"}
+    second["second_task"]["accuracy_ratio"] = {label: statistics.mean(values) / grpo_gain
+                                               for label, values in gains.items() if label != grpo}
+    return second | {"accuracy_ratio": second["second_task"]["accuracy_ratio"][es]}
+
+
+def study_rows(runs: list[dict], phase: str, model: str, task: str) -> list[dict]:
+    """Every setting run in ``phase`` on (model, task): its scores at the end of the budget over its seeds, and its
+    training reward."""
+    labels = dict.fromkeys(r["label"] for r in runs if (r["phase"], r["model"], r["task"]) == (phase, model, task))
+    rows = []
+    for label in labels:
+        group = of(runs, phase, model, task, label)
+        last = [r["points"][-1] for r in group]
+        rows.append({"label": label, "seeds": [r["seed"] for r in group],
+                     "mean_train_reward": [mean_train_reward(r) for r in group],
+                     **{metric: [at_budget(r, metric) for r in group]
+                        for metric in ("reward", "accuracy", "format", "kl", "update_norm")},
+                     "iterations": [p["step"] for p in last],
+                     "seconds_per_iteration": [p["seconds"] / max(p["step"], 1) for p in last]})
+    return sorted(rows, key=lambda row: -statistics.mean(row["mean_train_reward"]))
+
+
+def diagnosis(runs: list[dict], model: str) -> list[dict]:
+    """Update norm and off-task KL after the same iterations with the task's reward and with random numbers."""
+    rows = []
+    diagnosed = [r for r in runs if (r["phase"], r["model"]) == ("diagnose", model)]
+    for label in dict.fromkeys(r["label"] for r in diagnosed):
+        row = {"label": label, "iterations": diagnosed[0]["points"][-1]["step"]}
+        for kind in ("task", "random"):
+            group = [r["points"][-1] for r in diagnosed if (r["label"], r["reward_kind"]) == (label, kind)]
+            row[kind] = {"update_norm": [p["update_norm"] for p in group], "kl": [p["kl"] for p in group],
+                         "seeds": len(group)}
+        rows.append(row)
+    return rows
+
+
+def plot(runs: list[dict], results: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = [m for m in results if results[m]]
+    if not models:
+        return
+    figure, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
+    for axis, model in zip(axes[0], models):
+        for colour, label in zip(("C0", "C1", "C2", "C3"), results[model]["methods"]):
+            for index, run in enumerate(of(runs, "race", model, "gsm8k", label)):
+                axis.plot([p["kl"] for p in run["points"]], [p["reward"] for p in run["points"]], color=colour,
+                          alpha=0.7, marker=".", label=label if index == 0 else None)
+        axis.axhline(results[model]["target_reward"], color="grey", linewidth=0.8, linestyle="--")
+        axis.set(title=f"{model}, GSM8K-style", xlabel="off-task KL to the base model (exact, nats/token)",
+                 ylabel="held-out reward")
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(out / "reward_vs_kl.png", dpi=100)
+    plt.close(figure)
+    tasks = ("gsm8k", SECOND_TASK)
+    figure, axes = plt.subplots(len(tasks), len(models), figsize=(6 * len(models), 8), squeeze=False)
+    for column, model in enumerate(models):
+        for row, task in enumerate(tasks):
+            axis = axes[row][column]
+            labels = race_labels(runs, model, task)
+            metric = "reward" if task == "gsm8k" else "accuracy"
+            for colour, label in zip(("C0", "C1", "C2", "C3"), labels):
+                for index, run in enumerate(of(runs, "race", model, task, label)):
+                    axis.plot([p["seconds"] for p in run["points"]], [p[metric] for p in run["points"]],
+                              color=colour, alpha=0.7, label=label if index == 0 else None)
+            axis.set(title=f"{model}, {task}", xlabel="training seconds", ylabel=f"held-out {metric}")
+            if axis.has_data():
+                axis.legend()
+    figure.tight_layout()
+    figure.savefig(out / "curves.png", dpi=100)
+    plt.close(figure)
+
+
+def markdown(runs: list[dict], results: dict) -> str:
+    lines = ["# The race: ES against a tuned GRPO", "",
+             "Rebuilt by `python benchmarks/drift_race.py render` from `runs.jsonl` (one line per finished run).", ""]
+    for model, result in results.items():
+        lines += [f"## {model}", ""]
+        if result:
+            ratio = "`ratio` n/a, `kl_ratio` n/a: " + result["why"] if result["ratio"] is None else (
+                f"`ratio` {'at least ' if result['ratio_is_lower_bound'] else ''}{result['ratio']:.2f}, `kl_ratio` "
+                f"{result['kl_ratio']:.2f}")
+            accuracy = "" if "second_task" not in result else (
+                f"; `accuracy_ratio` on {SECOND_TASK} (GRPO {result['second_task']['grpo']}, ES "
+                f"{result['second_task']['es']}): " + (result["accuracy_why"] if result["accuracy_ratio"] is None
+                                                       else f"{result['accuracy_ratio']:.2f}"))
+            lines += [f"GSM8K-style: target {result['target_reward']:.3f} (the held-out reward of GRPO "
+                      f"{result['grpo']} at the end of its budget, mean over seeds {result['seeds'][result['grpo']]}); "
+                      f"ES: {result['es']}; {ratio}{accuracy}.", "",
+                      "| run | seeds reaching the target | seconds to the target, per seed | off-task KL then | "
+                      "seconds / GRPO's | KL / GRPO's |", "| --- | --- | --- | --- | --- | --- |"]
+            for label, summary in result["methods"].items():
+                seconds = ", ".join(f"{m['seconds']:.0f}" + ("" if m["reached"] else " (not reached)")
+                                    for m in summary["moments"])
+                ratios = (f"{'≥ ' if summary['ratio_is_lower_bound'] else ''}{summary['ratio']:.2f} | "
+                          f"{summary['kl_ratio']:.2f}" if "ratio" in summary else "- | -")
+                lines.append(f"| {label} | {summary['reached']} of {len(summary['moments'])} | {seconds} | "
+                             f"{shown([m['kl'] for m in summary['moments']])} | {ratios} |")
+            if "second_task" in result:
+                lines += ["", f"{SECOND_TASK}: held-out accuracy gain at the end of the budget, per seed: " + "; ".join(
+                    f"{label} {', '.join(f'{g:+.3f}' for g in gains)}"
+                    for label, gains in result["second_task"]["accuracy_gain"].items())]
+            lines.append("")
+        for phase, task in itertools.product(("tune", "race"), ("gsm8k", SECOND_TASK)):
+            rows = study_rows(runs, phase, model, task)
+            if not rows:
+                continue
+            what = "tuning, seed 0, scored at the start and end" if phase == "tune" else "the race, scored at the marks"
+            lines += [f"### {task}, {what}: every setting at the end of its budget (mean ± sd over seeds)", "",
+                      "| run | seeds | mean training reward | held-out reward | accuracy | format | off-task KL | "
+                      "update norm | iterations | s / iteration |", "| --- |" + " --- |" * 9]
+            for row in rows:
+                lines.append(f"| {row['label']} | {','.join(map(str, row['seeds']))} | "
+                             + " | ".join(shown(row[k]) for k in ("mean_train_reward", "reward", "accuracy", "format",
+                                                                  "kl"))
+                             + f" | {shown(row['update_norm'], 1)} | {shown(row['iterations'], 0)} | "
+                             f"{shown(row['seconds_per_iteration'], 1)} |")
+            lines.append("")
+        rows = diagnosis(runs, model)
+        if rows:
+            lines += ["### Signal or random walk: update norm and off-task KL after the same iterations, with the "
+                      "task's reward and with random numbers (mean ± sd over seeds)", "",
+                      "z-scored fitness gives every step about the same size whatever the reward: what separates a "
+                      "signal from a random walk is how the steps add up over the iterations.", "",
+                      "| setting | iterations | reward | seeds | update norm | off-task KL |",
+                      "| --- | --- | --- | --- | --- | --- |"]
+            for row in rows:
+                for kind in ("task", "random"):
+                    values = row[kind]
+                    if values["kl"]:
+                        lines.append(f"| {row['label']} | {row['iterations']} | {kind} | {values['seeds']} | "
+                                     f"{shown(values['update_norm'], 1)} | {shown(values['kl'])} |")
+            lines.append("")
+    return "\n".join(lines)
+
+
+def render(runs: list[dict], out: Path) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    models = list(dict.fromkeys(r["model"] for r in runs))  # in the order they were first run
+    results = {model: race(runs, model) for model in models}
+    headline = ("ratio", "kl_ratio", "accuracy_ratio")
+    summary = {model: {k: result.get(k) for k in headline} | result for model, result in results.items() if result}
+    (out / "result.json").write_text(json.dumps(summary, indent=1))
+    (out / "report.md").write_text(markdown(runs, results))
+    plot(runs, results, out)
+    print((out / "report.md").read_text())
+    return summary

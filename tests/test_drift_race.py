@@ -1,0 +1,135 @@
+"""The race report's arithmetic, on made-up runs: what it chooses, when a run reaches the target, what it counts."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+from drift_race_report import at_seconds, chosen, moment, race, render, steadiest, study_rows  # noqa: E402
+
+MODEL = "m"
+
+
+def run(label, seed, rewards, kls, task="gsm8k", train_reward=0.5, accuracy=None, mark=10.0, budget=40.0,
+        phase="race"):
+    points = [{"step": i, "seconds": i * mark, "reward": r, "kl": k, "accuracy": (accuracy or [0.0] * len(rewards))[i],
+               "format": r, "update_norm": float(i)} for i, (r, k) in enumerate(zip(rewards, kls))]
+    return {"model": MODEL, "task": task, "label": label, "method": "grpo" if label.startswith("grpo") else "es",
+            "seed": seed, "phase": phase, "reward_kind": "task", "budget_seconds": budget, "points": points,
+            "train_reward": [[1, train_reward]]}
+
+
+def test_choice_is_by_training_reward_not_by_held_out_reward():
+    runs = [run("grpo-lr1e-4", 0, [0, 0.9], [0, 0.1], train_reward=0.2, phase="tune"),
+            run("grpo-lr1e-5", 0, [0, 0.1], [0, 0.1], train_reward=0.3, phase="tune"),
+            run("grpo-lr1e-4", 0, [0, 0.9], [0, 0.1], train_reward=0.9)]  # the race's runs do not choose
+    assert chosen(runs, MODEL, "gsm8k", "grpo") == "grpo-lr1e-5"
+
+
+def test_the_steadiest_es_is_the_least_moved_of_those_that_learned():
+    def es(label, late_reward, norm):
+        tuned = run(label, 0, [0, 0.5], [0, 0.1], phase="tune")
+        tuned["train_reward"] = [[1, 0.0], [2, 0.0], [3, late_reward]]
+        tuned["points"][-1]["update_norm"] = norm
+        return tuned
+
+    runs = [es("fast", 0.5, 100.0), es("steady", 0.45, 60.0), es("stuck", 0.1, 5.0), es("wild", 0.5, 300.0)]
+    assert steadiest(runs, MODEL, "gsm8k") == "steady"  # 0.45 >= 0.8 x 0.5; "stuck" moved least but never learned
+
+
+def test_moment_interpolates_between_marks_and_reads_the_kl_there():
+    reached = moment(run("es-x", 0, [0.0, 0.2, 0.6], [0.0, 0.4, 1.2]), target=0.4)
+    assert reached["reached"] and reached["seconds"] == pytest.approx(15.0)
+    assert reached["kl"] == pytest.approx(0.8)
+    assert at_seconds(run("es-x", 0, [0, 1], [0, 2])["points"], 99.0, "kl") == 2
+
+
+def test_a_run_that_never_reaches_the_target_counts_as_its_budget_with_its_kl_there():
+    never = moment(run("es-x", 0, [0.0, 0.1, 0.2], [0.0, 0.3, 0.5], budget=20.0), target=0.4)
+    assert not never["reached"]
+    assert never["seconds"] == 20.0 and never["kl"] == 0.5
+
+
+def test_what_a_run_does_past_its_budget_does_not_count():
+    # the last step ended at 30 s, past the 20 s budget, and crossed the target only there
+    late = run("es-x", 0, [0.0, 0.2, 0.6, 1.0], [0.0, 0.2, 0.4, 0.6], budget=20.0)
+    assert not moment(late, target=0.8)["reached"]
+    assert moment(late, target=0.8)["seconds"] == 20.0
+    (row,) = study_rows([late], "race", MODEL, "gsm8k")
+    assert row["reward"] == [0.6] and row["kl"] == [0.4]
+
+
+def test_ratios_of_the_race(tmp_path):
+    tuning = [run("grpo-lr1e-4", 0, [0, 0], [0, 0], train_reward=0.6, phase="tune", task=task)
+              for task in ("gsm8k", "arithmetic")]
+    tuning += [run("grpo-lr1e-6", 0, [0, 0], [0, 0], train_reward=0.0, phase="tune"),
+               run("es-fast", 0, [0, 0], [0, 0], train_reward=0.9, phase="tune"),
+               run("es-fast", 0, [0, 0], [0, 0], train_reward=0.9, phase="tune", task="arithmetic"),
+               run("es-before", 0, [0, 0], [0, 0], train_reward=0.1, phase="tune")]
+    runs = tuning + [
+        # GRPO: final rewards 0.5 and 0.7 -> target 0.6, reached at 10 s and 20 s (mean 15), KL then 0.2 and 0.4
+        run("grpo-lr1e-4", 0, [0.0, 0.6, 0.5], [0.0, 0.2, 0.3]),
+        run("grpo-lr1e-4", 1, [0.0, 0.3, 0.6, 0.7], [0.0, 0.2, 0.4, 0.5]),
+        # ES: seed 0 reaches 0.6 at 30 s (KL 0.9), seed 1 never (budget 40 s, final KL 0.6)
+        run("es-fast", 0, [0.0, 0.2, 0.4, 0.6], [0.0, 0.1, 0.5, 0.9]),
+        run("es-fast", 1, [0.0, 0.1, 0.2], [0.0, 0.3, 0.6]),
+        run("es-before", 0, [0.0, 0.1], [0.0, 0.1]),
+        # second task: accuracy gains ES 0.2, GRPO 0.4
+        run("grpo-lr1e-4", 0, [0, 0], [0, 0], task="arithmetic", accuracy=[0.1, 0.5]),
+        run("es-fast", 0, [0, 0], [0, 0], task="arithmetic", accuracy=[0.1, 0.3]),
+    ]
+    result = race(runs, MODEL)
+    assert (result["grpo"], result["es"]) == ("grpo-lr1e-4", "es-fast")
+    assert result["target_reward"] == pytest.approx(0.6)
+    assert result["ratio"] == pytest.approx(((30 + 40) / 2) / ((10 + 20) / 2))
+    assert result["kl_ratio"] == pytest.approx(((0.9 + 0.6) / 2) / ((0.2 + 0.4) / 2))
+    assert result["accuracy_ratio"] == pytest.approx(0.2 / 0.4)
+    assert result["methods"]["es-before"]["moments"][0]["reached"] is False
+    assert result["ratio_is_lower_bound"] and result["methods"]["es-fast"]["reached"] == 1
+
+    summary = render(runs, tmp_path)
+    saved = json.loads((tmp_path / "result.json").read_text())
+    assert saved[MODEL]["ratio"] == pytest.approx(summary[MODEL]["ratio"])
+    assert (tmp_path / "reward_vs_kl.png").stat().st_size > 0
+    assert "es-before" in (tmp_path / "report.md").read_text()
+
+
+def test_a_grpo_that_learned_nothing_gives_no_ratio_and_says_why(tmp_path):
+    runs = [run("grpo-lr1e-6", 0, [0.1, 0.1], [0, 0.01], phase="tune"),
+            run("es-x", 0, [0.1, 0.3], [0, 0.2], phase="tune"),
+            run("grpo-lr1e-6", 1, [0.1, 0.1], [0, 0.01]), run("es-x", 1, [0.1, 0.3], [0, 0.2])]
+    for task in ("arithmetic",):
+        runs += [run("grpo-lr1e-6", 0, [0, 0], [0, 0], phase="tune", task=task),
+                 run("es-x", 0, [0, 0], [0, 0], phase="tune", task=task),
+                 run("grpo-lr1e-6", 1, [0, 0], [0, 0], task=task, accuracy=[0.2, 0.1]),
+                 run("es-x", 1, [0, 0], [0, 0], task=task, accuracy=[0.2, 0.3])]
+    result = render(runs, tmp_path)[MODEL]
+    assert result["ratio"] is None and "base model" in result["why"]
+    assert result["accuracy_ratio"] is None and "-0.100" in result["accuracy_why"]
+    assert json.loads((tmp_path / "result.json").read_text())[MODEL]["ratio"] is None
+
+
+def test_render_with_only_tuning_runs_reports_the_study_and_no_ratio(tmp_path):
+    runs = [run("grpo-lr1e-4", 0, [0, 0.5], [0, 0.1], phase="tune"), run("es-x", 0, [0, 0.4], [0, 0.2], phase="tune")]
+    assert render(runs, tmp_path) == {}
+    assert "es-x" in (tmp_path / "report.md").read_text()
+
+
+def test_the_race_waits_for_its_tuning_and_a_changed_setting_refuses_old_runs():
+    import drift_race
+
+    tuned = [run(label, 0, [0, 0.1], [0, 0.1], phase="tune") for label in drift_race.tuning_labels()[:-1]]
+    with pytest.raises(SystemExit, match="tune m on gsm8k first"):
+        drift_race.planned("race", MODEL, "gsm8k", tuned, None)
+    planned = drift_race.planned("race", MODEL, "gsm8k", tuned, [r["label"] for r in tuned])
+    assert {seed for _, _, seed, _ in planned} == set(drift_race.SEEDS)
+    assert drift_race.TUNING_SEED not in drift_race.SEEDS
+    saved = {**run("es-before", 0, [0], [0], phase="tune"), "model": drift_race.MODELS[0],
+             "settings": drift_race.label_settings("es-before")[1], "budget_seconds": 1.0,
+             "eval_seed": drift_race.EVAL_SEED}
+    with pytest.raises(SystemExit, match="es-before"):
+        drift_race.check_unchanged([saved])
+    drift_race.check_unchanged([{**saved, "budget_seconds": drift_race.BUDGETS[saved["model"]]}])
