@@ -37,7 +37,10 @@ def at_seconds(points: list[dict], seconds: float, metric: str) -> float:
 
 
 def at_budget(run: dict, metric: str) -> float:
-    """``metric`` at the end of the run's budget: its last step may end past it, and is not counted."""
+    """``metric`` at the end of the run's budget: its last step may end past it, and is not counted. A tuning run,
+    scored only at its start and its end, gives its last score (linear from the start would mean nothing)."""
+    if run["phase"] == "tune":
+        return run["points"][-1][metric]
     return at_seconds(run["points"], run["budget_seconds"], metric)
 
 

@@ -60,6 +60,8 @@ def test_what_a_run_does_past_its_budget_does_not_count():
     assert moment(late, target=0.8)["seconds"] == 20.0
     (row,) = study_rows([late], "race", MODEL, "gsm8k")
     assert row["reward"] == [0.6] and row["kl"] == [0.4]
+    (row,) = study_rows([{**late, "phase": "tune"}], "tune", MODEL, "gsm8k")  # scored at its start and end only
+    assert row["reward"] == [1.0]
 
 
 def test_ratios_of_the_race(tmp_path):
