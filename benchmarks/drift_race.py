@@ -35,7 +35,7 @@ from learning import REWARD_WEIGHTS, HeldOutCurve, task
 from transformers import AutoTokenizer
 from trl import GRPOConfig, GRPOTrainer
 
-from lightning_es.drift import DriftProbe, parameter_delta, snapshot, update_norm
+from lightning_es.drift import DriftProbe, parameter_delta, update_norm
 from lightning_es.tasks import prompts_for
 from lightning_es.tasks.models import resolve_model
 from lightning_es.tasks.probes import OFF_TASK_PROMPTS, answered
@@ -110,11 +110,11 @@ class RandomReward:
 
 
 class DriftCurve(HeldOutCurve):
-    """HeldOutCurve plus, at each mark, the exact off-task KL to the base model and the update's L2 norm; without
-    ``held_out`` problems, only those two."""
+    """HeldOutCurve plus, at each mark, the exact off-task KL to the base model and the update's L2 norm, both from
+    the probe's one copy of the start weights; without ``held_out`` problems, only those two."""
 
-    def __init__(self, trainer, probe: DriftProbe, start_weights: dict, held_out, *args, **kwargs):
-        self.probe, self.start_weights = probe, start_weights
+    def __init__(self, trainer, probe: DriftProbe, held_out, *args, **kwargs):
+        self.probe = probe
         super().__init__(trainer, held_out, *args, **kwargs)
 
     def evaluate(self, step: int) -> None:
@@ -124,7 +124,7 @@ class DriftCurve(HeldOutCurve):
             self.points.append({"step": step, "seconds": round(self.training_seconds, 2)})
         model = self.trainer.accelerator.unwrap_model(self.trainer.model)
         self.points[-1]["kl"] = float(self.probe.measure(model).compute())
-        self.points[-1]["update_norm"] = update_norm(parameter_delta(model, self.start_weights))
+        self.points[-1]["update_norm"] = update_norm(parameter_delta(model, self.probe.reference.of_model(model)))
 
 
 def train(model_name: str, task_name: str, label: str, seed: int, phase: str, start: dict | None,
@@ -148,9 +148,9 @@ def train(model_name: str, task_name: str, label: str, seed: int, phase: str, st
     probe = DriftProbe(model, tokenizer, answered(model, tokenizer, max_new_tokens=PROBE_TOKENS), estimator="exact",
                        batch_size=len(OFF_TASK_PROMPTS))
     scored = None if phase == "diagnose" else prompts_for(tokenizer, held_out)
-    curve = DriftCurve(trainer, probe, snapshot(model), scored, rewards,
-                       at_seconds=MARKS[model_name] if phase == "race" else (),
-                       budget_seconds=None if max_steps else BUDGETS[model_name], max_new_tokens=COMMON["max_completion_length"], start=start)
+    curve = DriftCurve(trainer, probe, scored, rewards, at_seconds=MARKS[model_name] if phase == "race" else (),
+                       budget_seconds=None if max_steps else BUDGETS[model_name],
+                       max_new_tokens=COMMON["max_completion_length"], start=start)
     trainer.add_callback(curve)
     started, cpu = time.perf_counter(), time.process_time()
     trainer.train()
@@ -241,12 +241,13 @@ def main():
         if (args.phase == "tune" and args.labels and label not in args.labels) or (
                 args.phase, args.model, task_name, label, seed, kind) in done:
             continue
-        start = next((r["points"][0] for r in load_runs(runs_path) if (r["model"], r["task"]) ==
+        start = next((r["points"][0] for r in runs if (r["model"], r["task"]) ==
                       (args.model, task_name) and "accuracy" in r["points"][0]), None)
         run = train(args.model, task_name, label, seed, args.phase, start, random_reward=kind == "random",
                     max_steps=args.diagnose_steps if args.phase == "diagnose" else None)
         with runs_path.open("a") as file:
             file.write(json.dumps(run) + "\n")
+        runs.append(run)
         first, last = run["points"][0], run["points"][-1]
         scores = (f"reward {first['reward']:.3f} -> {last['reward']:.3f}, accuracy {last['accuracy']:.3f}, "
                   if "reward" in last else "")
