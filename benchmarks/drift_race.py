@@ -13,10 +13,11 @@ one JSON line to ``--runs`` and skipped when asked again, so a study cut short r
 
 Tuning (seed 0, scored at the start and the end only) picks GRPO's AdamW learning rate and batch shape from
 ``GRPO_GRID`` / ``GRPO_1X8`` and ES's settings from ``ES_CANDIDATES``, each by its mean training reward over the
-budget (the logged ``reward``), never by held-out problems. The race runs both choices and ``es-before`` (ESConfig's
-defaults before the race) on seeds 1, 2 and 3, scored at the marks, and beside them the steadiest ES setting (the least
-update norm among those that learned: ``drift_race_report.steadiest``); the diagnosis runs those ES settings for the
-same iterations with the task's reward and with random numbers. ``render`` writes ``result.json`` (per model:
+budget (the logged ``reward``), never by held-out problems. The race runs both choices on seeds 1, 2 and 3, scored
+at the marks, and beside them the steadiest ES setting (the least update norm among those that learned:
+``drift_race_report.steadiest``) and ``drift_race_report.ALWAYS_RACED`` (``es-before``, ESConfig's defaults before the
+race, and the candidate default); the diagnosis runs those ES settings for the same iterations with the task's reward
+and with random numbers. ``render`` writes ``result.json`` (per model:
 ``ratio``, ``kl_ratio``, ``accuracy_ratio``), ``report.md`` and the plots.
 """
 
@@ -30,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from drift_race_report import chosen, mean_train_reward, race_labels, render, steadiest
+from drift_race_report import ALWAYS_RACED, chosen, mean_train_reward, race_labels, render, steadiest
 from learning import REWARD_WEIGHTS, HeldOutCurve, task
 from transformers import AutoTokenizer
 from trl import GRPOConfig, GRPOTrainer
@@ -205,7 +206,7 @@ def planned(phase: str, model: str, task_name: str, runs: list[dict], labels: li
         raise SystemExit(f"{phase}: tune {model} on {tuning_task} first (missing: {', '.join(missing)}).")
     if phase == "race":
         return [(task_name, label, seed, "task") for seed in seeds for label in race_labels(runs, model, task_name)]
-    labels = dict.fromkeys(["es-before", chosen(runs, model, "gsm8k", "es"), steadiest(runs, model, "gsm8k")])
+    labels = dict.fromkeys([*ALWAYS_RACED, chosen(runs, model, "gsm8k", "es"), steadiest(runs, model, "gsm8k")])
     return [("gsm8k", label, seed, kind) for seed in seeds for label in labels for kind in ("task", "random")]
 
 
