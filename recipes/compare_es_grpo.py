@@ -101,9 +101,11 @@ def task_data(args, tokenizer):
     """(training, held-out) prompts as the model is asked: through its chat template, or as plain-text questions."""
     if args.task == "gsm8k":
         splits = gsm8k.load_splits(train_size=args.train_size, eval_size=args.eval_size, seed=0, style="final_answer")
+        shown = gsm8k.demonstrations("final_answer")
     else:
         splits = countdown.generate(args.train_size, seed=0), countdown.generate(args.eval_size, seed=1_000_003)
-    return tuple(prompts_for(tokenizer, split) for split in splits)
+        shown = countdown.DEMONSTRATIONS
+    return tuple(prompts_for(tokenizer, split, shown) for split in splits)
 
 
 def task_reward(model, tokenizer, test, module, args) -> dict[str, float]:

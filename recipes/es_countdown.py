@@ -54,12 +54,12 @@ def main(script_args, training_args, model_args):
         model=model,
         reward_funcs=[countdown.correctness_reward, countdown.format_reward],
         args=training_args,
-        train_dataset=prompts_for(tokenizer, train_dataset),
+        train_dataset=prompts_for(tokenizer, train_dataset, countdown.DEMONSTRATIONS),
         processing_class=tokenizer,
         peft_config=get_peft_config(model_args),
     )
     rewards = {"accuracy": countdown.correctness_reward, "answer format": countdown.format_reward}
-    return train_and_report(trainer, prompts_for(tokenizer, eval_dataset), rewards, "Countdown")
+    return train_and_report(trainer, prompts_for(tokenizer, eval_dataset, countdown.DEMONSTRATIONS), rewards, "Countdown")
 
 
 if __name__ == "__main__":

@@ -64,16 +64,17 @@ def main(script_args, training_args, model_args):
         script_args.eval_size, seed=training_args.seed, style=script_args.answer_style,
     )
     tokenizer = AutoTokenizer.from_pretrained(model, padding_side="left", truncation_side="left")  # as TRL loads it
+    shown = gsm8k.demonstrations(script_args.answer_style)  # asked of a model without a chat template only
     trainer = GRPOTrainer(
         model=model,
         reward_funcs=[gsm8k.correctness_reward, gsm8k.format_reward],
         args=training_args,
-        train_dataset=prompts_for(tokenizer, train_dataset),
+        train_dataset=prompts_for(tokenizer, train_dataset, shown),
         processing_class=tokenizer,
         peft_config=get_peft_config(model_args),
     )
     rewards = {"accuracy": gsm8k.correctness_reward, "answer format": gsm8k.format_reward}
-    return train_and_report(trainer, prompts_for(tokenizer, eval_dataset), rewards, "GSM8K")
+    return train_and_report(trainer, prompts_for(tokenizer, eval_dataset, shown), rewards, "GSM8K")
 
 
 if __name__ == "__main__":

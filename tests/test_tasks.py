@@ -183,3 +183,31 @@ def test_a_model_without_a_chat_template_is_asked_in_plain_text(tokenizer):
     plain = prompts_for(tokenizer, dataset)
     assert plain["prompt"] == ["Question: What is 2 + 3?\nAnswer:"] and plain["answer"] == ["5"]
     assert prompts_for(tokenizer, plain)["prompt"] == plain["prompt"]  # already text: unchanged
+
+
+@pytest.mark.parametrize("style", ["final_answer", "step_by_step"])
+def test_a_base_model_is_shown_answered_problems_in_the_form_the_rewards_score(tokenizer, style):
+    """A base model copies the form of answers it was shown: the demonstrations before each question are answered as
+    the task's instruction asks, so that the task's own rewards score them in full."""
+    from lightning_es.tasks import gsm8k, prompts_for
+
+    dataset = gsm8k.to_prompts(["What is 2 + 3?"], ["5"], style)
+    shown = gsm8k.demonstrations(style)
+    assert prompts_for(tokenizer, dataset, shown)["prompt"] == dataset["prompt"]  # a chat model is asked as before
+    tokenizer.chat_template = None
+    prompt = prompts_for(tokenizer, dataset, shown)["prompt"][0]
+    questions = prompt.split("Question: ")[1:]
+    assert len(questions) == len(shown) + 1 and questions[-1] == f"What is 2 + 3?\n{gsm8k.INSTRUCTIONS[style]}\nAnswer:"
+    answers = [q.split("\nAnswer: ")[1].strip() for q in questions[:-1]]
+    assert all(f"\n{gsm8k.INSTRUCTIONS[style]}\n" in q for q in questions[:-1])
+    assert gsm8k.format_reward(answers) == [1.0, 1.0]
+    assert all(a.startswith("####") == (style == "final_answer") for a in answers)
+
+
+def test_countdown_demonstrations_are_correct_solutions():
+    from lightning_es.tasks import countdown
+
+    for question, answer in countdown.DEMONSTRATIONS:
+        numbers = [int(n) for n in question.split("[")[1].split("]")[0].split(",")]
+        target = int(question.split("equals ")[1].split(".")[0])
+        assert countdown.correctness_reward([answer], numbers=[numbers], target=[target]) == [1.0]

@@ -25,6 +25,13 @@ def prompt_text(numbers: list[int], target: int) -> str:
     )
 
 
+# two solved problems, shown to a base model before each question (``prompts_for``)
+DEMONSTRATIONS = [
+    (prompt_text([3, 5, 2], 16), "3 + 5 = 8 and 8 * 2 = 16. <answer> (3 + 5) * 2 </answer>"),
+    (prompt_text([9, 4, 1], 6), "9 - 4 = 5 and 5 + 1 = 6. <answer> 9 - 4 + 1 </answer>"),
+]
+
+
 class UnsafeExpression(ValueError):
     pass
 

@@ -12,6 +12,12 @@ INSTRUCTIONS = {
     "step_by_step": "Solve the problem step by step. End with the final answer on its own line as '#### <number>'.",
     "final_answer": "Reply with the final answer only, in the form '#### <number>', and nothing else.",
 }
+# two worked problems, shown to a base model before each question (``prompts_for``): answered as each style asks
+_SHOWN = (
+    ("Tom has 3 boxes with 4 pens in each box. How many pens does he have?", "Tom has 3 * 4 = 12 pens.", "12"),
+    ("A shop sold 15 apples in the morning and 9 in the afternoon. How many apples did it sell?",
+     "It sold 15 + 9 = 24 apples.", "24"),
+)
 NUMBER = r"-?\$?\s*\d[\d,]*(?:\.\d+)?"
 _FINAL = re.compile(r"####\s*(" + NUMBER + ")")
 _ANY_NUMBER = re.compile(NUMBER)
@@ -50,6 +56,14 @@ def correctness_reward(completions, answer, **kwargs) -> list[float]:
 def format_reward(completions, **kwargs) -> list[float]:
     """1.0 when the completion marks a final number with ``####``, as the instruction asks."""
     return [float(bool(_FINAL.search(completion_text(c)))) for c in completions]
+
+
+def demonstrations(style: str = "step_by_step") -> list[tuple[str, str]]:
+    """(question, answer) pairs answered as ``style`` asks, for a base model (``prompts_for``)."""
+    if style not in INSTRUCTIONS:
+        raise ValueError(f"answer_style must be one of {sorted(INSTRUCTIONS)}, got {style!r}.")
+    return [(f"{question}\n{INSTRUCTIONS[style]}", f"{steps}\n#### {answer}" if style == "step_by_step" else f"#### {answer}")
+            for question, steps, answer in _SHOWN]
 
 
 def to_prompts(questions: list[str], answers: list[str], style: str = "step_by_step") -> Dataset:
