@@ -1,4 +1,5 @@
 import multiprocessing
+import math
 import queue
 
 import pytest
@@ -183,3 +184,12 @@ def test_a_model_without_a_chat_template_is_asked_in_plain_text(tokenizer):
     plain = prompts_for(tokenizer, dataset)
     assert plain["prompt"] == ["Question: What is 2 + 3?\nAnswer:"] and plain["answer"] == ["5"]
     assert prompts_for(tokenizer, plain)["prompt"] == plain["prompt"]  # already text: unchanged
+
+
+def test_mean_and_spread_over_seeds_as_the_reports_print_them():
+    from lightning_es.tasks.spread import mean_sd, shown
+
+    assert mean_sd([1, 2, 3]) == (2.0, 1.0) and mean_sd([0.5]) == (0.5, 0.0)
+    assert all(math.isnan(v) for v in mean_sd([1.0, float("nan")]))  # a step that kept nothing stays visible
+    assert shown([1, 2, 3]) == "2.000 ± 1.000" and shown([0.25]) == "0.250"
+    assert shown([1, 2, 3], ".4g", ".2g", with_range=True) == "2 ± 1 [1, 3]"
