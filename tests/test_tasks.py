@@ -1,5 +1,5 @@
-import multiprocessing
 import math
+import multiprocessing
 import queue
 
 import pytest
