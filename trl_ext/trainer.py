@@ -279,8 +279,10 @@ class ESTrainer(GRPOTrainer):
                     sums[name].append(value)
             return sums
 
+        limit = self.args.es_max_generation_rows
         scores = evaluate_population(self.es.members(step), step, score, self.processes,
-                                     batched=self.es.perturbation.batched)
+                                     batched=self.es.perturbation.batched,
+                                     members_per_round=None if limit is None else max(1, limit // len(rows)))
         fitness, taking_part = scores.fitness, scores.scored
         per_prompt = scores.per_prompt
         if self.args.multi_objective_aggregation == "normalize_then_sum":
@@ -423,7 +425,8 @@ class ESTrainer(GRPOTrainer):
     def _sampling_seed(self, step: int, member: Member):
         """Seed sampled decoding by (step, member): with full-rank noise in the replicated layout, a member's completions
         then do not depend on which process scores it (sharded, each process samples its own rows under this seed). A
-        low-rank population is seeded by the first member of the batch, so its samples depend on the process count."""
+        low-rank population is seeded by the first member of each generate call, so its samples depend on the process
+        count and on ``es_max_generation_rows``."""
         device = self.accelerator.device
         devices = [device] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
@@ -550,7 +553,11 @@ class ESTrainer(GRPOTrainer):
             if isinstance(resume_from_checkpoint, Exception):
                 raise resume_from_checkpoint
         self.resumed_checkpoint = resume_from_checkpoint or None  # where callbacks find their saved state
-        return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
+        try:
+            return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
+        finally:
+            if self.es is not None:
+                self.es.perturbation.close()
 
     def _checkpoint_to_resume(self, requested) -> str | Exception:
         if requested is True:

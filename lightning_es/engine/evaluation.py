@@ -7,7 +7,8 @@ processes measured into one table that is identical everywhere; and turns an err
 Layouts (``Processes``):
 
 - replicated (default): every process holds the whole model and sees the same batch; the members are split over the
-  processes, and each round a process scores one of its members (or, for a batched perturbation, all of them);
+  processes, and each round a process scores one of its members (or, for a batched perturbation, all of them, or
+  ``members_per_round`` of them at a time: the memory of one round is that of its rows);
 - sharded: the processes hold one model (DeepSpeed ZeRO-3), score every member together, each on its own share of the
   batch, one member per round.
 
@@ -65,8 +66,10 @@ class Processes:
     def distributed(self) -> bool:
         return self.world_size > 1
 
-    def rounds(self, members: Sequence[Member], batched: bool) -> list[list[Member]]:
-        """The members this process scores, grouped in rounds; every process has the same number of rounds."""
+    def rounds(self, members: Sequence[Member], batched: bool, members_per_round: int | None = None
+               ) -> list[list[Member]]:
+        """The members this process scores, grouped in rounds; every process has the same number of rounds.
+        ``members_per_round``: at most this many members in one round of a batched population (default: all)."""
         if self.sharded:
             if batched:
                 raise ValueError("a batched (low-rank) population cannot be scored on a sharded model.")
@@ -77,7 +80,12 @@ class Processes:
                 "every process scores the same number of members."
             )
         local = list(members[self.rank :: self.world_size])
-        return [local] if batched else [[member] for member in local]
+        if not batched:
+            return [[member] for member in local]
+        if members_per_round is not None and members_per_round < 1:
+            raise ValueError(f"members_per_round must be at least 1, got {members_per_round}.")
+        size = members_per_round or len(local)
+        return [local[start:start + size] for start in range(0, len(local), size)]
 
     def together(self, action: Callable[[], T], where: str) -> T:
         """Run ``action`` on every process; if it raises on any of them, raise the same ``PopulationError`` (naming
@@ -176,12 +184,14 @@ def evaluate_population(
     score: Score,
     processes: Processes,
     batched: bool = False,
+    members_per_round: int | None = None,
 ) -> PopulationScores:
     """Score ``members`` (every member of step ``step``) over ``processes``; the same result on every process.
-    A member whose weights sum to zero (nothing scored) is marked in ``PopulationScores.scored``."""
+    A member whose weights sum to zero (nothing scored) is marked in ``PopulationScores.scored``. A batched
+    population is scored ``members_per_round`` members at a time (default: all of a process's at once)."""
     size = len(members)
     totals: dict[str, torch.Tensor] = {}
-    for round_members in processes.rounds(members, batched):
+    for round_members in processes.rounds(members, batched, members_per_round):
         measured = processes.together(lambda: score(round_members), f"ES step {step}, population {_members(round_members)}")
         for name, values in measured.items():
             column = totals.setdefault(name, torch.zeros(size, dtype=torch.float64))

@@ -248,6 +248,8 @@ class ESStrategy(DDPStrategy):
 
     def teardown(self) -> None:
         self._hf_deepspeed_config = None  # transformers no longer treats models made in this process as ZeRO-3 ones
+        if self.es is not None:
+            self.es.perturbation.close()
         super().teardown()
 
     @property
