@@ -6,6 +6,7 @@ GRPO calls them), prompt formats, callbacks, loggers, checkpoints and evaluation
 
 import logging
 import os
+import shutil
 import time
 from collections import defaultdict, deque
 from contextlib import contextmanager, nullcontext
@@ -14,10 +15,10 @@ from functools import cached_property
 import torch
 import trl.trainer.grpo_trainer as grpo_trainer_module
 from accelerate.data_loader import prepare_data_loader
-from accelerate.utils import gather_object
+from accelerate.utils import TorchDynamoPlugin, gather_object
 from datasets import Dataset, IterableDataset
 from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
-from transformers import TrainerCallback
+from transformers import CompileConfig, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOConfig, GRPOTrainer
 from trl.trainer.utils import identity
@@ -45,6 +46,17 @@ logger = logging.getLogger(__name__)
 
 INCOHERENT_KL = 1.0  # nats per token between a member and the start weights, above which its answers are noise
 CHECK_TOKENS = 32  # the first step's member check (without beta) reads each completion's first tokens only
+
+
+def cannot_compile(device: torch.device) -> str | None:
+    """Why ``torch.compile`` cannot compile decoding on ``device`` here, or None."""
+    import torch._dynamo
+
+    if not torch._dynamo.is_dynamo_supported():
+        return f"torch.compile is not supported with this Python and PyTorch ({torch.__version__})"
+    if device.type == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "clang++")):
+        return "inductor needs a C++ compiler on the CPU and none was found (set CXX)"
+    return None
 
 
 def _check_prompt_column(dataset, argument: str) -> None:
@@ -135,6 +147,8 @@ class ESTrainer(GRPOTrainer):
             for key, value in greedy.items():
                 setattr(self.generation_config, key, value)
 
+        if args.torch_compile:
+            self._compile_decoding()
         self.sharded = self._check_deepspeed()
         self.processes = Processes.current(sharded=self.sharded, device=self.accelerator.device)
         if self.sharded:
@@ -153,6 +167,30 @@ class ESTrainer(GRPOTrainer):
             self.accelerator.num_processes if self.sharded else 1)
         self._logs = {key: (defaultdict(lambda: deque(maxlen=rows_per_step)) if key in ("rewards", "extra")
                             else deque(maxlen=rows_per_step)) for key in self._logs}  # every member's rows
+
+    def _build_accelerator_args(self, **kwargs):
+        args = super()._build_accelerator_args(**kwargs)
+        # torch_compile compiles the members' decoding (_compile_decoding); accelerate would compile the whole model,
+        # which ES never runs forward and backward as a training step
+        args["dynamo_plugin"] = TorchDynamoPlugin(backend="no")
+        return args
+
+    def _compile_decoding(self) -> None:
+        """``torch_compile``: transformers' ``generate`` compiles the decoding steps over a static KV cache (or the
+        compileable cache ``cache_implementation`` names), with ``torch_compile_backend`` and ``torch_compile_mode``;
+        the low-rank hooks read buffers refilled in place, so one compiled step serves every population. Where this
+        platform cannot compile, a one-line warning and eager decoding."""
+        why_not = cannot_compile(self.accelerator.device)
+        if why_not:
+            logger.warning("torch_compile=True: decoding runs eagerly, %s.", why_not)
+            return
+        config = self.generation_config
+        config.cache_implementation = config.cache_implementation or "static"
+        self.generation_kwargs["cache_implementation"] = config.cache_implementation
+        config.disable_compile = False
+        mode = self.args.torch_compile_mode or ("reduce-overhead" if self.accelerator.device.type == "cuda" else "default")
+        config.compile_config = CompileConfig(backend=self.args.torch_compile_backend or "inductor", mode=mode)
+        config.compile_config._compile_all_devices = True  # transformers compiles on accelerators only by default
 
     def _check_deepspeed(self) -> bool:
         """True for the sharded layout: DeepSpeed ZeRO-3, one model over all processes."""

@@ -177,10 +177,12 @@ class _Population:
         """``x @ B`` (or ``x @ A`` for a transposed layer) per member: (count, rows, r), in ``output``'s dtype; for a
         layer of a group, a slice of the group's product, computed by the group's first layer on this input."""
         x = _grouped(inputs, self.count).reshape(self.count, -1, inputs.shape[-1]).to(output.dtype)
+        if torch.compiler.is_compiling():  # nothing here for the compiled step to guard on, or to re-trace
+            return torch.bmm(x, self.buffers.like(into_key, output))
         if groups.groups is None:
             groups.learn(inputs, into_key)
         place = groups.of_key.get(into_key)
-        if place is None or torch.compiler.is_compiling():
+        if place is None:
             return torch.bmm(x, self.buffers.like(into_key, output))
         group, start, stop = place
         kept = self.shared.get(group)
