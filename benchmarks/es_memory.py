@@ -70,7 +70,7 @@ def run_variant(args):
         config = ESConfig(output_dir=tempfile.mkdtemp(), bf16=False, report_to="none")  # the default noise and step
         perturbation = build_perturbation("lowrank", select_parameters(model), config.es_sigma, model=model,
                                           rank=config.perturbation_rank, relative=config.relative_noise)
-        es = EvolutionStrategy(perturbation, population_size=args.population, lr=config.es_learning_rate(0.0))
+        es = EvolutionStrategy(perturbation, population_size=args.population, lr=config.es_learning_rate(config.learning_rate))
         members = es.members(0)
         per_chunk = max(1, args.chunk_rows // args.prompts)
         for start in range(0, len(members), per_chunk):
