@@ -71,12 +71,12 @@ class Interleaved(TrainerCallback):
         population = {k: v.repeat(rows, 1).to(model.device) for k, v in inputs.items()}
         chunk = max(1, (args.es_max_generation_rows or len(members) * len(texts)) // len(texts))
 
-        def plain():
-            with torch.no_grad():
+        def plain():  # under the precision the trainer generates with (autocast when bf16)
+            with torch.no_grad(), trainer.accelerator.autocast():
                 model.generate(**population, generation_config=trainer.generation_config)
 
         def iteration():
-            with torch.no_grad():
+            with torch.no_grad(), trainer.accelerator.autocast():
                 for start in range(0, len(members), chunk):
                     part = members[start:start + chunk]
                     rows_of = {k: v.repeat(len(part), 1).to(model.device) for k, v in inputs.items()}
@@ -91,23 +91,30 @@ class Interleaved(TrainerCallback):
                 self.times[name].append(time.perf_counter() - started)
 
 
-def measure(model_name: str, shape: str, compiled: bool, repeats: int, warmup: int) -> dict:
-    model, tokenizer = load(model_name)
+def measure(model, tokenizer, dataset: Dataset, compiled: bool, repeats: int, warmup: int, new_tokens: int = NEW_TOKENS,
+            **settings) -> dict:
+    """Interleaved timings of the three variants on ``model`` (``settings``: ESConfig fields beyond its defaults)."""
     config = ESConfig(output_dir=tempfile.mkdtemp(prefix="es-speed-"), max_steps=warmup + repeats, report_to="none",
-                      bf16=False, save_strategy="no", disable_tqdm=True, logging_steps=1, torch_compile=compiled,
-                      max_completion_length=NEW_TOKENS, generation_kwargs={"min_new_tokens": NEW_TOKENS})
-    trainer = ESTrainer(model, constant_reward, args=config, train_dataset=prompts(shape, tokenizer),
-                        processing_class=tokenizer)
+                      save_strategy="no", disable_tqdm=True, logging_steps=1, torch_compile=compiled,
+                      max_completion_length=new_tokens,
+                      generation_kwargs={"min_new_tokens": new_tokens, **settings.pop("generation_kwargs", {})},
+                      **settings)
+    trainer = ESTrainer(model, constant_reward, args=config, train_dataset=dataset, processing_class=tokenizer)
     interleaved = Interleaved(trainer, warmup)
     trainer.add_callback(interleaved)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     trainer.train()
     steps = [e["step_time"] for e in trainer.state.log_history if "step_time" in e][warmup:]
     times = {**interleaved.times, "trainer_step": steps}
-    result = {"rows": config.population_size * config.per_device_train_batch_size, "new_tokens": NEW_TOKENS,
-              "seconds": {name: statistics.median(t) for name, t in times.items()}}
+    rows = config.population_size * config.per_device_train_batch_size
+    result = {"rows": rows, "new_tokens": new_tokens, "seconds": {name: statistics.median(t) for name, t in times.items()},
+              "generated_tokens_per_second": rows * new_tokens / statistics.median(times["generate"])}
     for name in ("iteration", "trainer_step"):
         ratios = sorted(t / g for t, g in zip(times[name], times["generate"]))
         result[f"{name}_vs_generate"] = {"median": statistics.median(ratios), "min": ratios[0], "max": ratios[-1]}
+    if torch.cuda.is_available():
+        result["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
     return result
 
 
@@ -125,7 +132,11 @@ def main():
     for shape in SHAPES:
         for compiled in (False, True) if args.compile else (False,):
             key = f"{shape}/{'compiled' if compiled else 'eager'}"
-            results[key] = measure(args.model, shape, compiled, args.repeats, args.warmup)
+            model, tokenizer = load(args.model)
+            # short: ESConfig's defaults as they are (TRL's bf16 included); main job: as the recipe sets them
+            settings = {} if shape == "short" else {"bf16": False}
+            results[key] = measure(model, tokenizer, prompts(shape, tokenizer), compiled, args.repeats, args.warmup,
+                                   **settings)
             r = results[key]
             print(f"{key}: {r['rows']} rows x {NEW_TOKENS} tokens: generate {r['seconds']['generate']:.2f} s, "
                   f"iteration {r['seconds']['iteration']:.2f} s ({r['iteration_vs_generate']['median']:.3f} x, "
