@@ -234,7 +234,7 @@ class ESTrainer(GRPOTrainer):
         perturbation = build_perturbation(
             args.perturbation, selected, args.es_sigma, model=self.model, rank=args.perturbation_rank,
             master_device=args.es_master_device, sharded=self.sharded, copy_all=args.es_optimizer == "trainer",
-            relative=args.relative_noise,
+            relative=args.relative_noise, zero3_optimizer=getattr(self.model_wrapped, "optimizer", None),
         )
         es = EvolutionStrategy(
             perturbation,
