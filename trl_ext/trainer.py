@@ -152,7 +152,10 @@ class ESTrainer(GRPOTrainer):
         self.sharded = self._check_deepspeed()
         self.processes = Processes.current(sharded=self.sharded, device=self.accelerator.device)
         if self.sharded:
-            self.es = None  # built over the ZeRO-3 partitions once DeepSpeed has created them (first step or resume)
+            # built over the ZeRO-3 partitions once DeepSpeed has created them: on resume, or as training begins,
+            # before any other callback (the drift callbacks measure from its start weights)
+            self.es = None
+            self.callback_handler.callbacks.insert(0, _BuildShardedES(self))
         else:
             # as DDP would when it wraps the model: every process starts from process 0's weights
             self.processes.synchronize([*self.model.parameters(), *self.model.buffers()])
@@ -662,6 +665,14 @@ class ESTrainer(GRPOTrainer):
                 "beta=%g: the checkpoint %s holds no start weights (it was trained with beta=0 and without the drift "
                 "callbacks or es_anchor_decay): the KL penalty is measured from the resumed weights, not from the "
                 "weights the run started from.", self.beta, checkpoint)
+
+
+class _BuildShardedES(TrainerCallback):
+    def __init__(self, trainer: ESTrainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer._ensure_es()
 
 
 class _AppliedUpdateNorm(TrainerCallback):

@@ -390,8 +390,12 @@ class LowRankPerturbation(Perturbation):
             ``functional_call`` where a compiler traces the forward."""
             shaped = {attribute: v.view(count, *[1] * (dim - v.dim()), *v.shape[1:]) for attribute, v in values.items()}
             try:
-                if torch.compiler.is_compiling():
-                    return functional_call(module, shaped, args, kwargs)
+                if torch.compiler.is_compiling():  # the call runs this hook again: it must pass through
+                    inside.append(True)
+                    try:
+                        return functional_call(module, shaped, args, kwargs)
+                    finally:
+                        inside.clear()
                 saved = {attribute: module._parameters[attribute] for attribute in shaped}
                 module._parameters.update(shaped)
                 try:
