@@ -90,6 +90,30 @@ def test_estrainer_under_the_zero3_accelerate_config_follows_the_unsharded_run(t
 
 
 @pytest.mark.slow
+def test_zero3_bf16_checkpoints_hold_the_current_weights_for_deepspeeds_tools_and_resume_exactly(tmp_path):
+    """bf16 weights: DeepSpeed keeps an fp32 copy of every partition, which is ES's master copy; DeepSpeed's own
+    zero_to_fp32 reads every checkpoint as the weights ES trained (before, the step-0 weights), and a run resumed
+    from a checkpoint ends on the uninterrupted run's weights."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    flags = ["--num_generations", 1, "--dataset_size", 5, "--prompts_per_process", 2, "--max_steps", 3,
+             "--save_steps", 1, "--bf16"]
+    launcher = ["--config_file", ZERO3_CONFIG, "--num_processes", 2, "--mixed_precision", "bf16"]
+    full = run(tmp_path, "zero3-bf16", *flags, launcher=launcher, port=29527)
+    masters = {}
+    for step in (1, 3):
+        checkpoint = tmp_path / "zero3-bf16" / f"checkpoint-{step}"
+        masters[step] = torch.load(checkpoint / "es_state.pt", weights_only=True)["master"]
+        read = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint))
+        for name, value in masters[step].items():
+            assert torch.equal(read[name], value), name
+    assert any(not torch.equal(masters[1][n], masters[3][n]) for n in masters[1])  # the weights moved in between
+    resumed = run(tmp_path, "zero3-bf16-resumed", *flags, "--resume", tmp_path / "zero3-bf16" / "checkpoint-1",
+                  launcher=launcher, port=29528)
+    assert_same_weights(full["weights"], resumed["weights"])
+
+
+@pytest.mark.slow
 def test_zero3_with_the_default_lowrank_perturbation_is_refused_by_name_on_every_process(tmp_path):
     result = run(tmp_path, "zero3-default", "--perturbation", "default", "--num_generations", 1, check=False,
                  launcher=["--config_file", ZERO3_CONFIG, "--num_processes", 2, "--mixed_precision", "no"], port=29525)

@@ -2,6 +2,7 @@
 
     train_tiny.py --out RESULT.pt --output_dir DIR [--prompts_per_process 2] [--num_generations 2] [--dataset_size 6]
                   [--max_steps 3] [--save_steps N] [--resume CHECKPOINT] [--fail_on_process K] [--anchor_decay L]
+                  [--bf16]
 
 RESULT.pt holds the final weights, logged rewards and update norms, the prompts scored at each step, the process
 count and the type of the model the Trainer trained. With --fail_on_process K, the reward function raises on process
@@ -38,6 +39,7 @@ def main():
     parser.add_argument("--fail_on_process", type=int, default=-1)
     parser.add_argument("--anchor_decay", type=float, default=0.0)
     parser.add_argument("--perturb_on_process", type=int, default=-1, help="start this process from other weights")
+    parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision (launch with --mixed_precision bf16)")
     parser.add_argument("--perturbation", default="full",
                         help="'full' (equal weights on every layout are a full-rank promise), 'lowrank', or 'default'")
     args = parser.parse_args()
@@ -49,7 +51,7 @@ def main():
         output_dir=args.output_dir, max_steps=args.max_steps,
         per_device_train_batch_size=args.prompts_per_process * args.num_generations,
         num_generations=args.num_generations, population_size=8, sigma=0.02, learning_rate=1e-3,
-        max_completion_length=5, report_to="none", bf16=False, disable_tqdm=True, logging_steps=1,
+        max_completion_length=5, report_to="none", bf16=args.bf16, disable_tqdm=True, logging_steps=1,
         save_strategy="steps" if args.save_steps else "no", save_steps=args.save_steps or 500,
         es_anchor_decay=args.anchor_decay,
         **({} if args.perturbation == "default" else {"perturbation": args.perturbation}),
