@@ -76,7 +76,7 @@ def test_a_reward_failing_on_one_process_stops_both_with_the_same_error(tmp_path
 def test_estrainer_under_the_zero3_accelerate_config_follows_the_unsharded_run(tmp_path):
     """Two processes hold one ZeRO-3 sharded model, each scoring 2 of the 4 prompts of the one-process run (greedy).
     5 prompts: the second batch has one prompt, so one process has no share of it and scores a stand-in row."""
-    flags = ["--num_generations", 1, "--dataset_size", 5]
+    flags = ["--num_generations", 1, "--dataset_size", 5, "--drift"]
     single = run(tmp_path, "one", *flags, "--prompts_per_process", 4)
     zero3 = run(tmp_path, "zero3", *flags, "--prompts_per_process", 2,
                 launcher=["--config_file", ZERO3_CONFIG, "--num_processes", 2, "--mixed_precision", "no"], port=29523)
@@ -87,6 +87,12 @@ def test_estrainer_under_the_zero3_accelerate_config_follows_the_unsharded_run(t
     # each process measures its slices of the update; the logged norm is of the whole update
     torch.testing.assert_close(torch.tensor(zero3["update_norms"]), torch.tensor(single["update_norms"]))
     assert_same_weights(single["weights"], zero3["weights"], atol=1e-5)
+    # the drift callbacks read the slices (and probe with gathered weights), not ZeRO-3's empty placeholders
+    assert len(zero3["drift"]) == len(single["drift"]) == 3
+    for sharded, whole in zip(zero3["drift"], single["drift"]):
+        assert sharded.keys() == whole.keys() and whole["drift/update_norm"] > 0 and whole["drift/kl"] > 0
+        for key, value in whole.items():
+            assert sharded[key] == pytest.approx(value, rel=1e-3, abs=1e-6), key
 
 
 @pytest.mark.slow

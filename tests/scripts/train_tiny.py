@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tiny import build_model, build_tokenizer  # noqa: E402
 
 from trl_ext import ESConfig, ESTrainer  # noqa: E402
+from trl_ext.callbacks import KLDriftCallback, ParameterDriftCallback  # noqa: E402
 
 PROMPTS = ["the quick", "what is 12", "count the", "brown fox", "lazy dog", "is 42", "jumps over", "apples and"]
 
@@ -39,6 +40,7 @@ def main():
     parser.add_argument("--fail_on_process", type=int, default=-1)
     parser.add_argument("--anchor_decay", type=float, default=0.0)
     parser.add_argument("--perturb_on_process", type=int, default=-1, help="start this process from other weights")
+    parser.add_argument("--drift", action="store_true", help="log drift/kl (exact) and the parameter drift every step")
     parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision (launch with --mixed_precision bf16)")
     parser.add_argument("--perturbation", default="full",
                         help="'full' (equal weights on every layout are a full-rank promise), 'lowrank', or 'default'")
@@ -70,6 +72,9 @@ def main():
                 p.add_(torch.randn_like(p))
     try:
         trainer = ESTrainer(model, token_rate, args=config, train_dataset=dataset, processing_class=tokenizer)
+        if args.drift:
+            trainer.add_callback(KLDriftCallback(trainer, PROMPTS[:5], every_n_steps=1, estimator="exact"))
+            trainer.add_callback(ParameterDriftCallback(trainer, every_n_steps=1))
         trainer.train(resume_from_checkpoint=args.resume)
     except Exception as error:
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
@@ -89,6 +94,8 @@ def main():
             "weights": weights,
             "rewards": [h["reward"] for h in history if "reward" in h],
             "update_norms": [h["es/update_norm"] for h in history if "es/update_norm" in h],
+            "drift": [{k: v for k, v in h.items() if k.startswith("drift/")} for h in history
+                      if any(k.startswith("drift/") for k in h)],
             "prompts_per_step": scored,
             "processes": trainer.accelerator.num_processes,
             "trained_model_type": type(trainer.model_wrapped).__name__,
