@@ -96,15 +96,17 @@ def test_estrainer_under_the_zero3_accelerate_config_follows_the_unsharded_run(t
 
 
 @pytest.mark.slow
-def test_zero3_bf16_checkpoints_hold_the_current_weights_for_deepspeeds_tools_and_resume_exactly(tmp_path):
-    """bf16 weights: DeepSpeed keeps an fp32 copy of every partition, which is ES's master copy; DeepSpeed's own
-    zero_to_fp32 reads every checkpoint as the weights ES trained (before, the step-0 weights), and a run resumed
-    from a checkpoint ends on the uninterrupted run's weights."""
+@pytest.mark.parametrize("master", ["deepspeeds", "kept_in_step"])
+def test_zero3_bf16_checkpoints_hold_the_current_weights_for_deepspeeds_tools_and_resume_exactly(tmp_path, master):
+    """bf16 weights: DeepSpeed keeps an fp32 copy of every partition, which is ES's master copy (or, where it cannot
+    be, as on NVMe, is written from ES's before each save); DeepSpeed's own zero_to_fp32 reads every checkpoint as
+    the weights ES trained (before, the step-0 weights), and a run resumed from a checkpoint ends on the
+    uninterrupted run's weights."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     flags = ["--num_generations", 1, "--dataset_size", 5, "--prompts_per_process", 2, "--max_steps", 3,
-             "--save_steps", 1, "--bf16"]
-    launcher = ["--config_file", ZERO3_CONFIG, "--num_processes", 2, "--mixed_precision", "bf16"]
+             "--save_steps", 1, "--bf16_weights", *(["--unshared_deepspeed_copy"] if master == "kept_in_step" else [])]
+    launcher = ["--config_file", ZERO3_CONFIG, "--num_processes", 2, "--mixed_precision", "no"]
     full = run(tmp_path, "zero3-bf16", *flags, launcher=launcher, port=29527)
     masters = {}
     for step in (1, 3):

@@ -620,6 +620,8 @@ class ESTrainer(GRPOTrainer):
         if self.args.should_save and os.path.exists(os.path.join(folder, TRAINER_STATE_NAME)):
             # a run resumed from an older checkpoint saves over this one: incomplete until the new state is written
             os.remove(os.path.join(folder, TRAINER_STATE_NAME))
+        if self.sharded:
+            self.es.perturbation.write_deepspeed_copies()
         super()._save_checkpoint(model, trial)
 
     def _init_training_state(self, max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial):

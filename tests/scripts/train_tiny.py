@@ -2,7 +2,7 @@
 
     train_tiny.py --out RESULT.pt --output_dir DIR [--prompts_per_process 2] [--num_generations 2] [--dataset_size 6]
                   [--max_steps 3] [--save_steps N] [--resume CHECKPOINT] [--fail_on_process K] [--anchor_decay L]
-                  [--bf16]
+                  [--bf16_weights]
 
 RESULT.pt holds the final weights, logged rewards and update norms, the prompts scored at each step, the process
 count and the type of the model the Trainer trained. With --fail_on_process K, the reward function raises on process
@@ -41,19 +41,29 @@ def main():
     parser.add_argument("--anchor_decay", type=float, default=0.0)
     parser.add_argument("--perturb_on_process", type=int, default=-1, help="start this process from other weights")
     parser.add_argument("--drift", action="store_true", help="log drift/kl (exact) and the parameter drift every step")
-    parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision (launch with --mixed_precision bf16)")
+    # transformers refuses bf16=True on a host without a GPU unless use_cpu, which turns DeepSpeed off; weights loaded
+    # in bf16 give ZeRO-3 the layout bf16=True gives it on a GPU: bf16 partitions beside DeepSpeed's fp32 copy
+    parser.add_argument("--bf16_weights", action="store_true", help="load the model in bf16 (bf16=False)")
+    parser.add_argument("--unshared_deepspeed_copy", action="store_true",
+                        help="ES keeps its own master beside DeepSpeed's fp32 copy, as where that is on NVMe")
     parser.add_argument("--perturbation", default="full",
                         help="'full' (equal weights on every layout are a full-rank promise), 'lowrank', or 'default'")
     args = parser.parse_args()
 
+    if args.unshared_deepspeed_copy:
+        import lightning_es.engine.perturbations.sharded as sharded
+
+        sharded.deepspeed_fp32_partitions = lambda params, optimizer: None
     tokenizer = build_tokenizer()
     model = build_model(tokenizer)  # before ESConfig: under ZeRO-3 it would turn on zero.Init, another initialisation
+    if args.bf16_weights:
+        model.to(torch.bfloat16)
     dataset = Dataset.from_dict({"prompt": PROMPTS[: args.dataset_size]})
     config = ESConfig(
         output_dir=args.output_dir, max_steps=args.max_steps,
         per_device_train_batch_size=args.prompts_per_process * args.num_generations,
         num_generations=args.num_generations, population_size=8, sigma=0.02, learning_rate=1e-3,
-        max_completion_length=5, report_to="none", bf16=args.bf16, disable_tqdm=True, logging_steps=1,
+        max_completion_length=5, report_to="none", bf16=False, disable_tqdm=True, logging_steps=1,
         save_strategy="steps" if args.save_steps else "no", save_steps=args.save_steps or 500,
         es_anchor_decay=args.anchor_decay,
         **({} if args.perturbation == "default" else {"perturbation": args.perturbation}),

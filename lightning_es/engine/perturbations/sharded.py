@@ -112,7 +112,8 @@ class ShardedPerturbation(FullRankPerturbation):
         self.layouts = dict(layouts)
         self.partitioned = list(partitioned)
         self.group = group
-        self.shares_deepspeed_master = shared_master is not None  # one fp32 truth: DeepSpeed's partitions
+        # one fp32 truth: DeepSpeed's partitions are the master (shared_master) or are kept in step with it
+        self.deepspeed_copies: dict[str, torch.nn.Parameter] = {}
         with torch.no_grad():  # DeepSpeed leaves a slice's padding uninitialised: zero it, as the noise there is
             for name, shard in shards.items():
                 shard.view(-1)[self.layouts[name].held:].zero_()
@@ -129,8 +130,20 @@ class ShardedPerturbation(FullRankPerturbation):
         shards, layouts = zero3_shards(params)
         group = next(iter(params.values())).ds_process_group
         shared = None if optimizer is None else deepspeed_fp32_partitions(params, optimizer)
-        return cls(shards, layouts, sigma, master_device, partitioned=params.values(), group=group,
-                   shared_master=shared)
+        perturbation = cls(shards, layouts, sigma, master_device, partitioned=params.values(), group=group,
+                           shared_master=shared)
+        if shared is None and getattr(optimizer, "fp32_partitioned_groups_flat", None):
+            perturbation.deepspeed_copies = dict(params)
+        return perturbation
+
+    def write_deepspeed_copies(self) -> None:
+        """Where DeepSpeed keeps an fp32 copy that could not serve as the master (swapped out to NVMe), write the
+        master into it before DeepSpeed checkpoints it, so that its checkpoint and ``zero_to_fp32.py`` hold the
+        current weights rather than the step-0 ones."""
+        from deepspeed.utils import safe_set_local_fp32_param
+
+        for name, p in self.deepspeed_copies.items():
+            safe_set_local_fp32_param(p, self.master[name])
 
 
 
