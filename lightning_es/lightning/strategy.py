@@ -66,6 +66,14 @@ def _zero3_config(deepspeed_config: dict | str | os.PathLike) -> dict:
             "and 2 shard optimizer state and gradients, which ES does not have). Set it to 3, or drop deepspeed_config "
             "to replicate the model on every process."
         )
+    owned = sorted({"optimizer", "scheduler"} & set(deepspeed_config))
+    if owned:
+        raise ValueError(
+            f"deepspeed_config has {' and '.join(repr(k) for k in owned)}: ES takes its own step on the weights, so "
+            "DeepSpeed would keep an fp32 copy (and optimizer state) that ES never updates and that DeepSpeed's "
+            f"checkpoints would save as the weights. Remove {' and '.join(repr(k) for k in owned)}; set ES's step with "
+            "ESStrategy(learning_rate=...)."
+        )
     return {"train_micro_batch_size_per_gpu": 1, **deepspeed_config}
 
 
