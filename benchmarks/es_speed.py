@@ -96,6 +96,7 @@ def measure(model, tokenizer, dataset: Dataset, compiled: bool, repeats: int, wa
     """Interleaved timings of the three variants on ``model`` (``settings``: ESConfig fields beyond its defaults)."""
     config = ESConfig(output_dir=tempfile.mkdtemp(prefix="es-speed-"), max_steps=warmup + repeats, report_to="none",
                       save_strategy="no", disable_tqdm=True, logging_steps=1, torch_compile=compiled,
+                      use_cpu=not torch.cuda.is_available(),  # transformers refuses bf16 on a CPU host otherwise
                       max_completion_length=new_tokens,
                       generation_kwargs={"min_new_tokens": new_tokens, **settings.pop("generation_kwargs", {})},
                       **settings)

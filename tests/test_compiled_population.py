@@ -63,3 +63,16 @@ def test_torch_compile_decodes_the_members_compiled_with_eager_results(tmp_path)
     assert completions == eager_completions
     for name, value in eager_weights.items():
         torch.testing.assert_close(weights[name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_where_decoding_cannot_compile_the_reason_is_named(monkeypatch):
+    """ZeRO-3's gathers cannot be captured; inductor needs a C++ compiler on the CPU; another backend needs neither."""
+    import torch._dynamo
+
+    if not torch._dynamo.is_dynamo_supported():
+        pytest.skip("torch.compile is not supported here")
+    cpu = torch.device("cpu")
+    assert "ZeRO-3" in cannot_compile(cpu, "inductor", sharded=True)
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    assert "C++ compiler" in cannot_compile(cpu, "inductor")
+    assert cannot_compile(cpu, "eager") is None

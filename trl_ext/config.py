@@ -233,7 +233,8 @@ class ESConfig(GRPOConfig):
                 "starting weights; with es_optimizer='trainer' the Trainer's optimizer takes the step instead. Use the "
                 "optimizer's weight_decay, or es_optimizer='sgd'."
             )
-        if self.es_max_generation_rows is not None and self.es_max_generation_rows < self.per_device_train_batch_size:
+        if (self.perturbation == "lowrank" and self.es_max_generation_rows is not None
+                and self.es_max_generation_rows < self.per_device_train_batch_size):
             raise ValueError(
                 f"es_max_generation_rows={self.es_max_generation_rows} is smaller than one population member's rows "
                 f"(per_device_train_batch_size={self.per_device_train_batch_size}: a member answers all its prompts in "

@@ -48,14 +48,21 @@ INCOHERENT_KL = 1.0  # nats per token between a member and the start weights, ab
 CHECK_TOKENS = 32  # the first step's member check (without beta) reads each completion's first tokens only
 
 
-def cannot_compile(device: torch.device) -> str | None:
-    """Why ``torch.compile`` cannot compile decoding on ``device`` here, or None."""
+def cannot_compile(device: torch.device, backend: str = "inductor", sharded: bool = False) -> str | None:
+    """Why ``torch.compile`` cannot compile decoding on ``device`` with ``backend`` here, or None."""
     import torch._dynamo
+    from torch.utils._triton import has_triton
 
     if not torch._dynamo.is_dynamo_supported():
         return f"torch.compile is not supported with this Python and PyTorch ({torch.__version__})"
+    if sharded:
+        return "under DeepSpeed ZeRO-3, whose parameter gathers in every forward a compiled step cannot capture"
+    if backend != "inductor":
+        return None
     if device.type == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "clang++")):
         return "inductor needs a C++ compiler on the CPU and none was found (set CXX)"
+    if device.type == "cuda" and not has_triton():
+        return "inductor needs Triton on this GPU and it is not available"
     return None
 
 
@@ -147,9 +154,9 @@ class ESTrainer(GRPOTrainer):
             for key, value in greedy.items():
                 setattr(self.generation_config, key, value)
 
+        self.sharded = self._check_deepspeed()
         if args.torch_compile:
             self._compile_decoding()
-        self.sharded = self._check_deepspeed()
         self.processes = Processes.current(sharded=self.sharded, device=self.accelerator.device)
         if self.sharded:
             # built over the ZeRO-3 partitions once DeepSpeed has created them: on resume, or as training begins,
@@ -183,7 +190,8 @@ class ESTrainer(GRPOTrainer):
         compileable cache ``cache_implementation`` names), with ``torch_compile_backend`` and ``torch_compile_mode``;
         the low-rank hooks read buffers refilled in place, so one compiled step serves every population. Where this
         platform cannot compile, a one-line warning and eager decoding."""
-        why_not = cannot_compile(self.accelerator.device)
+        backend = self.args.torch_compile_backend or "inductor"
+        why_not = cannot_compile(self.accelerator.device, backend, self.sharded)
         if why_not:
             logger.warning("torch_compile=True: decoding runs eagerly, %s.", why_not)
             return
@@ -192,7 +200,7 @@ class ESTrainer(GRPOTrainer):
         self.generation_kwargs["cache_implementation"] = config.cache_implementation
         config.disable_compile = False
         mode = self.args.torch_compile_mode or ("reduce-overhead" if self.accelerator.device.type == "cuda" else "default")
-        config.compile_config = CompileConfig(backend=self.args.torch_compile_backend or "inductor", mode=mode)
+        config.compile_config = CompileConfig(backend=backend, mode=mode)
         config.compile_config._compile_all_devices = True  # transformers compiles on accelerators only by default
 
     def _check_deepspeed(self) -> bool:
@@ -621,6 +629,7 @@ class ESTrainer(GRPOTrainer):
             # a run resumed from an older checkpoint saves over this one: incomplete until the new state is written
             os.remove(os.path.join(folder, TRAINER_STATE_NAME))
         if self.sharded:
+            self._ensure_es()
             self.es.perturbation.write_deepspeed_copies()
         super()._save_checkpoint(model, trial)
 

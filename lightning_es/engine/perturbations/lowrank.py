@@ -27,11 +27,14 @@ outside ``apply_population``; inside, they read the factors and vectors of the p
 population size and refilled in place (``engine.precision.CastBuffers``), so a compiled forward (``torch.compile``,
 static-cache decoding) sees the same module calls and the same tensors at every step. The factors of a step's members
 are drawn once (``prepare``, called with each step's population) and used again by the update; they are kept until
-the next step: (rows + columns) x rank x 4 bytes per matrix and member. Linear layers that read one input (q, k and v;
-gate and up) project it onto their factors in one product in eager forwards (``_InputGroups``).
+the next step: (rows + columns) x rank x 4 bytes per matrix and member of the step. The buffers the hooks read hold
+the factors of the members of one ``generate`` call again, per population size in use (a chunk, and a shorter last
+chunk), plus their casts to the forward's dtype where it is below fp32. Linear layers that read one input (q, k and
+v; gate and up) project it onto their factors in one product (``_InputGroups``).
 """
 
 import math
+import weakref
 from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -110,35 +113,28 @@ def check_hookable(owners: Mapping[nn.Module, Mapping[str, str]], params: Mappin
 
 
 class _InputGroups:
-    """Linear layers that read one input (attention's q, k and v; an MLP's gate and up) project it onto their factors
-    together: one ``bmm`` with their concatenated factors instead of one each, in eager forwards (a compiler fuses
-    what it can itself). The groups are learned in the first population's forward: consecutive calls of evolved
-    linear layers on the very same input tensor; a layer that later meets another input computes alone."""
+    """Evolved linear layers that may read one input: siblings in one module with the same input width and layout
+    (attention's q, k, v and o; an MLP's gate and up). The first of a group called on an input projects it onto the
+    whole group's concatenated factors in one ``bmm``; a sibling called on that very tensor (q, k and v on the
+    attention's input; up after gate) takes its slice, one called on another input (o; cross-attention's k and v)
+    projects anew, at the cost of the group's few extra columns. Fixed by the model's structure, so that every
+    population, the first included, computes alike (a resumed run as the uninterrupted one)."""
 
-    def __init__(self):
-        self.groups: list[tuple[str, list[str]]] | None = None  # (into key, the layers' into keys) once learned
-        self.of_key: dict[str, tuple[str, int, int]] = {}  # a layer's into key: its group's key, column start, stop
-        self._seen: list[tuple[torch.Tensor, list[str]]] = []  # while learning: runs of calls on one input
-        self._keys: set[str] = set()
-
-    def learn(self, inputs: torch.Tensor, into_key: str) -> None:
-        if self.groups is not None or into_key in self._keys:  # learned, or a second forward began
-            return
-        self._keys.add(into_key)
-        if self._seen and self._seen[-1][0] is inputs:
-            self._seen[-1][1].append(into_key)
-        else:
-            self._seen.append((inputs, [into_key]))
-
-    def settle(self, rank: int) -> None:
-        """After the first population: keep the runs of two layers or more, and forget the inputs."""
-        if self.groups is not None or not self._seen:
-            return
-        self.groups = [("+".join(keys), keys) for _, keys in self._seen if len(keys) > 1]
+    def __init__(self, model: nn.Module, owners: Mapping[nn.Module, Mapping[str, str]], rank: int):
+        siblings = defaultdict(list)  # (parent, input width, layout): the into keys of its evolved linear layers
+        for parent in model.modules():
+            for module in parent.children():
+                weight = owners.get(module, {}).get("weight")
+                if weight is None or not (is_plain_linear(module) or is_transposed_linear(module)):
+                    continue
+                transposed = is_transposed_linear(module)
+                width = module.weight.shape[0] if transposed else module.weight.shape[1]
+                siblings[id(parent), width, transposed].append(f"{weight}#A" if transposed else f"{weight}#B")
+        self.groups = [("+".join(keys), keys) for keys in siblings.values() if len(keys) > 1]
+        self.of_key: dict[str, tuple[str, int, int]] = {}  # a layer's into key: its group, column start, stop
         for group, keys in self.groups:
             for i, key in enumerate(keys):
                 self.of_key[key] = (group, i * rank, (i + 1) * rank)
-        self._seen, self._keys = [], set()
 
 
 class _Population:
@@ -150,16 +146,22 @@ class _Population:
     def __init__(self, count: int):
         self.count = count
         self.buffers = CastBuffers()
-        self.shared: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # per input group: (input, its product)
+        # per input group: its last input (a weak reference: the forward owns it) and the product with its factors
+        self.shared: dict[str, tuple[weakref.ref, torch.Tensor]] = {}
 
     def fill(self, perturbation: "LowRankPerturbation", members: Sequence[Member]) -> None:
         scales = [perturbation.sigma * m.sign for m in members]
+        grouped = {}  # a grouped layer's into factors, read through its group's buffer only
         for name, p in perturbation.params.items():
             if is_matrix(p):
                 pairs = [perturbation.factors(m.seed, name, p) for m in members]
                 per_member = torch.tensor(scales, device=p.device) / math.sqrt(perturbation.rank)
-                self.buffers.fill(f"{name}#A", torch.stack([a for a, _ in pairs]) * per_member[:, None, None])
-                self.buffers.fill(f"{name}#B", torch.stack([b for _, b in pairs]))
+                for key, factors in ((f"{name}#A", torch.stack([a for a, _ in pairs]) * per_member[:, None, None]),
+                                     (f"{name}#B", torch.stack([b for _, b in pairs]))):
+                    if key in perturbation._groups.of_key:
+                        grouped[key] = factors
+                    else:
+                        self.buffers.fill(key, factors)
             elif name in perturbation.added_vectors:
                 self.buffers.fill(name, torch.stack([perturbation.dense_noise(m.seed, name) * s
                                                      for m, s in zip(members, scales)]))
@@ -168,26 +170,23 @@ class _Population:
                 self.buffers.fill(name, torch.stack([
                     perturbed_value(master, perturbation.dense_noise(m.seed, name), s, p.dtype)
                     for m, s in zip(members, scales)]))
-        for group, keys in perturbation._groups.groups or ():
-            self.buffers.fill(group, torch.cat([self.buffers.values[key] for key in keys], dim=2))
-        self.shared.clear()
+        for group, keys in perturbation._groups.groups:
+            self.buffers.fill(group, torch.cat([grouped[key] for key in keys], dim=2))
 
     def project(self, groups: _InputGroups, inputs: torch.Tensor, output: torch.Tensor, into_key: str
                 ) -> torch.Tensor:
         """``x @ B`` (or ``x @ A`` for a transposed layer) per member: (count, rows, r), in ``output``'s dtype; for a
         layer of a group, a slice of the group's product, computed by the group's first layer on this input."""
         x = _grouped(inputs, self.count).reshape(self.count, -1, inputs.shape[-1]).to(output.dtype)
-        if torch.compiler.is_compiling():  # nothing here for the compiled step to guard on, or to re-trace
-            return torch.bmm(x, self.buffers.like(into_key, output))
-        if groups.groups is None:
-            groups.learn(inputs, into_key)
         place = groups.of_key.get(into_key)
         if place is None:
             return torch.bmm(x, self.buffers.like(into_key, output))
         group, start, stop = place
+        if torch.compiler.is_compiling():  # nothing here for the compiled step to guard on (a compiler fuses itself)
+            return torch.bmm(x, self.buffers.like(group, output)[..., start:stop])
         kept = self.shared.get(group)
-        if kept is None or kept[0] is not inputs:
-            kept = inputs, torch.bmm(x, self.buffers.like(group, output))
+        if kept is None or kept[0]() is not inputs:
+            kept = weakref.ref(inputs), torch.bmm(x, self.buffers.like(group, output))
             self.shared[group] = kept
         return kept[1][..., start:stop]
 
@@ -239,7 +238,7 @@ class LowRankPerturbation(Perturbation):
         self._populations: dict[int, _Population] = {}  # per population size, the buffers the hooks read
         self._active: _Population | None = None  # the population the model computes as, inside apply_population
         self._hooks: list | None = None
-        self._groups = _InputGroups()
+        self._groups = _InputGroups(model, self.owners, rank)
 
     @property
     def noise_kind(self) -> str:
@@ -293,7 +292,6 @@ class LowRankPerturbation(Perturbation):
         finally:
             self._active = None
             population.shared.clear()
-            self._groups.settle(self.rank)
 
     @contextmanager
     def apply(self, member: Member) -> Iterator[None]:
@@ -301,11 +299,12 @@ class LowRankPerturbation(Perturbation):
             yield
 
     def close(self) -> None:
-        """Take the hooks off the model (they do nothing outside ``apply_population``; the next use registers them
-        again)."""
+        """Take the hooks off the model and free the buffers they read and the step's factors (the hooks do nothing
+        outside ``apply_population``; the next use registers them again)."""
         for handle in self._hooks or ():
             handle.remove()
         self._hooks = None
+        self._populations, self._drawn, self._step_seeds = {}, {}, frozenset()
 
     def _register_hooks(self) -> None:
         if self._hooks is not None:
