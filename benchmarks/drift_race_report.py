@@ -12,19 +12,10 @@ import json
 import statistics
 from pathlib import Path
 
+from lightning_es.tasks.spread import shown
+
 SECOND_TASK = "arithmetic"
 STEADY_SHARE = 0.8
-
-
-def spread(values) -> tuple[float, float]:
-    """(mean, sample standard deviation; 0 for one value)."""
-    values = [float(v) for v in values]
-    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
-def shown(values, digits: int = 3) -> str:
-    mean, sd = spread(values)
-    return f"{mean:.{digits}f} ± {sd:.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f}"
 
 
 def at_seconds(points: list[dict], seconds: float, metric: str) -> float:
@@ -271,8 +262,8 @@ def markdown(runs: list[dict], results: dict) -> str:
                 lines.append(f"| {row['label']} | {','.join(map(str, row['seeds']))} | "
                              + " | ".join(shown(row[k]) for k in ("mean_train_reward", "reward", "accuracy", "format",
                                                                   "kl"))
-                             + f" | {shown(row['update_norm'], 1)} | {shown(row['iterations'], 0)} | "
-                             f"{shown(row['seconds_per_iteration'], 1)} |")
+                             + f" | {shown(row['update_norm'], '.1f')} | {shown(row['iterations'], '.0f')} | "
+                             f"{shown(row['seconds_per_iteration'], '.1f')} |")
             lines.append("")
         rows = diagnosis(runs, model)
         if rows:
@@ -287,7 +278,7 @@ def markdown(runs: list[dict], results: dict) -> str:
                     values = row[kind]
                     if values["kl"]:
                         lines.append(f"| {row['label']} | {row['iterations']} | {kind} | {values['seeds']} | "
-                                     f"{shown(values['update_norm'], 1)} | {shown(values['kl'])} |")
+                                     f"{shown(values['update_norm'], '.1f')} | {shown(values['kl'])} |")
             lines.append("")
     return "\n".join(lines)
 

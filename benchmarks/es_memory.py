@@ -64,6 +64,23 @@ def run_variant(args):
                 with es.perturbed(member):
                     generate(model, inputs, args.new_tokens)
         es.step(0, torch.randn(args.population))
+    elif args.variant == "es_chunked":  # the default low-rank population, generated chunk_rows rows at a time
+        from trl_ext import ESConfig
+
+        config = ESConfig(output_dir=tempfile.mkdtemp(), bf16=False, report_to="none")  # the default noise and step
+        perturbation = build_perturbation("lowrank", select_parameters(model), config.es_sigma, model=model,
+                                          rank=config.perturbation_rank, relative=config.relative_noise)
+        es = EvolutionStrategy(perturbation, population_size=args.population, lr=config.es_learning_rate(config.learning_rate))
+        members = es.members(0)
+        per_chunk = max(1, args.chunk_rows // args.prompts)
+        for start in range(0, len(members), per_chunk):
+            part = members[start:start + per_chunk]
+            with es.perturbation.apply_population(part):
+                generate(model, {k: v.repeat(len(part), 1) for k, v in inputs.items()}, args.new_tokens)
+        es.step(0, torch.randn(args.population))
+    elif args.variant == "generate_rows":  # plain generation of chunk_rows rows
+        generate(model, {k: v.repeat(max(1, args.chunk_rows // args.prompts), 1) for k, v in inputs.items()},
+                 args.new_tokens)
     elif args.variant == "estrainer_step":
         from trl_ext import ESConfig, ESTrainer
 
@@ -102,6 +119,25 @@ VARIANTS = {
 }
 
 
+def peak_of(variant: str, **settings) -> float:
+    """The peak memory of ``variant`` in a fresh process (MB)."""
+    command = [sys.executable, __file__, "--variant", variant] + [f"--{k}={v}" for k, v in settings.items()]
+    output = subprocess.run(command, capture_output=True, text=True, check=True, env={**os.environ}).stdout
+    return json.loads(output.strip().splitlines()[-1])["peak_mb"]
+
+
+def population_sweep(model: str, populations, prompts: int, new_tokens: int, chunk_rows: int) -> dict:
+    """Peak memory of a default low-rank ES iteration generated ``chunk_rows`` rows at a time, per population size,
+    against plain generation of one chunk."""
+    settings = dict(model=model, prompts=prompts, new_tokens=new_tokens, chunk_rows=chunk_rows)
+    baseline = peak_of("generate_rows", population=populations[0], **settings)
+    rows = []
+    for population in populations:
+        peak = peak_of("es_chunked", population=population, **settings)
+        rows.append({"population": population, "peak_mb": peak, "vs_generate": peak / baseline})
+    return {"chunk_rows": chunk_rows, "prompts": prompts, "generate_mb": baseline, "populations": rows}
+
+
 def estrainer_processes(args) -> None:
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
                str(args.processes), "--mixed_precision", "no", "--dynamo_backend", "no", __file__,
@@ -123,7 +159,8 @@ def main():
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--new_tokens", type=int, default=32)
     parser.add_argument("--processes", type=int, default=1)
-    parser.add_argument("--variant", choices=sorted(VARIANTS) + ["estrainer_step"])
+    parser.add_argument("--chunk_rows", type=int, default=16, help="es_chunked, generate_rows: rows per generate call.")
+    parser.add_argument("--variant", choices=sorted(VARIANTS) + ["estrainer_step", "es_chunked", "generate_rows"])
     args = parser.parse_args()
     if args.variant:
         return run_variant(args)

@@ -1,80 +1,164 @@
-"""ES iteration time against plain generation of the same sequences, and batched low-rank against member-by-member.
+"""What an ES iteration costs against plain generation of the same rows, as users run it.
 
-    python benchmarks/es_speed.py --model tiny|smollm2 [--population 32] [--prompts 8] [--new_tokens 32]
+    python benchmarks/es_speed.py --model smollm2 [--repeats 5] [--compile] [--out docs/reports/speed]
 
-Prints, measured side by side in one run (--repeats interleaved runs of every variant; the median, and the range of
-the per-run ratios):
-  1. ES iteration / plain `generate` of population x prompts sequences (the floor is 1.0), for low-rank noise evaluated
-     as one batch and full-rank noise evaluated member by member (the hooks, the factor regeneration and the update
-     all count);
-  2. throughput of batched low-rank evaluation / member-by-member full-rank evaluation.
+Everything runs with ``ESConfig``'s defaults (8 members, rank-4 noise relative to each tensor, 2 prompts, greedy
+members), at two pinned shapes: ``short``, 8 members x 2 of the benchmark's short prompts x 24 tokens, and
+``main_job``, the README main job's task (2 GSM8K-style prompts of the recipe x 8 members x 24 tokens). Per shape and
+decoding (eager; and compiled with ``--compile``, i.e. ``torch_compile=True``), an ``ESTrainer`` trains and, after
+each of its steps, the two other variants run on the same model, so that the three are interleaved:
+
+- ``generate``: plain ``generate`` of the population's rows (members x prompts), the floor;
+- ``iteration``: the engine's iteration: the population generated through the perturbation (in chunks of
+  ``es_max_generation_rows``) and the update (``EvolutionStrategy.step``);
+- ``trainer_step``: the whole ``ESTrainer`` step, as it logs ``step_time`` (rewards, logging and all).
+
+Every row generates exactly 24 tokens in all three. Printed: the median seconds and, per step, the ratios to
+``generate`` (median and range). ``--out DIR`` writes ``result.json``: ``iteration_vs_generate`` and
+``trainer_step_vs_generate`` (medians, short shape, eager) first, every shape's figures, and the peak memory of an ES
+iteration against plain generation of one chunk for populations of 8 to 64 members at a fixed chunk
+(``es_memory.population_sweep``): what grows with the population is the factors of the step, not the KV cache.
 """
 
 import argparse
+import json
 import statistics
+import tempfile
+import time
+from pathlib import Path
 
 import torch
+from datasets import Dataset
+from transformers import TrainerCallback
 
-from common import encode, generate, load, timed
-from lightning_es import EvolutionStrategy, build_perturbation, select_parameters
+from common import PROMPTS, load
+from es_memory import population_sweep
+from lightning_es.tasks import gsm8k, prompts_for
+from trl_ext import ESConfig, ESTrainer
+from trl_ext.recipes import use_all_cpu_cores
+
+NEW_TOKENS = 24
+SHAPES = ("short", "main_job")
 
 
-def es_iteration(model, es, inputs, new_tokens, step=0):
-    members = es.members(step)
-    if es.perturbation.batched:
-        batch = {k: v.repeat(len(members), 1) for k, v in inputs.items()}
-        with es.perturbation.apply_population(members):
-            generate(model, batch, new_tokens)
-    else:
-        for member in members:
-            with es.perturbed(member):
-                generate(model, inputs, new_tokens)
-    es.step(step, torch.randn(es.population_size))
+def prompts(shape: str, tokenizer) -> Dataset:
+    if shape == "short":
+        return prompts_for(tokenizer, Dataset.from_dict({"prompt": [[{"role": "user", "content": p}] for p in PROMPTS]}))
+    return prompts_for(tokenizer, gsm8k.generate_offline(8, seed=0, style="final_answer"))
+
+
+def constant_reward(completions, **kwargs):
+    return [float(len(c)) for c in completions]
+
+
+class Interleaved(TrainerCallback):
+    """After every trainer step: time plain generation and the engine's iteration of the step's rows."""
+
+    def __init__(self, trainer: ESTrainer, warmup: int):
+        self.trainer = trainer
+        self.warmup = warmup
+        self.times = {"generate": [], "iteration": []}
+
+    def on_step_end(self, args, state, control, **kwargs):
+        trainer = self.trainer
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        batch = trainer.train_dataset.select(range(args.per_device_train_batch_size))
+        texts = [trainer.processing_class.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
+                 if not isinstance(p, str) else p for p in batch["prompt"]]
+        inputs = trainer.processing_class(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        es, members = trainer.es, trainer.es.members(10_000 + state.global_step)  # seeds apart from training's
+        rows = args.population_size
+        population = {k: v.repeat(rows, 1).to(model.device) for k, v in inputs.items()}
+        chunk = max(1, (args.es_max_generation_rows or len(members) * len(texts)) // len(texts))
+
+        def plain():  # under the precision the trainer generates with (autocast when bf16)
+            with torch.no_grad(), trainer.accelerator.autocast():
+                model.generate(**population, generation_config=trainer.generation_config)
+
+        def iteration():
+            with torch.no_grad(), trainer.accelerator.autocast():
+                for start in range(0, len(members), chunk):
+                    part = members[start:start + chunk]
+                    rows_of = {k: v.repeat(len(part), 1).to(model.device) for k, v in inputs.items()}
+                    with es.perturbation.apply_population(part):
+                        model.generate(**rows_of, generation_config=trainer.generation_config)
+            es.step(10_000 + state.global_step, torch.randn(len(members)))
+
+        for name, variant in (("generate", plain), ("iteration", iteration)):
+            started = time.perf_counter()
+            variant()
+            if state.global_step > self.warmup:
+                self.times[name].append(time.perf_counter() - started)
+
+
+def measure(model, tokenizer, dataset: Dataset, compiled: bool, repeats: int, warmup: int, new_tokens: int = NEW_TOKENS,
+            **settings) -> dict:
+    """Interleaved timings of the three variants on ``model`` (``settings``: ESConfig fields beyond its defaults)."""
+    config = ESConfig(output_dir=tempfile.mkdtemp(prefix="es-speed-"), max_steps=warmup + repeats, report_to="none",
+                      save_strategy="no", disable_tqdm=True, logging_steps=1, torch_compile=compiled,
+                      use_cpu=not torch.cuda.is_available(),  # transformers refuses bf16 on a CPU host otherwise
+                      max_completion_length=new_tokens,
+                      generation_kwargs={"min_new_tokens": new_tokens, **settings.pop("generation_kwargs", {})},
+                      **settings)
+    trainer = ESTrainer(model, constant_reward, args=config, train_dataset=dataset, processing_class=tokenizer)
+    interleaved = Interleaved(trainer, warmup)
+    trainer.add_callback(interleaved)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    trainer.train()
+    steps = [e["step_time"] for e in trainer.state.log_history if "step_time" in e][warmup:]
+    times = {**interleaved.times, "trainer_step": steps}
+    rows = config.population_size * config.per_device_train_batch_size
+    result = {"rows": rows, "new_tokens": new_tokens, "seconds": {name: statistics.median(t) for name, t in times.items()},
+              "generated_tokens_per_second": rows * new_tokens / statistics.median(times["generate"])}
+    for name in ("iteration", "trainer_step"):
+        ratios = sorted(t / g for t, g in zip(times[name], times["generate"]))
+        result[f"{name}_vs_generate"] = {"median": statistics.median(ratios), "min": ratios[0], "max": ratios[-1]}
+    if torch.cuda.is_available():
+        result["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    return result
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="tiny")
-    parser.add_argument("--population", type=int, default=32)
-    parser.add_argument("--prompts", type=int, default=8)
-    parser.add_argument("--new_tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--no_full_rank", action="store_true", help="Skip the (slow) member-by-member variant.")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--repeats", type=int, default=5, help="Interleaved runs of each variant (after the warm-up).")
+    parser.add_argument("--warmup", type=int, default=2, help="Steps left out first (compilation, caches).")
+    parser.add_argument("--compile", action="store_true", help="Also with torch_compile=True (compiled decoding).")
+    parser.add_argument("--memory_chunk", type=int, default=16, help="es_max_generation_rows of the memory sweep.")
+    parser.add_argument("--out", help="Write result.json here.")
     args = parser.parse_args()
-    model, tokenizer = load(args.model)
-    model.to(args.device).eval()
-    inputs = encode(tokenizer, args.prompts, args.device)
-    everything = {k: v.repeat(args.population, 1) for k, v in inputs.items()}
-    common = dict(population_size=args.population, lr=0.0, seed=0)
-    variants = {"plain": lambda: generate(model, everything, args.new_tokens)}
-    lowrank = EvolutionStrategy(build_perturbation("lowrank", select_parameters(model), 1e-3, model=model), **common)
-    variants["lowrank"] = lambda: es_iteration(model, lowrank, inputs, args.new_tokens)
-    if not args.no_full_rank:
-        full = EvolutionStrategy(build_perturbation("full", select_parameters(model), 1e-3), **common)
-        variants["full"] = lambda: es_iteration(model, full, inputs, args.new_tokens)
-
-    generate(model, everything, 1)  # warm-up
-    times = {name: [] for name in variants}
-    for _ in range(args.repeats):  # interleaved, so that a slow phase of the machine hits every variant alike
-        for name, variant in variants.items():
-            times[name].append(timed(variant, repeats=1))
-    ratios = {name: sorted(t / p for t, p in zip(times[name], times["plain"])) for name in variants}
-
-    def summary(name):
-        r = ratios[name]
-        return f"{statistics.median(times[name]):8.2f} s   ({statistics.median(r):.2f} x plain; runs {r[0]:.2f}-{r[-1]:.2f})"
-
-    sequences = args.population * args.prompts
-    print(f"model={args.model} device={args.device} population={args.population} prompts={args.prompts} "
-          f"new_tokens={args.new_tokens} ({sequences} sequences per iteration), median of {args.repeats} interleaved runs")
-    print(f"plain generate, one batch of {sequences}:        {statistics.median(times['plain']):8.2f} s   (1.00)")
-    if "full" in variants:
-        print(f"ES iteration, full-rank, member by member: {summary('full')}")
-    print(f"ES iteration, low-rank, one batch:          {summary('lowrank')}")
-    if "full" in variants:
-        throughput = statistics.median(f / l for f, l in zip(times["full"], times["lowrank"]))
-        print(f"throughput, batched low-rank / member-by-member full-rank: {throughput:.2f} x")
+    use_all_cpu_cores()
+    results = {}
+    for shape in SHAPES:
+        for compiled in (False, True) if args.compile else (False,):
+            key = f"{shape}/{'compiled' if compiled else 'eager'}"
+            model, tokenizer = load(args.model)
+            # short: ESConfig's defaults as they are (TRL's bf16 included); main job: as the recipe sets them
+            settings = {} if shape == "short" else {"bf16": False}
+            results[key] = measure(model, tokenizer, prompts(shape, tokenizer), compiled, args.repeats, args.warmup,
+                                   **settings)
+            r = results[key]
+            print(f"{key}: {r['rows']} rows x {NEW_TOKENS} tokens: generate {r['seconds']['generate']:.2f} s, "
+                  f"iteration {r['seconds']['iteration']:.2f} s ({r['iteration_vs_generate']['median']:.3f} x, "
+                  f"{r['iteration_vs_generate']['min']:.3f}-{r['iteration_vs_generate']['max']:.3f}), trainer step "
+                  f"{r['seconds']['trainer_step']:.2f} s ({r['trainer_step_vs_generate']['median']:.3f} x, "
+                  f"{r['trainer_step_vs_generate']['min']:.3f}-{r['trainer_step_vs_generate']['max']:.3f})", flush=True)
+    memory = population_sweep(args.model, (8, 16, 32, 64), prompts=2, new_tokens=NEW_TOKENS, chunk_rows=args.memory_chunk)
+    for row in memory["populations"]:
+        print(f"memory: population {row['population']}, chunks of {args.memory_chunk} rows: peak {row['peak_mb']:.0f} MB "
+              f"= {row['vs_generate']:.3f} x plain generation of one chunk ({memory['generate_mb']:.0f} MB)")
+    if args.out:
+        short = results["short/eager"]
+        report = {"iteration_vs_generate": short["iteration_vs_generate"]["median"],
+                  "trainer_step_vs_generate": short["trainer_step_vs_generate"]["median"],
+                  "model": args.model, "device": "cuda" if torch.cuda.is_available() else "cpu",
+                  "torch_threads": torch.get_num_threads(), "repeats": args.repeats, "shapes": results,
+                  "memory": memory}
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "result.json").write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {out / 'result.json'}")
 
 
 if __name__ == "__main__":

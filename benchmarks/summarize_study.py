@@ -15,6 +15,8 @@ from collections import defaultdict
 
 from learning import seconds_to_reach
 
+from lightning_es.tasks.spread import shown
+
 
 def load(path: str) -> dict[str, dict[str, dict[int, list[dict]]]]:
     """task -> label -> seed -> the run's evaluations in order."""
@@ -28,9 +30,7 @@ def load(path: str) -> dict[str, dict[str, dict[int, list[dict]]]]:
 
 def spread(values: list[float]) -> str:
     """mean ± sample standard deviation (3 decimals), with the range for small samples."""
-    mean = statistics.fmean(values)
-    deviation = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{mean:.3f} ± {deviation:.3f} [{min(values):.3f}, {max(values):.3f}]"
+    return shown(values, with_range=True)
 
 
 def at_step(points: list[dict], step: int) -> dict:

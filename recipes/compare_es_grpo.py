@@ -37,6 +37,7 @@ from lightning_es.tasks import countdown, gsm8k, prompts_for
 from lightning_es.tasks.evaluation import greedy_scores
 from lightning_es.tasks.models import resolve_model
 from lightning_es.tasks.probes import OFF_TASK_PROMPTS, answered, render
+from lightning_es.tasks.spread import shown
 from trl_ext import ESConfig, ESTrainer
 from trl_ext.callbacks import KLDriftCallback, ParameterDriftCallback
 from trl_ext.recipes import parse_recipe_args, use_all_cpu_cores
@@ -179,10 +180,7 @@ def run_seed(seed, args, base, start, base_path, module, data, tokenizer, probes
 
 def spread(values) -> str:
     """mean ± sample standard deviation; NaN (e.g. the kept share of an update that is zero) propagates."""
-    values = [float(v) for v in values]
-    mean = sum(values) / len(values)
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
-    return f"{mean:.4g} ± {sd:.2g}"
+    return shown(list(values), ".4g", ".2g")
 
 
 def findings(runs: dict, before: dict, args) -> list[str]:

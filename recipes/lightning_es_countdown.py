@@ -82,7 +82,7 @@ def main():
     parser.add_argument("--max_steps", type=int, default=20)
     parser.add_argument("--population_size", type=int, default=8)
     parser.add_argument("--sigma", type=float, default=1e-2)
-    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--learning_rate", type=float, default=1e-4)
     parser.add_argument("--batch_size", type=int, default=2, help="Problems per ES iteration (split over --zero3 devices).")
     parser.add_argument("--max_new_tokens", type=int, default=24)
     parser.add_argument("--format_weight", type=float, default=0.5)
@@ -98,7 +98,7 @@ def main():
                              args.batch_size // (args.devices if args.zero3 else 1), args.train_size, args.eval_size,
                              args.seed)
     strategy = ESStrategy(
-        population_size=args.population_size, sigma=args.sigma, lr=args.lr,
+        population_size=args.population_size, sigma=args.sigma, learning_rate=args.learning_rate,
         deepspeed_config={"zero_optimization": {"stage": 3}} if args.zero3 else None,
     )
     trainer = pl.Trainer(

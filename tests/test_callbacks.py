@@ -239,7 +239,7 @@ def test_lightning_drift_after_resume_is_measured_from_the_start_of_the_run(tmp_
         callbacks = [LightningKLDrift(["the lazy dog", "count the apples"], tokenizer, every_n_steps=1, max_new_tokens=4),
                      LightningParameterDrift(every_n_steps=1, model_attribute="model"), capture,
                      pl.callbacks.ModelCheckpoint(tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)]
-        trainer = pl.Trainer(strategy=ESStrategy(population_size=4, sigma=0.02, lr=1e-3, seed=1), accelerator="cpu",
+        trainer = pl.Trainer(strategy=ESStrategy(population_size=4, sigma=0.02, learning_rate=1e-3, seed=1), accelerator="cpu",
                              devices=1, max_steps=4, callbacks=callbacks, logger=False, enable_progress_bar=False,
                              enable_model_summary=False, default_root_dir=tmp_path)
         trainer.fit(language_model(pl, build_model(tokenizer), evolved=True), data, ckpt_path=ckpt_path)

@@ -76,7 +76,7 @@ def test_a_reward_failing_on_one_process_stops_both_with_the_same_error(tmp_path
 def test_estrainer_under_the_zero3_accelerate_config_follows_the_unsharded_run(tmp_path):
     """Two processes hold one ZeRO-3 sharded model, each scoring 2 of the 4 prompts of the one-process run (greedy).
     5 prompts: the second batch has one prompt, so one process has no share of it and scores a stand-in row."""
-    flags = ["--num_generations", 1, "--dataset_size", 5]
+    flags = ["--num_generations", 1, "--dataset_size", 5, "--drift"]
     single = run(tmp_path, "one", *flags, "--prompts_per_process", 4)
     zero3 = run(tmp_path, "zero3", *flags, "--prompts_per_process", 2,
                 launcher=["--config_file", ZERO3_CONFIG, "--num_processes", 2, "--mixed_precision", "no"], port=29523)
@@ -87,6 +87,38 @@ def test_estrainer_under_the_zero3_accelerate_config_follows_the_unsharded_run(t
     # each process measures its slices of the update; the logged norm is of the whole update
     torch.testing.assert_close(torch.tensor(zero3["update_norms"]), torch.tensor(single["update_norms"]))
     assert_same_weights(single["weights"], zero3["weights"], atol=1e-5)
+    # the drift callbacks read the slices (and probe with gathered weights), not ZeRO-3's empty placeholders
+    assert len(zero3["drift"]) == len(single["drift"]) == 3
+    for sharded, whole in zip(zero3["drift"], single["drift"]):
+        assert sharded.keys() == whole.keys() and whole["drift/update_norm"] > 0 and whole["drift/kl"] > 0
+        for key, value in whole.items():
+            assert sharded[key] == pytest.approx(value, rel=1e-3, abs=1e-6), key
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("master", ["deepspeeds", "kept_in_step"])
+def test_zero3_bf16_checkpoints_hold_the_current_weights_for_deepspeeds_tools_and_resume_exactly(tmp_path, master):
+    """bf16 weights: DeepSpeed keeps an fp32 copy of every partition, which is ES's master copy (or, where it cannot
+    be, as on NVMe, is written from ES's before each save); DeepSpeed's own zero_to_fp32 reads every checkpoint as
+    the weights ES trained (before, the step-0 weights), and a run resumed from a checkpoint ends on the
+    uninterrupted run's weights."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    flags = ["--num_generations", 1, "--dataset_size", 5, "--prompts_per_process", 2, "--max_steps", 3,
+             "--save_steps", 1, "--bf16_weights", *(["--unshared_deepspeed_copy"] if master == "kept_in_step" else [])]
+    launcher = ["--config_file", ZERO3_CONFIG, "--num_processes", 2, "--mixed_precision", "no"]
+    full = run(tmp_path, "zero3-bf16", *flags, launcher=launcher, port=29527)
+    masters = {}
+    for step in (1, 3):
+        checkpoint = tmp_path / "zero3-bf16" / f"checkpoint-{step}"
+        masters[step] = torch.load(checkpoint / "es_state.pt", weights_only=True)["master"]
+        read = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint))
+        for name, value in masters[step].items():
+            assert torch.equal(read[name], value), name
+    assert any(not torch.equal(masters[1][n], masters[3][n]) for n in masters[1])  # the weights moved in between
+    resumed = run(tmp_path, "zero3-bf16-resumed", *flags, "--resume", tmp_path / "zero3-bf16" / "checkpoint-1",
+                  launcher=launcher, port=29528)
+    assert_same_weights(full["weights"], resumed["weights"])
 
 
 @pytest.mark.slow

@@ -301,3 +301,34 @@ def test_parameters_low_rank_hooks_cannot_perturb_are_refused_by_name():
     with pytest.raises(RuntimeError, match=r"cannot perturb bias: its Router returns a tuple"):
         with torch.no_grad(), es.perturbation.apply_population(es.members(0)):
             router(torch.randn(4, 4))
+
+
+def test_layers_reading_one_input_project_it_together_and_every_population_computes_alike():
+    """q, k, v (and o, which reads another input) and gate, up are grouped by the model's structure: the grouped
+    products equal per-layer ones within rounding, and a population computes bit for bit the same whether it is a
+    process's first or comes after others (a resumed run's first step as the uninterrupted run's)."""
+    tokenizer = build_tokenizer()
+    model = build_model(tokenizer)
+    inputs = torch.randint(0, len(tokenizer), (3, 7))
+
+    def strategy(grouped=True):
+        es = EvolutionStrategy(LowRankPerturbation(model, select_parameters(model), sigma=0.05, rank=2),
+                               population_size=4, seed=3)
+        if not grouped:
+            es.perturbation._groups.groups, es.perturbation._groups.of_key = [], {}
+        return es
+
+    def logits(es, step):
+        with torch.no_grad(), es.perturbation.apply_population(es.members(step)):
+            return model(inputs.repeat(4, 1)).logits
+
+    es = strategy()
+    groups = [sorted(key.split(".")[-2] for key in keys) for _, keys in es.perturbation._groups.groups]
+    assert sorted(groups) == sorted([["k_proj", "o_proj", "q_proj", "v_proj"], ["gate_proj", "up_proj"]] * 2)
+    first = logits(es, 0)
+    logits(es, 1)
+    assert torch.equal(logits(es, 0), first)
+    es.perturbation.close()
+    alone = strategy(grouped=False)
+    torch.testing.assert_close(logits(alone, 0), first, rtol=1e-5, atol=1e-6)
+    alone.perturbation.close()

@@ -125,17 +125,6 @@ def test_zero3_generation_with_gathered_parameters_and_uneven_lengths_finishes(t
     assert zero3_still_on == "False"
 
 
-def test_old_import_paths_warn_and_still_work():
-    code = ("import warnings; warnings.simplefilter('always')\n"
-            "import lightning_es.strategy, lightning_es.callbacks, lightning_es.metrics, lightning_es.geometry\n"
-            "from pytorch_lightning.strategies import StrategyRegistry\n"
-            "assert 'es' in StrategyRegistry and lightning_es.metrics.KLDrift and lightning_es.geometry.update_norm\n"
-            "assert lightning_es.callbacks.KLDriftCallback and lightning_es.strategy.ESStrategy")
-    result = run_command([sys.executable, "-c", code], Path(__file__).parent, timeout=120)
-    for old in ("strategy", "callbacks", "metrics", "geometry"):
-        assert f"lightning_es.{old} moved to" in result.stderr
-
-
 # ---- one process, in the test process ------------------------------------------------------------------------
 
 
@@ -167,7 +156,7 @@ def test_strategy_name_es_is_registered_and_trains():
 
 
 def test_self_log_gives_population_mean_and_best():
-    _, steps = fit(Regression(), strategy=ESStrategy(population_size=6, sigma=0.05, lr=0.01))
+    _, steps = fit(Regression(), strategy=ESStrategy(population_size=6, sigma=0.05, learning_rate=0.01))
     for logged in steps:  # the module logs mse and returns -mse
         assert math.isclose(logged["train_mse"], -logged["es/fitness_mean"], rel_tol=1e-6)
         assert math.isclose(logged["train_mse/best"], -logged["es/fitness_max"], rel_tol=1e-6)
@@ -178,8 +167,8 @@ def test_an_optimizer_consumes_the_es_gradient():
     """SGD(lr) on ES gradients is the in-place step with the same lr."""
     in_place, with_sgd = Regression(), Regression(optimizer=None)
     with_sgd.configure_optimizers = lambda: torch.optim.SGD(with_sgd.parameters(), lr=0.01)
-    fit(in_place, strategy=ESStrategy(population_size=4, sigma=0.05, lr=0.01, seed=5))
-    fit(with_sgd, strategy=ESStrategy(population_size=4, sigma=0.05, lr=123.0, seed=5))  # lr unused: SGD's applies
+    fit(in_place, strategy=ESStrategy(population_size=4, sigma=0.05, learning_rate=0.01, seed=5))
+    fit(with_sgd, strategy=ESStrategy(population_size=4, sigma=0.05, learning_rate=123.0, seed=5))  # lr unused: SGD's applies
     for (name, a), b in zip(in_place.named_parameters(), with_sgd.parameters()):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-6, msg=name)
     assert all(p.grad is not None for p in with_sgd.parameters())
@@ -232,7 +221,7 @@ def test_resume_from_a_checkpoint_saved_when_a_step_failed_replays_that_step(tmp
 
     def run(module, **kwargs):
         batches = Batches()
-        trainer = pl.Trainer(strategy=ESStrategy(population_size=4, sigma=0.05, lr=0.01, seed=1), accelerator="cpu",
+        trainer = pl.Trainer(strategy=ESStrategy(population_size=4, sigma=0.05, learning_rate=0.01, seed=1), accelerator="cpu",
                              devices=1, max_steps=6, logger=False, enable_progress_bar=False,
                              enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path,
                              callbacks=[batches, pl.callbacks.OnExceptionCheckpoint(tmp_path)])
@@ -278,7 +267,7 @@ def test_options_that_assume_gradients_are_refused():
     with pytest.raises(ValueError, match="gradient_clip_val=1.0.*no optimizer"):
         fit(Regression(), gradient_clip_val=1.0)
     with pytest.raises(ValueError, match="anchor_decay=0.1.*returned an optimizer"):
-        fit(Regression(optimizer="adam"), strategy=ESStrategy(anchor_decay=0.1))
+        fit(Regression(optimizer="adam"), strategy=ESStrategy(es_anchor_decay=0.1))
 
 
 def test_population_and_layout_checks():
@@ -290,6 +279,8 @@ def test_population_and_layout_checks():
         ESStrategy(deepspeed_config={"zero_optimization": {"stage": 2}})
     with pytest.raises(FileNotFoundError, match="deepspeed_config"):
         ESStrategy(deepspeed_config="missing.json")
+    with pytest.raises(ValueError, match="deepspeed_config has 'optimizer'.*Remove 'optimizer'"):
+        ESStrategy(deepspeed_config={"zero_optimization": {"stage": 3}, "optimizer": {"type": "AdamW"}})
 
 
 def train_descriptions(bar, **trainer_kwargs) -> list[str]:

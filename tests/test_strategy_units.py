@@ -56,11 +56,19 @@ def weights(module) -> dict[str, torch.Tensor]:
 # ---- 1. constructor: one unit or the other, within range -----------------------------------------------------------
 
 
-@pytest.mark.parametrize("absolute", [{"sigma": 1e-3}, {"lr": 1e-4}, {"sigma": 1e-3, "lr": 1e-4}])
+@pytest.mark.parametrize("absolute", [{"sigma": 1e-3}, {"learning_rate": 1e-4}, {"sigma": 1e-3, "learning_rate": 1e-4}])
 def test_relative_sigma_with_an_absolute_sigma_or_lr_is_refused_naming_both(absolute):
     name = next(iter(absolute))
     with pytest.raises(ValueError, match=rf"relative_sigma=0\.05 .* and {name}={absolute[name]} \(absolute\)"):
         ESStrategy(relative_sigma=0.05, **absolute)
+
+
+def test_knobs_named_as_before_they_took_esconfigs_names_are_refused_naming_the_new_ones():
+    with pytest.raises(TypeError, match=r"lr= is learning_rate=, rank= is perturbation_rank="):
+        ESStrategy(lr=1e-3, rank=2)
+    strategy = ESStrategy(learning_rate=1e-3, perturbation="lowrank", perturbation_rank=2, es_anchor_decay=0.5)
+    assert strategy.es_options["lr"] == 1e-3 and strategy.perturbation_options["rank"] == 2
+    assert strategy.es_options["anchor_decay"] == 0.5
 
 
 def test_relative_learning_rate_without_relative_sigma_is_refused():
@@ -223,8 +231,8 @@ def test_lightning_relative_noise_trains_a_rescaled_model_identically_rescaled()
     assert original.trainer.strategy.es.sigma == scaled.trainer.strategy.es.sigma == 0.05
 
     # control: absolute units see the scaled model's noise as c times smaller, so the steps are not c times
-    _, absolute = run(Normalised(), sigma=0.02, lr=1e-3)
-    _, absolute_c = run(Normalised(c), sigma=0.02, lr=1e-3)
+    _, absolute = run(Normalised(), sigma=0.02, learning_rate=1e-3)
+    _, absolute_c = run(Normalised(c), sigma=0.02, learning_rate=1e-3)
     assert [s["es/fitness_mean"] for s in absolute.steps][1:] != [s["es/fitness_mean"] for s in absolute_c.steps][1:]
     assert not torch.allclose(absolute_c.weights[0]["net.0.weight"] - c * start["net.0.weight"],
                               c * (absolute.weights[0]["net.0.weight"] - start["net.0.weight"]), rtol=1e-2)
@@ -252,16 +260,16 @@ class PerExample(Regression):
 
 def test_evidence_zscore_with_a_scalar_fitness_is_a_clear_error():
     with pytest.raises(ValueError, match="weighs the evidence per example.*returned a scalar"):
-        fit(Regression(), ESStrategy(population_size=4, sigma=0.05, lr=0.01, fitness_shaping="evidence_zscore"))
+        fit(Regression(), ESStrategy(population_size=4, sigma=0.05, learning_rate=0.01, fitness_shaping="evidence_zscore"))
     with pytest.raises(ValueError, match="weighs the evidence per example.*returned one example"):
-        fit(PerExample(batch_size=1), ESStrategy(population_size=4, sigma=0.05, lr=0.01,
+        fit(PerExample(batch_size=1), ESStrategy(population_size=4, sigma=0.05, learning_rate=0.01,
                                                  fitness_shaping="evidence_zscore"))
 
 
 def test_evidence_zscore_trains_on_per_example_fitness_and_logs_its_mean():
     module = PerExample()
     start = weights(module)
-    trainer, metrics = fit(module, ESStrategy(population_size=4, sigma=0.05, lr=0.01, seed=2,
+    trainer, metrics = fit(module, ESStrategy(population_size=4, sigma=0.05, learning_rate=0.01, seed=2,
                                               fitness_shaping="evidence_zscore"), max_steps=3)
     assert trainer.global_step == 3
     assert any(not torch.equal(p, start[n]) for n, p in module.named_parameters())
@@ -323,7 +331,7 @@ def test_es_and_both_drift_callbacks_share_one_start_copy(tmp_path, tokenizer, m
     drift = ParameterDriftCallback(every_n_steps=1, model_attribute="model")
     checkpoints = pl.callbacks.ModelCheckpoint(tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
     metrics = Metrics()
-    trainer = trainer_for(ESStrategy(population_size=4, sigma=0.02, lr=1e-3, seed=1, anchor_decay=anchor_decay), 2,
+    trainer = trainer_for(ESStrategy(population_size=4, sigma=0.02, learning_rate=1e-3, seed=1, es_anchor_decay=anchor_decay), 2,
                           [kl, drift, checkpoints, metrics], enable_checkpointing=True, default_root_dir=tmp_path)
     trainer.fit(LanguageModel(model), data)
 
@@ -349,7 +357,7 @@ def test_es_and_both_drift_callbacks_share_one_start_copy(tmp_path, tokenizer, m
     constructed.clear()
     kl = KLDriftCallback(["the lazy dog", "count the apples"], tokenizer, every_n_steps=1, estimator="exact")
     drift = ParameterDriftCallback(every_n_steps=1, model_attribute="model")
-    trainer = trainer_for(ESStrategy(population_size=4, sigma=0.02, lr=1e-3, seed=1, anchor_decay=anchor_decay), 3,
+    trainer = trainer_for(ESStrategy(population_size=4, sigma=0.02, learning_rate=1e-3, seed=1, es_anchor_decay=anchor_decay), 3,
                           [kl, drift], default_root_dir=tmp_path)
     trainer.fit(LanguageModel(build_model(tokenizer, seed=1)), data, ckpt_path=path)
     es = trainer.strategy.es
@@ -366,7 +374,7 @@ def test_es_and_both_drift_callbacks_share_one_start_copy(tmp_path, tokenizer, m
 def test_resumed_relative_run_reuses_the_saved_scales_and_matches_exactly(tmp_path, perturbation):
     def strategy(**units):
         units = units or dict(relative_sigma=0.05, relative_learning_rate=0.02)
-        return ESStrategy(population_size=4, seed=3, perturbation=perturbation, rank=2, **units)
+        return ESStrategy(population_size=4, seed=3, perturbation=perturbation, perturbation_rank=2, **units)
 
     def run(module, ckpt_path=None, max_steps=4, **units):
         pl.seed_everything(0)
@@ -416,7 +424,7 @@ def test_resumed_relative_run_reuses_the_saved_scales_and_matches_exactly(tmp_pa
 
     # a relative-noise checkpoint is not continued with absolute noise
     with pytest.raises(ValueError, match="relative to each tensor's scale"):
-        run(Regression(), ckpt_path=path, sigma=0.05, lr=0.02)
+        run(Regression(), ckpt_path=path, sigma=0.05, learning_rate=0.02)
 
 
 # ---- evidence_zscore over two processes (replicated layout) -------------------------------------------------------
@@ -438,7 +446,7 @@ class Save(pl.Callback):
                         "weights": {{n: p.detach().clone() for n, p in pl_module.named_parameters()}}}}, sys.argv[1])
 
 
-trainer = pl.Trainer(strategy=ESStrategy(population_size=4, sigma=0.05, lr=0.01, seed=2, process_group_backend="gloo",
+trainer = pl.Trainer(strategy=ESStrategy(population_size=4, sigma=0.05, learning_rate=0.01, seed=2, process_group_backend="gloo",
                                          fitness_shaping="evidence_zscore"),
                      accelerator="cpu", devices=2, max_steps=1, logger=False, enable_checkpointing=False,
                      enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, callbacks=[Save()])
@@ -455,7 +463,7 @@ def test_evidence_zscore_on_two_processes_weighs_the_same_evidence_as_on_one(tmp
     run_command([sys.executable, script, out], tmp_path, timeout=300)
     two = torch.load(out, weights_only=False)
     one = PerExample()
-    _, metrics = fit(one, ESStrategy(population_size=4, sigma=0.05, lr=0.01, seed=2,
+    _, metrics = fit(one, ESStrategy(population_size=4, sigma=0.05, learning_rate=0.01, seed=2,
                                      fitness_shaping="evidence_zscore"), max_steps=1)
     # every member was scored on the same 16 examples: a complete (members x 16) table, and the one-process step
     assert not two["per_prompt"].isnan().any(), two["per_prompt"].isnan().sum(dim=1).tolist()

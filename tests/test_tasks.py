@@ -1,3 +1,4 @@
+import math
 import multiprocessing
 import queue
 
@@ -211,3 +212,12 @@ def test_countdown_demonstrations_are_correct_solutions():
         numbers = [int(n) for n in question.split("[")[1].split("]")[0].split(",")]
         target = int(question.split("equals ")[1].split(".")[0])
         assert countdown.correctness_reward([answer], numbers=[numbers], target=[target]) == [1.0]
+
+
+def test_mean_and_spread_over_seeds_as_the_reports_print_them():
+    from lightning_es.tasks.spread import mean_sd, shown
+
+    assert mean_sd([1, 2, 3]) == (2.0, 1.0) and mean_sd([0.5]) == (0.5, 0.0)
+    assert all(math.isnan(v) for v in mean_sd([1.0, float("nan")]))  # a step that kept nothing stays visible
+    assert shown([1, 2, 3]) == "2.000 ± 1.000" and shown([0.25]) == "0.250"
+    assert shown([1, 2, 3], ".4g", ".2g", with_range=True) == "2 ± 1 [1, 3]"

@@ -161,7 +161,7 @@ class TinyLM(pl.LightningModule):
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "bf16-true"])
 @pytest.mark.parametrize("strategy", [
     pytest.param(lambda: "es", id="strategy-defaults"),
-    pytest.param(lambda: ESStrategy(population_size=4, sigma=0.05, lr=0.01, perturbation="lowrank"), id="lowrank"),
+    pytest.param(lambda: ESStrategy(population_size=4, sigma=0.05, learning_rate=0.01, perturbation="lowrank"), id="lowrank"),
 ])
 def test_lightning_precision_trains_every_parameter(tmp_path, precision, strategy):
     module = TinyLM()

@@ -11,15 +11,21 @@ gets them in ``drift_reference.pt``, written by ``on_save`` (a trainer may call 
 writes ``trainer_state.json``; each folder is written once); a resumed run reads them back from the checkpoint it
 resumes from (``trainer.resumed_checkpoint`` where the trainer sets it, else ``<output_dir>/checkpoint-<step>``).
 Both callbacks hold the same start weights, so they share the file.
+
+Under DeepSpeed ZeRO-3 (``ESTrainer``'s sharded layout) each process holds slices of the weights: the KL passes run on
+every process over all probes together (each forward gathers the weights, the start ones while they are swapped in),
+and the parameter drift is summed from each process's slices of ES's master copy and start weights.
 """
 
 import logging
 import os
 
 import torch
+import torch.distributed as dist
 from transformers import TrainerCallback
 
-from lightning_es.drift import DriftProbe, KLDrift, parameter_drift, snapshot
+from lightning_es.drift import DriftProbe, KLDrift, parameter_drift
+from lightning_es.drift.probe import layer_type
 from lightning_es.drift.geometry import check_same_parameters
 from lightning_es.engine import StartWeights
 
@@ -155,8 +161,9 @@ class KLDriftCallback(_TrainerDriftCallback):
         ]
         accelerator = trainer.accelerator
         es = self._es
-        self.probe = DriftProbe(self.model, tokenizer, prompts[accelerator.process_index :: accelerator.num_processes]
-                                or prompts[:1], estimator=estimator, max_new_tokens=max_new_tokens,
+        if not getattr(trainer, "sharded", False):  # ZeRO-3: every forward is every process's, so all probe all
+            prompts = prompts[accelerator.process_index :: accelerator.num_processes] or prompts[:1]
+        self.probe = DriftProbe(self.model, tokenizer, prompts, estimator=estimator, max_new_tokens=max_new_tokens,
                                 batch_size=batch_size, seed=trainer.args.seed,
                                 reference=None if es is None else es.keep_start())
         self.start = self.probe.reference
@@ -181,15 +188,26 @@ class ParameterDriftCallback(_TrainerDriftCallback):
         self.threshold = threshold
         self.before_step = None
 
+    @property
+    def _sharded_es(self):
+        """The trainer's ES when it holds ZeRO-3 slices (the model's parameters are then empty placeholders)."""
+        es = self._es
+        return es if es is not None and getattr(self.trainer, "sharded", False) else None
+
     def on_step_begin(self, args, state, control, **kwargs):
         es = getattr(self.trainer, "es", None)
         if es is not None and es.master.copies and self.due(state.global_step + 1):  # else nothing to compare
-            self.before_step = (snapshot(self.model), {n: es.master.copies[n].cpu().clone() for n in es.master.copies})
+            weights = es.params if self._sharded_es is not None else dict(self.model.named_parameters())
+            self.before_step = ({n: p.detach().to("cpu", torch.float32, copy=True) for n, p in weights.items()},
+                                {n: es.master.copies[n].cpu().clone() for n in es.master.copies})
 
     def on_step_end(self, args, state, control, **kwargs):
         if not self.due(state.global_step):
             return
-        values = parameter_drift(self.model, self.start.of_model(self.model), self.threshold)
+        if self._sharded_es is not None:
+            values = sharded_parameter_drift(self._sharded_es, self.threshold)
+        else:
+            values = parameter_drift(self.model, self.start.of_model(self.model), self.threshold)
         if self.before_step is not None:  # none without a master copy: fp32 weights take the step whole
             values["drift/realised_fraction"] = self._realised_fraction(*self.before_step)
         self.before_step = None
@@ -197,11 +215,44 @@ class ParameterDriftCallback(_TrainerDriftCallback):
 
     def _realised_fraction(self, params_before, master_before) -> float:
         es = self.trainer.es
-        params = dict(self.model.named_parameters())
-        dot = intended_sq = 0.0
+        sharded = self._sharded_es is not None
+        params = es.params if sharded else dict(self.model.named_parameters())
+        sums = torch.zeros(2, dtype=torch.float64)  # the realised change along the intended one, and its square
         for name, master in es.master.copies.items():
             intended = master.cpu().double() - master_before[name].double()
             realised = params[name].detach().cpu().double() - params_before[name].double()
-            dot += float((realised * intended).sum())
-            intended_sq += float(intended.pow(2).sum())
+            if sharded:
+                intended, realised = es.perturbation.real(name, intended), es.perturbation.real(name, realised)
+            sums += torch.stack([(realised * intended).sum(), intended.pow(2).sum()])
+        dot, intended_sq = _summed(es, sums) if sharded else sums.tolist()
         return dot / intended_sq if intended_sq else float("nan")
+
+
+def _summed(es, sums: torch.Tensor) -> list[float]:
+    """``sums`` added over the processes that hold ES's slices."""
+    if dist.is_initialized():
+        device = next(iter(es.params.values())).device
+        sums = sums.to(device)
+        dist.all_reduce(sums, group=getattr(es.perturbation, "group", None))
+    return sums.cpu().tolist()
+
+
+def sharded_parameter_drift(es, threshold: float = 1e-6) -> dict[str, float]:
+    """``parameter_drift``'s values for ZeRO-3 slices, from ES's fp32 master copy against its start weights, summed
+    over the processes (padding left out); relative to the start norm of the evolved parameters."""
+    kinds = sorted({layer_type(name) for name in es.params})
+    sums = torch.zeros(3 + len(kinds), dtype=torch.float64)  # |delta|^2, |start|^2, moved, |delta|^2 per kind
+    for name in es.params:
+        start = es.perturbation.real(name, es.start.value(name))
+        delta = es.perturbation.real(name, es.master.value(name)) - start
+        squared = delta.double().pow(2).sum().cpu()
+        sums[0] += squared
+        sums[1] += start.double().pow(2).sum().cpu()
+        sums[2] += float((delta.abs() > threshold).sum())
+        sums[3 + kinds.index(layer_type(name))] += squared
+    summed = _summed(es, sums)
+    count = sum(es.perturbation.numel(name) for name in es.params)
+    values = {"drift/update_norm": summed[0] ** 0.5, "drift/relative_norm": (summed[0] / summed[1]) ** 0.5,
+              "drift/moved_fraction": summed[2] / count}
+    values.update({f"drift/norm/{kind}": summed[3 + i] ** 0.5 for i, kind in enumerate(kinds)})
+    return values

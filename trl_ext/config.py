@@ -123,6 +123,13 @@ class ESConfig(GRPOConfig):
         },
     )
     perturbation_rank: int = field(default=4, metadata={"help": "Rank of the low-rank perturbations."})
+    es_max_generation_rows: int | None = field(
+        default=512,
+        metadata={"help": "Most rows one `generate` call of the low-rank population holds: the members are generated "
+                  "in chunks of whole members (each member's rows are per_device_train_batch_size), so that the KV "
+                  "cache of population x prompts rows is never held at once. None: the whole population in one call. "
+                  "Sampled members (num_generations > 1) draw per chunk, so their samples depend on the chunking."},
+    )
     es_anchor_decay: float = field(
         default=0.0,
         metadata={"help": "Anchored weight decay lambda: after each step theta <- theta_0 + (1 - lr*lambda) "
@@ -226,6 +233,13 @@ class ESConfig(GRPOConfig):
                 "starting weights; with es_optimizer='trainer' the Trainer's optimizer takes the step instead. Use the "
                 "optimizer's weight_decay, or es_optimizer='sgd'."
             )
+        if (self.perturbation == "lowrank" and self.es_max_generation_rows is not None
+                and self.es_max_generation_rows < self.per_device_train_batch_size):
+            raise ValueError(
+                f"es_max_generation_rows={self.es_max_generation_rows} is smaller than one population member's rows "
+                f"(per_device_train_batch_size={self.per_device_train_batch_size}: a member answers all its prompts in "
+                f"one call). Set es_max_generation_rows to at least {self.per_device_train_batch_size} (a multiple of "
+                "it wastes nothing), or None for the whole population in one call.")
         if self.fitness_shaping == "evidence_zscore" and self.prompts_per_step < 2:
             raise ValueError(
                 f"fitness_shaping='evidence_zscore' weighs each member's lead prompt by prompt, which needs at least 2 "

@@ -165,8 +165,10 @@ FIELDS: dict[str, Row] = {
     "gradient_checkpointing": Row(WARNED, "recomputes activations in backward (GRPO default True)", "ignored: nothing "
                                   "is differentiated (ES default False)"),
     "gradient_checkpointing_kwargs": Row(SAME, "arguments of gradient checkpointing", "see gradient_checkpointing"),
-    "torch_compile": Row(WARNED, "compiles the training forward", "ignored: ES never runs the training forward, and "
-                         "generation is not compiled (as in GRPO)"),
+    "torch_compile": Row(ES, "compiles the training forward", "compiles the members' decoding steps instead (ES runs "
+                         "no training forward), over a static KV cache unless cache_implementation names another "
+                         "compileable one, with torch_compile_backend and torch_compile_mode; where the platform cannot "
+                         "compile, a one-line warning and eager decoding"),
     "auto_find_batch_size": Row(REFUSED, "refused by GRPO too", "the same"),
     "seed": Row(ES, "seeds the run", "also seeds the ES noise and the members' sampling"),
     "data_seed": Row(SAME, "seeds the data order", "the same (accelerate's seedable sampler)"),

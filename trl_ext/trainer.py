@@ -6,6 +6,7 @@ GRPO calls them), prompt formats, callbacks, loggers, checkpoints and evaluation
 
 import logging
 import os
+import shutil
 import time
 from collections import defaultdict, deque
 from contextlib import contextmanager, nullcontext
@@ -14,10 +15,10 @@ from functools import cached_property
 import torch
 import trl.trainer.grpo_trainer as grpo_trainer_module
 from accelerate.data_loader import prepare_data_loader
-from accelerate.utils import gather_object
+from accelerate.utils import TorchDynamoPlugin, gather_object
 from datasets import Dataset, IterableDataset
 from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
-from transformers import TrainerCallback
+from transformers import CompileConfig, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOConfig, GRPOTrainer
 from trl.trainer.utils import identity
@@ -45,6 +46,24 @@ logger = logging.getLogger(__name__)
 
 INCOHERENT_KL = 1.0  # nats per token between a member and the start weights, above which its answers are noise
 CHECK_TOKENS = 32  # the first step's member check (without beta) reads each completion's first tokens only
+
+
+def cannot_compile(device: torch.device, backend: str = "inductor", sharded: bool = False) -> str | None:
+    """Why ``torch.compile`` cannot compile decoding on ``device`` with ``backend`` here, or None."""
+    import torch._dynamo
+    from torch.utils._triton import has_triton
+
+    if not torch._dynamo.is_dynamo_supported():
+        return f"torch.compile is not supported with this Python and PyTorch ({torch.__version__})"
+    if sharded:
+        return "under DeepSpeed ZeRO-3, whose parameter gathers in every forward a compiled step cannot capture"
+    if backend != "inductor":
+        return None
+    if device.type == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "clang++")):
+        return "inductor needs a C++ compiler on the CPU and none was found (set CXX)"
+    if device.type == "cuda" and not has_triton():
+        return "inductor needs Triton on this GPU and it is not available"
+    return None
 
 
 def _check_prompt_column(dataset, argument: str) -> None:
@@ -136,9 +155,14 @@ class ESTrainer(GRPOTrainer):
                 setattr(self.generation_config, key, value)
 
         self.sharded = self._check_deepspeed()
+        if args.torch_compile:
+            self._compile_decoding()
         self.processes = Processes.current(sharded=self.sharded, device=self.accelerator.device)
         if self.sharded:
-            self.es = None  # built over the ZeRO-3 partitions once DeepSpeed has created them (first step or resume)
+            # built over the ZeRO-3 partitions once DeepSpeed has created them: on resume, or as training begins,
+            # before any other callback (the drift callbacks measure from its start weights)
+            self.es = None
+            self.callback_handler.callbacks.insert(0, _BuildShardedES(self))
         else:
             # as DDP would when it wraps the model: every process starts from process 0's weights
             self.processes.synchronize([*self.model.parameters(), *self.model.buffers()])
@@ -153,6 +177,31 @@ class ESTrainer(GRPOTrainer):
             self.accelerator.num_processes if self.sharded else 1)
         self._logs = {key: (defaultdict(lambda: deque(maxlen=rows_per_step)) if key in ("rewards", "extra")
                             else deque(maxlen=rows_per_step)) for key in self._logs}  # every member's rows
+
+    def _build_accelerator_args(self, **kwargs):
+        args = super()._build_accelerator_args(**kwargs)
+        # torch_compile compiles the members' decoding (_compile_decoding); accelerate would compile the whole model,
+        # which ES never runs forward and backward as a training step
+        args["dynamo_plugin"] = TorchDynamoPlugin(backend="no")
+        return args
+
+    def _compile_decoding(self) -> None:
+        """``torch_compile``: transformers' ``generate`` compiles the decoding steps over a static KV cache (or the
+        compileable cache ``cache_implementation`` names), with ``torch_compile_backend`` and ``torch_compile_mode``;
+        the low-rank hooks read buffers refilled in place, so one compiled step serves every population. Where this
+        platform cannot compile, a one-line warning and eager decoding."""
+        backend = self.args.torch_compile_backend or "inductor"
+        why_not = cannot_compile(self.accelerator.device, backend, self.sharded)
+        if why_not:
+            logger.warning("torch_compile=True: decoding runs eagerly, %s.", why_not)
+            return
+        config = self.generation_config
+        config.cache_implementation = config.cache_implementation or "static"
+        self.generation_kwargs["cache_implementation"] = config.cache_implementation
+        config.disable_compile = False
+        mode = self.args.torch_compile_mode or ("reduce-overhead" if self.accelerator.device.type == "cuda" else "default")
+        config.compile_config = CompileConfig(backend=backend, mode=mode)
+        config.compile_config._compile_all_devices = True  # transformers compiles on accelerators only by default
 
     def _check_deepspeed(self) -> bool:
         """True for the sharded layout: DeepSpeed ZeRO-3, one model over all processes."""
@@ -196,7 +245,7 @@ class ESTrainer(GRPOTrainer):
         perturbation = build_perturbation(
             args.perturbation, selected, args.es_sigma, model=self.model, rank=args.perturbation_rank,
             master_device=args.es_master_device, sharded=self.sharded, copy_all=args.es_optimizer == "trainer",
-            relative=args.relative_noise,
+            relative=args.relative_noise, zero3_optimizer=getattr(self.model_wrapped, "optimizer", None),
         )
         es = EvolutionStrategy(
             perturbation,
@@ -279,8 +328,10 @@ class ESTrainer(GRPOTrainer):
                     sums[name].append(value)
             return sums
 
+        limit = self.args.es_max_generation_rows
         scores = evaluate_population(self.es.members(step), step, score, self.processes,
-                                     batched=self.es.perturbation.batched)
+                                     batched=self.es.perturbation.batched,
+                                     members_per_round=None if limit is None else max(1, limit // len(rows)))
         fitness, taking_part = scores.fitness, scores.scored
         per_prompt = scores.per_prompt
         if self.args.multi_objective_aggregation == "normalize_then_sum":
@@ -423,7 +474,8 @@ class ESTrainer(GRPOTrainer):
     def _sampling_seed(self, step: int, member: Member):
         """Seed sampled decoding by (step, member): with full-rank noise in the replicated layout, a member's completions
         then do not depend on which process scores it (sharded, each process samples its own rows under this seed). A
-        low-rank population is seeded by the first member of the batch, so its samples depend on the process count."""
+        low-rank population is seeded by the first member of each generate call, so its samples depend on the process
+        count and on ``es_max_generation_rows``."""
         device = self.accelerator.device
         devices = [device] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
@@ -550,7 +602,11 @@ class ESTrainer(GRPOTrainer):
             if isinstance(resume_from_checkpoint, Exception):
                 raise resume_from_checkpoint
         self.resumed_checkpoint = resume_from_checkpoint or None  # where callbacks find their saved state
-        return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
+        try:
+            return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
+        finally:
+            if self.es is not None:
+                self.es.perturbation.close()
 
     def _checkpoint_to_resume(self, requested) -> str | Exception:
         if requested is True:
@@ -572,6 +628,9 @@ class ESTrainer(GRPOTrainer):
         if self.args.should_save and os.path.exists(os.path.join(folder, TRAINER_STATE_NAME)):
             # a run resumed from an older checkpoint saves over this one: incomplete until the new state is written
             os.remove(os.path.join(folder, TRAINER_STATE_NAME))
+        if self.sharded:
+            self._ensure_es()
+            self.es.perturbation.write_deepspeed_copies()
         super()._save_checkpoint(model, trial)
 
     def _init_training_state(self, max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial):
@@ -617,6 +676,14 @@ class ESTrainer(GRPOTrainer):
                 "beta=%g: the checkpoint %s holds no start weights (it was trained with beta=0 and without the drift "
                 "callbacks or es_anchor_decay): the KL penalty is measured from the resumed weights, not from the "
                 "weights the run started from.", self.beta, checkpoint)
+
+
+class _BuildShardedES(TrainerCallback):
+    def __init__(self, trainer: ESTrainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer._ensure_es()
 
 
 class _AppliedUpdateNorm(TrainerCallback):

@@ -1,7 +1,7 @@
 """The ES engine: no Lightning, no TRL. Integrations (``lightning_es.lightning``, ``trl_ext``) build on it."""
 
 from .es import EvolutionStrategy, StepStats
-from .evaluation import PopulationError, PopulationScores, Processes, evaluate_population
+from .evaluation import PopulationScores, evaluate_population
 from .master import MasterWeights
 from .noise import GaussianNoise, derive_seed
 from .params import select_parameters
@@ -14,6 +14,7 @@ from .perturbations import (
     build_perturbation,
 )
 from .population import Member, Population
+from .processes import PopulationError, Processes
 from .scales import relative_scales
 from .shaping import FITNESS_SHAPING, centered_rank, evidence_zscore, zscore
 from .start import StartWeights

@@ -120,7 +120,9 @@ class EvolutionStrategy:
         return self.start
 
     def members(self, step: int) -> list[Member]:
-        return self.population.members(step)
+        members = self.population.members(step)
+        self.perturbation.prepare(members)
+        return members
 
     def perturbed(self, member: Member) -> AbstractContextManager[None]:
         return self.perturbation.apply(member)

@@ -16,15 +16,22 @@ from .params import require_every
 
 class MasterWeights:
     """Copies of ``params``; with ``only_low_precision`` just of those not stored in fp32 (when nothing perturbs the
-    weights in place, fp32 weights need no restore source and take their updates directly)."""
+    weights in place, fp32 weights need no restore source and take their updates directly). ``shared``: fp32 tensors
+    someone else keeps of the same values (DeepSpeed's fp32 partitions), used as the copies instead of new ones, with
+    their values (more exact than the weights' rounding)."""
 
     def __init__(
         self,
         params: Mapping[str, torch.nn.Parameter],
         device: torch.device | str | None = None,
         only_low_precision: bool = False,
+        shared: Mapping[str, torch.Tensor] | None = None,
     ):
         self.params = dict(params)
+        if shared is not None:
+            require_every(self.params, shared, "the shared fp32 copies")
+            self.copies = {name: shared[name] for name in self.params}
+            return
         with torch.no_grad():
             self.copies = {
                 name: p.detach().to(device=device or p.device, dtype=torch.float32, copy=True)

@@ -24,18 +24,34 @@ def outside_autocast(tensor: torch.Tensor):
     return nullcontext()
 
 
-class CastCache:
-    """fp32 tensors of one population step, cast once per (dtype, device) the forward passes ask for."""
+class CastBuffers:
+    """Per key (an evolved tensor and what is kept of it), a tensor kept across steps and refilled in place, so that a
+    compiled forward reads the same tensors at every step; beside each fp32 one, its casts to the dtypes and devices
+    forward passes asked for, refilled with it."""
 
-    def __init__(self, tensor: torch.Tensor):
-        self.fp32 = tensor
-        self._cast: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+    def __init__(self):
+        self.values: dict[str, torch.Tensor] = {}
+        self._casts: dict[str, dict[tuple[torch.dtype, torch.device], torch.Tensor]] = {}
 
-    def like(self, other: torch.Tensor) -> torch.Tensor:
-        key = (other.dtype, other.device)
-        if key not in self._cast:
-            self._cast[key] = self.fp32.to(device=other.device, dtype=other.dtype)
-        return self._cast[key]
+    def fill(self, key: str, value: torch.Tensor) -> None:
+        kept = self.values.get(key)
+        if kept is None or kept.shape != value.shape or kept.dtype != value.dtype or kept.device != value.device:
+            self.values[key], self._casts[key] = value, {}
+            return
+        kept.copy_(value)
+        for cast in self._casts[key].values():
+            cast.copy_(value)
+
+    def like(self, key: str, other: torch.Tensor) -> torch.Tensor:
+        """The values of ``key`` in ``other``'s dtype and device."""
+        value = self.values[key]
+        if value.dtype == other.dtype and value.device == other.device:
+            return value
+        casts = self._casts[key]
+        where = (other.dtype, other.device)
+        if where not in casts:
+            casts[where] = value.to(device=other.device, dtype=other.dtype)
+        return casts[where]
 
 
 def perturbed_value(master: torch.Tensor, noise: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:

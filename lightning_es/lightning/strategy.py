@@ -16,7 +16,7 @@ Replicated layout (default): every process holds the model, sees the same batch 
 one model partitioned by DeepSpeed, score every member together, each on its own part of the batch, and perturb and
 update only their slices (``engine.perturbations.ShardedPerturbation``), so the weights follow the replicated run's.
 
-Noise and step are absolute (``sigma`` and ``lr``; the ES-at-scale paper's 1e-3 and 5e-7 by default) or relative to
+Noise and step are absolute (``sigma`` and ``learning_rate``; the ES-at-scale paper's 1e-3 and 5e-7 by default) or relative to
 each tensor's scale (``relative_sigma`` and ``relative_learning_rate``, named as in ``ESConfig``;
 ``lightning_es.engine.scales``).
 
@@ -66,6 +66,14 @@ def _zero3_config(deepspeed_config: dict | str | os.PathLike) -> dict:
             "and 2 shard optimizer state and gradients, which ES does not have). Set it to 3, or drop deepspeed_config "
             "to replicate the model on every process."
         )
+    owned = sorted({"optimizer", "scheduler"} & set(deepspeed_config))
+    if owned:
+        raise ValueError(
+            f"deepspeed_config has {' and '.join(repr(k) for k in owned)}: ES takes its own step on the weights, so "
+            "DeepSpeed would keep an fp32 copy (and optimizer state) that ES never updates and that DeepSpeed's "
+            f"checkpoints would save as the weights. Remove {' and '.join(repr(k) for k in owned)}; set ES's step with "
+            "ESStrategy(learning_rate=...)."
+        )
     return {"train_micro_batch_size_per_gpu": 1, **deepspeed_config}
 
 
@@ -94,6 +102,11 @@ def _fitness_values(output) -> torch.Tensor:
     return value
 
 
+# the names ESStrategy's knobs had before they took ESConfig's
+RENAMED = {"lr": "learning_rate", "params": "es_params", "rank": "perturbation_rank", "anchor_decay": "es_anchor_decay",
+           "master_device": "es_master_device", "start_device": "es_start_device"}
+
+
 class ESStrategy(DDPStrategy):
     strategy_name = "es"
 
@@ -101,66 +114,73 @@ class ESStrategy(DDPStrategy):
         self,
         population_size: int = 32,
         sigma: float | None = None,
-        lr: float | None = None,
+        learning_rate: float | None = None,
         antithetic: bool = True,
         fitness_shaping: str | Callable[..., torch.Tensor] = "zscore",
-        params: str | list[str] | None = None,
+        es_params: str | list[str] | None = None,
         seed: int | None = None,
         perturbation: str = "full",
-        rank: int = 1,
-        anchor_decay: float = 0.0,
-        master_device: str | None = None,
+        perturbation_rank: int = 1,
+        es_anchor_decay: float = 0.0,
+        es_master_device: str | None = None,
         deepspeed_config: dict | str | os.PathLike | None = None,
         relative_sigma: float | None = None,
         relative_learning_rate: float | None = None,
-        start_device: str = "cpu",
+        es_start_device: str = "cpu",
         **kwargs,
     ):
-        """
+        """Every ES knob has the name of ``ESConfig``'s field for it.
+
         Args:
-            population_size, antithetic, fitness_shaping, perturbation, rank, anchor_decay, master_device,
-                start_device: as in ``lightning_es.EvolutionStrategy``.
+            population_size, antithetic, fitness_shaping, perturbation: as in ``lightning_es.EvolutionStrategy``.
             sigma: absolute noise scale (default 1e-3 unless ``relative_sigma`` is set).
-            lr: step size of the in-place update ``theta += lr * g`` with absolute noise (default 5e-7; unused when
-                ``configure_optimizers`` returns an optimizer: its learning rate applies).
+            learning_rate: step size of the in-place update ``theta += learning_rate * g`` with absolute noise
+                (default 5e-7; unused when ``configure_optimizers`` returns an optimizer: its learning rate applies).
             relative_sigma, relative_learning_rate: noise and in-place step as fractions of each tensor's scale
                 (``lightning_es.engine.scales``; ``relative_learning_rate`` defaults to
-                ``DEFAULT_RELATIVE_LEARNING_RATE``), as ``ESConfig``'s fields of the same names.
-            params: which parameters evolve (``select_parameters``): None for every trainable one, "all", "lora", or
-                regular expressions.
+                ``DEFAULT_RELATIVE_LEARNING_RATE``).
+            es_params: which parameters evolve (``select_parameters``): None for every trainable one, "all", "lora",
+                or regular expressions.
+            perturbation_rank: rank of ``perturbation="lowrank"``'s noise.
+            es_anchor_decay, es_master_device, es_start_device: ``EvolutionStrategy``'s ``anchor_decay`` and
+                ``start_device``, and where the fp32 master copy lives.
             seed: noise seed; None takes ``seed_everything``'s seed (``PL_GLOBAL_SEED``), else 0.
             deepspeed_config: a DeepSpeed config (dict or JSON path) with ZeRO stage 3 for the sharded layout.
             kwargs: passed to ``DDPStrategy`` (``process_group_backend``, ``timeout``, ``start_method``, ...).
         """
+        renamed = {old: new for old, new in RENAMED.items() if old in kwargs}
+        if renamed:
+            raise TypeError("ESStrategy's knobs have ESConfig's names: " + ", ".join(
+                f"{old}= is {new}=" for old, new in renamed.items()) + ".")
         kwargs.setdefault("checkpoint_io", AtomicCheckpointIO())
         super().__init__(**kwargs)
         relative = relative_sigma is not None
         if relative:
-            for name, value in (("sigma", sigma), ("lr", lr)):
+            for name, value in (("sigma", sigma), ("learning_rate", learning_rate)):
                 if value is not None:
                     raise ValueError(
                         f"ESStrategy got relative_sigma={relative_sigma} (relative noise and step) and {name}={value} "
                         "(absolute): set one of the two units (relative_sigma with relative_learning_rate, or sigma "
-                        "with lr).")
+                        "with learning_rate).")
             if relative_learning_rate is None:
                 relative_learning_rate = DEFAULT_RELATIVE_LEARNING_RATE
             check_relative(relative_sigma, relative_learning_rate)
-            sigma, lr = relative_sigma, relative_learning_rate
+            sigma, learning_rate = relative_sigma, relative_learning_rate
         elif relative_learning_rate is not None:
             raise ValueError(f"relative_learning_rate={relative_learning_rate} is the step of relative noise: set "
-                             "relative_sigma too, or lr for absolute units.")
+                             "relative_sigma too, or learning_rate for absolute units.")
         else:
             sigma = 1e-3 if sigma is None else sigma
-            lr = 5e-7 if lr is None else lr
+            learning_rate = 5e-7 if learning_rate is None else learning_rate
         if isinstance(fitness_shaping, str):
             get_fitness_shaping(fitness_shaping)  # an unknown name fails here, not at the first step
         self.es_options = dict(
-            population_size=population_size, lr=lr, antithetic=antithetic, fitness_shaping=fitness_shaping,
-            anchor_decay=anchor_decay, start_device=start_device,
+            population_size=population_size, lr=learning_rate, antithetic=antithetic, fitness_shaping=fitness_shaping,
+            anchor_decay=es_anchor_decay, start_device=es_start_device,
         )
-        self.perturbation_options = dict(kind=perturbation, sigma=sigma, rank=rank, master_device=master_device,
-                                         relative=relative)
-        self.params_spec = params
+        self.perturbation_options = dict(kind=perturbation, sigma=sigma, rank=perturbation_rank,
+                                         master_device=es_master_device, relative=relative)
+        self.params_spec = es_params
         self.seed = seed
         self.deepspeed_config = _zero3_config(deepspeed_config) if deepspeed_config is not None else None
         if self.deepspeed_config is not None and perturbation != "full":
@@ -236,6 +256,8 @@ class ESStrategy(DDPStrategy):
 
     def teardown(self) -> None:
         self._hf_deepspeed_config = None  # transformers no longer treats models made in this process as ZeRO-3 ones
+        if self.es is not None:
+            self.es.perturbation.close()
         super().teardown()
 
     @property
@@ -268,7 +290,7 @@ class ESStrategy(DDPStrategy):
             )
         if self.es_options["anchor_decay"] and self.has_optimizer:
             raise ValueError(
-                f"ESStrategy(anchor_decay={self.es_options['anchor_decay']}) pulls the in-place ES step towards the "
+                f"ESStrategy(es_anchor_decay={self.es_options['anchor_decay']}) pulls the in-place ES step towards the "
                 "starting weights, but configure_optimizers returned an optimizer, which takes the step instead. Use "
                 "the optimizer's weight decay, or return None from configure_optimizers."
             )

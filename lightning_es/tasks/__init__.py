@@ -5,7 +5,8 @@
 - ``probes``: off-task prompts for drift measurements;
 - ``models``: a hub id, a local folder, or an embedded model (SmolLM2-135M-Instruct, Gemma-3-270M);
 - ``text``: prompts and completions in TRL's two formats; ``prompts_for`` asks a model without a chat template;
-- ``evaluation``: greedy task scores of a causal LM, shared across processes.
+- ``evaluation``: greedy task scores of a causal LM, shared across processes;
+- ``spread``: mean ± standard deviation over seeds, for the reports.
 """
 
 from .text import as_question, completion_text, prompts_for

@@ -2,6 +2,7 @@
 
     train_tiny.py --out RESULT.pt --output_dir DIR [--prompts_per_process 2] [--num_generations 2] [--dataset_size 6]
                   [--max_steps 3] [--save_steps N] [--resume CHECKPOINT] [--fail_on_process K] [--anchor_decay L]
+                  [--bf16_weights]
 
 RESULT.pt holds the final weights, logged rewards and update norms, the prompts scored at each step, the process
 count and the type of the model the Trainer trained. With --fail_on_process K, the reward function raises on process
@@ -21,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tiny import build_model, build_tokenizer  # noqa: E402
 
 from trl_ext import ESConfig, ESTrainer  # noqa: E402
+from trl_ext.callbacks import KLDriftCallback, ParameterDriftCallback  # noqa: E402
 
 PROMPTS = ["the quick", "what is 12", "count the", "brown fox", "lazy dog", "is 42", "jumps over", "apples and"]
 
@@ -38,12 +40,24 @@ def main():
     parser.add_argument("--fail_on_process", type=int, default=-1)
     parser.add_argument("--anchor_decay", type=float, default=0.0)
     parser.add_argument("--perturb_on_process", type=int, default=-1, help="start this process from other weights")
+    parser.add_argument("--drift", action="store_true", help="log drift/kl (exact) and the parameter drift every step")
+    # transformers refuses bf16=True on a host without a GPU unless use_cpu, which turns DeepSpeed off; weights loaded
+    # in bf16 give ZeRO-3 the layout bf16=True gives it on a GPU: bf16 partitions beside DeepSpeed's fp32 copy
+    parser.add_argument("--bf16_weights", action="store_true", help="load the model in bf16 (bf16=False)")
+    parser.add_argument("--unshared_deepspeed_copy", action="store_true",
+                        help="ES keeps its own master beside DeepSpeed's fp32 copy, as where that is on NVMe")
     parser.add_argument("--perturbation", default="full",
                         help="'full' (equal weights on every layout are a full-rank promise), 'lowrank', or 'default'")
     args = parser.parse_args()
 
+    if args.unshared_deepspeed_copy:
+        import lightning_es.engine.perturbations.sharded as sharded
+
+        sharded.deepspeed_fp32_partitions = lambda params, optimizer: None
     tokenizer = build_tokenizer()
     model = build_model(tokenizer)  # before ESConfig: under ZeRO-3 it would turn on zero.Init, another initialisation
+    if args.bf16_weights:
+        model.to(torch.bfloat16)
     dataset = Dataset.from_dict({"prompt": PROMPTS[: args.dataset_size]})
     config = ESConfig(
         output_dir=args.output_dir, max_steps=args.max_steps,
@@ -68,6 +82,9 @@ def main():
                 p.add_(torch.randn_like(p))
     try:
         trainer = ESTrainer(model, token_rate, args=config, train_dataset=dataset, processing_class=tokenizer)
+        if args.drift:
+            trainer.add_callback(KLDriftCallback(trainer, PROMPTS[:5], every_n_steps=1, estimator="exact"))
+            trainer.add_callback(ParameterDriftCallback(trainer, every_n_steps=1))
         trainer.train(resume_from_checkpoint=args.resume)
     except Exception as error:
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
@@ -87,6 +104,8 @@ def main():
             "weights": weights,
             "rewards": [h["reward"] for h in history if "reward" in h],
             "update_norms": [h["es/update_norm"] for h in history if "es/update_norm" in h],
+            "drift": [{k: v for k, v in h.items() if k.startswith("drift/")} for h in history
+                      if any(k.startswith("drift/") for k in h)],
             "prompts_per_step": scored,
             "processes": trainer.accelerator.num_processes,
             "trained_model_type": type(trainer.model_wrapped).__name__,

@@ -31,17 +31,19 @@ def build_perturbation(
     sharded: bool = False,
     copy_all: bool = False,
     relative: bool = False,
+    zero3_optimizer=None,
 ) -> Perturbation:
-    """``kind`` is ``"full"`` or ``"lowrank"``; ``sharded``: ``params`` are parameters of a DeepSpeed ZeRO-3 engine;
+    """``kind`` is ``"full"`` or ``"lowrank"``; ``sharded``: ``params`` are parameters of a DeepSpeed ZeRO-3 engine
+    (``zero3_optimizer``: the engine's optimizer, whose fp32 partitions then serve as ES's master copy);
     ``copy_all``: an fp32 master copy of every evolved weight (full-rank keeps one anyway), for an optimizer's step;
     ``relative``: noise relative to each tensor's scale at this moment (``engine.scales``), ``sigma`` a fraction of it."""
-    perturbation = _build(kind, params, sigma, model, rank, master_device, sharded, copy_all)
+    perturbation = _build(kind, params, sigma, model, rank, master_device, sharded, copy_all, zero3_optimizer)
     if relative:
         perturbation.set_scales(relative_scales(perturbation))
     return perturbation
 
 
-def _build(kind, params, sigma, model, rank, master_device, sharded, copy_all) -> Perturbation:
+def _build(kind, params, sigma, model, rank, master_device, sharded, copy_all, zero3_optimizer) -> Perturbation:
     if kind not in PERTURBATIONS:
         raise ValueError(f"perturbation must be one of {PERTURBATIONS}, got {kind!r}.")
     if sharded:
@@ -51,7 +53,7 @@ def _build(kind, params, sigma, model, rank, master_device, sharded, copy_all) -
                 "process's slices with full-rank noise. Set perturbation='full' (ESConfig's default is 'lowrank'), "
                 "or drop ZeRO-3."
             )
-        return ShardedPerturbation.from_zero3(params, sigma, master_device)
+        return ShardedPerturbation.from_zero3(params, sigma, master_device, optimizer=zero3_optimizer)
     if kind == "full":
         return FullRankPerturbation(params, sigma, master_device=master_device)
     if model is None:

@@ -68,6 +68,13 @@ class Perturbation:
     def numel(self, name: str) -> int:
         return self.shape(name).numel()
 
+    def prepare(self, members: Sequence[Member]) -> None:
+        """Called with each step's population before any of it is applied (a perturbation may keep what it draws for
+        these members until the update)."""
+
+    def close(self) -> None:
+        """Take off the model whatever applying members installed on it (the next use installs it again)."""
+
     def apply(self, member: Member) -> AbstractContextManager[None]:
         raise NotImplementedError
 

@@ -25,13 +25,15 @@ class FullRankPerturbation(Perturbation):
         sigma: float,
         noise: GaussianNoise | None = None,
         master_device: torch.device | str | None = None,
+        shared_master: Mapping[str, torch.Tensor] | None = None,
     ):
+        """``shared_master``: fp32 copies of the weights kept elsewhere, to serve as the master copy (``MasterWeights``)."""
         if not params:
             raise ValueError("params is empty: ES needs at least one parameter to evolve.")
         self.params = dict(params)
         self.sigma = sigma
         self.noise = noise or GaussianNoise()
-        self.master = MasterWeights(self.params, device=master_device)
+        self.master = MasterWeights(self.params, device=master_device, shared=shared_master)
 
     @contextmanager
     def apply(self, member: Member) -> Iterator[None]:

@@ -65,6 +65,32 @@ def zero3_shards(params: Mapping[str, torch.nn.Parameter]) -> tuple[dict[str, to
     return shards, layouts
 
 
+def deepspeed_fp32_partitions(params: Mapping[str, torch.nn.Parameter], optimizer) -> dict[str, torch.Tensor] | None:
+    """DeepSpeed's own fp32 copy of each ZeRO-3 partition of ``params``: views into the flat fp32 groups of its
+    ZeRO-3 optimizer (``fp32_partitioned_groups_flat``, at ``grad_position``), so that ES updates the copy DeepSpeed
+    checkpoints (and ``zero_to_fp32.py`` reads) instead of keeping a second one that DeepSpeed's tools never see.
+    None where there is none to share: no ZeRO-3 optimizer, a parameter outside its groups, groups swapped out to
+    NVMe, or fp32 weights, whose partitions are DeepSpeed's fp32 copy themselves."""
+    flats = getattr(optimizer, "fp32_partitioned_groups_flat", None)
+    positions = getattr(optimizer, "grad_position", None)
+    if not flats or positions is None:
+        return None
+    views = {}
+    for name, p in params.items():
+        try:
+            group, offset, numel = positions[optimizer.get_param_id(p)]
+        except (KeyError, AttributeError):
+            return None
+        flat = flats[group]
+        if flat.numel() < offset + numel or numel != p.ds_tensor.numel():  # swapped out: a placeholder
+            return None
+        view = flat.narrow(0, offset, numel)
+        if view.data_ptr() == p.ds_tensor.data_ptr():
+            return None
+        views[name] = view
+    return views
+
+
 def release_gathered(params) -> None:
     """Drop full copies that ZeRO-3 keeps around (persistent small parameters), so the next forward re-gathers the
     partitions ES has just written."""
@@ -81,22 +107,45 @@ class ShardedPerturbation(FullRankPerturbation):
     """
 
     def __init__(self, shards: Mapping[str, torch.Tensor], layouts: Mapping[str, ShardLayout], sigma: float,
-                 master_device: torch.device | str | None = None, partitioned=(), group=None):
+                 master_device: torch.device | str | None = None, partitioned=(), group=None,
+                 shared_master: Mapping[str, torch.Tensor] | None = None):
         self.layouts = dict(layouts)
         self.partitioned = list(partitioned)
         self.group = group
+        # one fp32 truth: DeepSpeed's partitions are the master (shared_master) or are kept in step with it
+        self.deepspeed_copies: dict[str, torch.nn.Parameter] = {}
         with torch.no_grad():  # DeepSpeed leaves a slice's padding uninitialised: zero it, as the noise there is
             for name, shard in shards.items():
                 shard.view(-1)[self.layouts[name].held:].zero_()
-        super().__init__(shards, sigma, noise=ShardedNoise(self.layouts), master_device=master_device)
+                if shared_master is not None:
+                    shared_master[name].view(-1)[self.layouts[name].held:].zero_()
+        super().__init__(shards, sigma, noise=ShardedNoise(self.layouts), master_device=master_device,
+                         shared_master=shared_master)
 
     @classmethod
     def from_zero3(cls, params: Mapping[str, torch.nn.Parameter], sigma: float,
-                   master_device: torch.device | str | None = None) -> "ShardedPerturbation":
-        """Over the partitions of ``params``, parameters of a DeepSpeed ZeRO-3 engine."""
+                   master_device: torch.device | str | None = None, optimizer=None) -> "ShardedPerturbation":
+        """Over the partitions of ``params``, parameters of a DeepSpeed ZeRO-3 engine; ``optimizer``: the engine's
+        ZeRO-3 optimizer, whose fp32 partitions then serve as the master copy (``deepspeed_fp32_partitions``)."""
         shards, layouts = zero3_shards(params)
         group = next(iter(params.values())).ds_process_group
-        return cls(shards, layouts, sigma, master_device, partitioned=params.values(), group=group)
+        shared = None if optimizer is None else deepspeed_fp32_partitions(params, optimizer)
+        perturbation = cls(shards, layouts, sigma, master_device, partitioned=params.values(), group=group,
+                           shared_master=shared)
+        if shared is None and getattr(optimizer, "fp32_partitioned_groups_flat", None):
+            perturbation.deepspeed_copies = dict(params)
+        return perturbation
+
+    def write_deepspeed_copies(self) -> None:
+        """Where DeepSpeed keeps an fp32 copy that could not serve as the master (swapped out to NVMe), write the
+        master into it before DeepSpeed checkpoints it, so that its checkpoint and ``zero_to_fp32.py`` hold the
+        current weights rather than the step-0 ones."""
+        from deepspeed.utils import safe_set_local_fp32_param
+
+        for name, p in self.deepspeed_copies.items():
+            safe_set_local_fp32_param(p, self.master[name])
+
+
 
     def written(self) -> None:
         release_gathered(self.partitioned)
