@@ -145,8 +145,6 @@ class ShardedPerturbation(FullRankPerturbation):
         for name, p in self.deepspeed_copies.items():
             safe_set_local_fp32_param(p, self.master[name])
 
-
-
     def written(self) -> None:
         release_gathered(self.partitioned)
 
