@@ -45,6 +45,17 @@ def generate(model, inputs, new_tokens: int):
                           top_k=None)
 
 
+def generate_population(perturbation, members, inputs, rows_per_call: int, generate_rows) -> None:
+    """Generate every member's copy of ``inputs`` through a low-rank ``perturbation``, at most ``rows_per_call`` rows
+    per call (``es_max_generation_rows``), in the engine's rounds; ``generate_rows(batch)`` generates one call's rows."""
+    from lightning_es.engine.processes import Processes
+
+    per_call = max(1, rows_per_call // len(next(iter(inputs.values()))))
+    for part in Processes().rounds(members, batched=True, members_per_round=per_call):
+        with perturbation.apply_population(part):
+            generate_rows({k: v.repeat(len(part), 1) for k, v in inputs.items()})
+
+
 def timed(function, repeats: int = 3) -> float:
     """Best of ``repeats`` wall times: the least disturbed run on a noisy machine."""
     best = float("inf")

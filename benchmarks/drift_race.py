@@ -32,12 +32,12 @@ import time
 from pathlib import Path
 
 from drift_race_report import ALWAYS_RACED, chosen, mean_train_reward, race_labels, render, steadiest
-from learning import REWARD_WEIGHTS, HeldOutCurve, task
+from learning import REWARD_WEIGHTS, HeldOutCurve, demonstrations, task
 from transformers import AutoTokenizer
 from trl import GRPOConfig, GRPOTrainer
 
 from lightning_es.drift import DriftProbe, parameter_delta, update_norm
-from lightning_es.tasks import gsm8k, prompts_for
+from lightning_es.tasks import prompts_for
 from lightning_es.tasks.models import resolve_model
 from lightning_es.tasks.probes import OFF_TASK_PROMPTS, answered
 from trl_ext import ESConfig, ESTrainer
@@ -56,9 +56,6 @@ EVAL_SEED = 2_000_003
 TRAIN_SIZE = 256
 PROBE_TOKENS = 32
 TUNING_SEED = 0
-# both tasks are answered as '#### <number>': a base model (Gemma-3-270M) is shown two answered problems first, without
-# which it marks none of its answers and neither method has a reward to learn from (SmolLM2 keeps its chat template)
-SHOWN = gsm8k.demonstrations("final_answer")
 SEEDS = (1, 2, 3)  # the race's, apart from the tuning seed, so that no run counts both in a choice and in the race
 COMMON = dict(max_completion_length=24, report_to="none", bf16=False, save_strategy="no", logging_steps=1,
               disable_tqdm=True, reward_weights=REWARD_WEIGHTS, max_steps=10_000)
@@ -150,12 +147,15 @@ def train(model_name: str, task_name: str, label: str, seed: int, phase: str, st
     if random_reward:
         common["reward_weights"] = None
     config = config_class(output_dir=tempfile.mkdtemp(prefix=f"race-{label}-"), seed=seed, **common, **settings)
-    trainer = trainer_class(path, reward_funcs, args=config, train_dataset=prompts_for(tokenizer, train_data, SHOWN),
+    # a base model (Gemma-3-270M) is shown two answered problems of the task first, without which it marks none of its
+    # answers and neither method has a reward to learn from (SmolLM2 keeps its chat template)
+    shown = demonstrations(task_name)
+    trainer = trainer_class(path, reward_funcs, args=config, train_dataset=prompts_for(tokenizer, train_data, shown),
                             processing_class=tokenizer)
     model = trainer.accelerator.unwrap_model(trainer.model)
     probe = DriftProbe(model, tokenizer, answered(model, tokenizer, max_new_tokens=PROBE_TOKENS), estimator="exact",
                        batch_size=len(OFF_TASK_PROMPTS))
-    scored = None if phase == "diagnose" else prompts_for(tokenizer, held_out, SHOWN)
+    scored = None if phase == "diagnose" else prompts_for(tokenizer, held_out, shown)
     curve = DriftCurve(trainer, probe, scored, rewards, at_seconds=MARKS[model_name] if phase == "race" else (),
                        budget_seconds=None if max_steps else BUDGETS[model_name],
                        max_new_tokens=COMMON["max_completion_length"], start=start)

@@ -4,27 +4,38 @@
     python benchmarks/es_memory.py --model smollm2 --processes 2    # an ESTrainer step on each of 2 processes
 
 Each variant runs in a fresh process; the figure is that process's peak resident memory (CPU) or peak allocated
-accelerator memory (CUDA), so variants do not see each other's allocations. With --processes K, an ESTrainer step
+accelerator memory (CUDA) from the moment the model is loaded, so variants see neither each other's allocations nor
+the loading's. With --processes K, an ESTrainer step
 (replicated layout) runs under `accelerate launch --multi_gpu --num_processes K` and every process reports its peak.
 """
 
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
 
 import torch
 
-from common import encode, generate, load
+from common import encode, generate, generate_population, load
+
+
+def reset_peak() -> None:
+    """Count the peak from now on, so that loading the model (which briefly holds more than running it) is left out:
+    CUDA's counter, or the kernel's resident high-water mark (``/proc/self/clear_refs``, Linux)."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        return
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")
 
 
 def peak_megabytes() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
 
 
 def allocated_megabytes() -> float:
@@ -46,6 +57,7 @@ def run_variant(args):
     model, tokenizer = load(args.model)
     model.to(device)
     inputs = encode(tokenizer, args.prompts, device)
+    reset_peak()
     population_batch = {k: v.repeat(args.population, 1) for k, v in inputs.items()}
     if args.variant == "generate":
         generate(model, inputs, args.new_tokens)
@@ -72,11 +84,8 @@ def run_variant(args):
                                           rank=config.perturbation_rank, relative=config.relative_noise)
         es = EvolutionStrategy(perturbation, population_size=args.population, lr=config.es_learning_rate(config.learning_rate))
         members = es.members(0)
-        per_chunk = max(1, args.chunk_rows // args.prompts)
-        for start in range(0, len(members), per_chunk):
-            part = members[start:start + per_chunk]
-            with es.perturbation.apply_population(part):
-                generate(model, {k: v.repeat(len(part), 1) for k, v in inputs.items()}, args.new_tokens)
+        generate_population(es.perturbation, members, inputs, args.chunk_rows,
+                            lambda rows: generate(model, rows, args.new_tokens))
         es.step(0, torch.randn(args.population))
     elif args.variant == "generate_rows":  # plain generation of chunk_rows rows
         generate(model, {k: v.repeat(max(1, args.chunk_rows // args.prompts), 1) for k, v in inputs.items()},

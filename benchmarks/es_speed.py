@@ -31,7 +31,7 @@ import torch
 from datasets import Dataset
 from transformers import TrainerCallback
 
-from common import PROMPTS, load
+from common import PROMPTS, generate_population, load
 from es_memory import population_sweep
 from lightning_es.tasks import gsm8k, prompts_for
 from trl_ext import ESConfig, ESTrainer
@@ -69,7 +69,6 @@ class Interleaved(TrainerCallback):
         es, members = trainer.es, trainer.es.members(10_000 + state.global_step)  # seeds apart from training's
         rows = args.population_size
         population = {k: v.repeat(rows, 1).to(model.device) for k, v in inputs.items()}
-        chunk = max(1, (args.es_max_generation_rows or len(members) * len(texts)) // len(texts))
 
         def plain():  # under the precision the trainer generates with (autocast when bf16)
             with torch.no_grad(), trainer.accelerator.autocast():
@@ -77,11 +76,9 @@ class Interleaved(TrainerCallback):
 
         def iteration():
             with torch.no_grad(), trainer.accelerator.autocast():
-                for start in range(0, len(members), chunk):
-                    part = members[start:start + chunk]
-                    rows_of = {k: v.repeat(len(part), 1).to(model.device) for k, v in inputs.items()}
-                    with es.perturbation.apply_population(part):
-                        model.generate(**rows_of, generation_config=trainer.generation_config)
+                generate_population(es.perturbation, members, inputs.to(model.device),
+                                    args.es_max_generation_rows or len(members) * len(texts),
+                                    lambda rows: model.generate(**rows, generation_config=trainer.generation_config))
             es.step(10_000 + state.global_step, torch.randn(len(members)))
 
         for name, variant in (("generate", plain), ("iteration", iteration)):

@@ -20,6 +20,7 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, Qwen2Config
 
+from common import generate_population
 from es_speed import measure
 from lightning_es import EvolutionStrategy, build_perturbation, select_parameters
 
@@ -67,11 +68,8 @@ def at_scale(model, tokenizer, population: int, prompt_count: int, new_tokens: i
     torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
     with torch.no_grad():
-        for start in range(0, population, per_call):
-            part = members[start:start + per_call]
-            with es.perturbation.apply_population(part):
-                model.generate(**{k: v.repeat(len(part), 1) for k, v in inputs.items()}, max_new_tokens=new_tokens,
-                               min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+        generate_population(perturbation, members, inputs, chunk_rows, lambda rows: model.generate(
+            **rows, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0))
     es.step(0, torch.randn(population))
     seconds = time.perf_counter() - started
     perturbation.close()

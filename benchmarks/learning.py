@@ -47,6 +47,25 @@ def arithmetic(size: int, seed: int):
     return gsm8k.to_prompts([p["question"] for p in problems], [p["answer"] for p in problems], "final_answer")
 
 
+# two answered problems of the task itself, shown to a base model before each question (``prompts_for``): shown
+# GSM8K's word problems instead, Gemma-3-270M copied their answer, '#### 12', for 28 of 64 sums
+ARITHMETIC_QUESTION = "State the final answer to the following arithmetic problem: {} ="
+ARITHMETIC_SHOWN = (("3 + 5", "8"), ("7 - 9", "-2"))
+
+
+def demonstrations(name: str) -> list[tuple[str, str]]:
+    """The (question, answer) pairs a model without a chat template is shown before each question of task ``name``."""
+    if name == "gsm8k":
+        return gsm8k.demonstrations("final_answer")
+    if name == "arithmetic":
+        shown = gsm8k.to_prompts([ARITHMETIC_QUESTION.format(q) for q, _ in ARITHMETIC_SHOWN],
+                                 [a for _, a in ARITHMETIC_SHOWN], "final_answer")
+        return [(prompt[0]["content"], f"#### {answer}") for prompt, answer in zip(shown["prompt"], shown["answer"])]
+    if name == "countdown":
+        return list(countdown.DEMONSTRATIONS)
+    raise ValueError(f"task must be 'gsm8k', 'arithmetic' or 'countdown', got {name!r}.")
+
+
 def weighted(scores: dict[str, float]) -> float:
     return REWARD_WEIGHTS[0] * scores["accuracy"] + REWARD_WEIGHTS[1] * scores["format"]
 

@@ -135,3 +135,35 @@ def test_the_race_waits_for_its_tuning_and_a_changed_setting_refuses_old_runs():
     with pytest.raises(SystemExit, match="es-before"):
         drift_race.check_unchanged([saved])
     drift_race.check_unchanged([{**saved, "budget_seconds": drift_race.BUDGETS[saved["model"]]}])
+
+
+@pytest.mark.parametrize("task_name", ["gsm8k", "arithmetic", "countdown"])
+def test_a_base_model_is_shown_answered_problems_of_the_task_it_is_asked(tokenizer, task_name):
+    """Shown GSM8K's word problems before sums, Gemma-3-270M copied their answers: each task's demonstrations are
+    questions of that task, as its prompts ask them, answered in full by its own rewards."""
+    from learning import demonstrations, task
+
+    from lightning_es.tasks import prompts_for
+
+    def instruction(text):  # what the task asks after the question: its last line, or Countdown's later sentences
+        return text.split("\n")[-1] if "\n" in text else text.split(". ", 1)[1]
+
+    _, held_out, rewards = task(task_name, train_size=4, eval_size=4)
+    question = held_out[0]["prompt"][0]["content"]
+    shown = demonstrations(task_name)
+    assert len(shown) == 2
+    for asked, answer in shown:
+        assert instruction(asked) == instruction(question)
+        if task_name == "arithmetic":
+            assert asked.split(": ")[0] == question.split(": ")[0]
+            problem = asked.split(": ")[1].split(" =")[0]
+            extra = {"answer": [str(eval(problem))]}  # noqa: S307 - digits and one operator, written above
+        elif task_name == "countdown":
+            extra = {"numbers": [[int(n) for n in asked.split("[")[1].split("]")[0].split(",")]],
+                     "target": [int(asked.split("equals ")[1].split(".")[0])]}
+        else:
+            continue  # GSM8K's answers are checked in test_tasks
+        assert [reward([answer], **extra) for reward in rewards.values()] == [[1.0], [1.0]]
+    tokenizer.chat_template = None
+    prompt = prompts_for(tokenizer, held_out, shown)["prompt"][0]
+    assert prompt.count("Question: ") == 3 and prompt.endswith(f"Question: {question}\nAnswer:")
