@@ -238,13 +238,14 @@ def _summed(es, sums: torch.Tensor) -> list[float]:
 
 
 def sharded_parameter_drift(es, threshold: float = 1e-6) -> dict[str, float]:
-    """``parameter_drift``'s values for ZeRO-3 slices, from ES's fp32 master copy against its start weights, summed
-    over the processes (padding left out); relative to the start norm of the evolved parameters."""
+    """``parameter_drift``'s values for ZeRO-3 slices: the weights as the model holds them (in its dtype, as unsharded)
+    against the start weights, summed over the processes (padding left out); relative to the start norm of the evolved
+    parameters."""
     kinds = sorted({layer_type(name) for name in es.params})
     sums = torch.zeros(3 + len(kinds), dtype=torch.float64)  # |delta|^2, |start|^2, moved, |delta|^2 per kind
     for name in es.params:
         start = es.perturbation.real(name, es.start.value(name))
-        delta = es.perturbation.real(name, es.master.value(name)) - start
+        delta = es.perturbation.real(name, es.params[name].detach()) - start
         squared = delta.double().pow(2).sum().cpu()
         sums[0] += squared
         sums[1] += start.double().pow(2).sum().cpu()
