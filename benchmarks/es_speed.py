@@ -1,9 +1,9 @@
 """What an ES iteration costs against plain generation of the same rows, as users run it.
 
-    python benchmarks/es_speed.py --model smollm2 [--repeats 5] [--compile] [--out docs/reports/speed]
+    python benchmarks/es_speed.py --model smollm2 [--repeats 5] [--compile] [--profile] [--out docs/reports/speed]
 
-Everything runs with ``ESConfig``'s defaults (8 members, rank-4 noise relative to each tensor, 2 prompts, greedy
-members), at two pinned shapes: ``short``, 8 members x 2 of the benchmark's short prompts x 24 tokens, and
+Everything runs with ``ESConfig``'s defaults (rank-4 noise relative to each tensor, 2 prompts, greedy members), at two
+pinned shapes: ``short``, 8 members x 2 of the benchmark's short prompts x 24 tokens, and
 ``main_job``, the README main job's task (2 GSM8K-style prompts of the recipe x 8 members x 24 tokens). Per shape and
 decoding (eager; and compiled with ``--compile``, i.e. ``torch_compile=True``), an ``ESTrainer`` trains and, after
 each of its steps, the two other variants run on the same model, so that the three are interleaved:
@@ -21,7 +21,9 @@ iteration against plain generation of one chunk for populations of 8 to 64 membe
 """
 
 import argparse
+import cProfile
 import json
+import pstats
 import statistics
 import tempfile
 import time
@@ -54,12 +56,24 @@ def constant_reward(completions, **kwargs):
 class Interleaved(TrainerCallback):
     """After every trainer step: time plain generation and the engine's iteration of the step's rows."""
 
-    def __init__(self, trainer: ESTrainer, warmup: int):
+    def __init__(self, trainer: ESTrainer, warmup: int, repeats: int, profile: bool = False):
         self.trainer = trainer
-        self.warmup = warmup
+        self.timed = range(warmup + 1, warmup + repeats + 1)  # the steps timed; one more after them when profiled
         self.times = {"generate": [], "iteration": []}
+        self.profile = profile  # the step after the timed ones: where the time goes (see ``profiled``)
+        self.profiles = {}
+        self.python = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.profile and state.global_step + 1 > self.timed[-1]:
+            self.python = cProfile.Profile()
+            self.python.enable()
 
     def on_step_end(self, args, state, control, **kwargs):
+        if self.python is not None:  # the trainer step just profiled, before the variants run
+            self.python.disable()
+            self.profiles["trainer_step_python"] = slowest_functions(self.python)
+            self.python = None
         trainer = self.trainer
         model = trainer.accelerator.unwrap_model(trainer.model)
         batch = trainer.train_dataset.select(range(args.per_device_train_batch_size))
@@ -84,26 +98,54 @@ class Interleaved(TrainerCallback):
         for name, variant in (("generate", plain), ("iteration", iteration)):
             started = time.perf_counter()
             variant()
-            if state.global_step > self.warmup:
+            if state.global_step in self.timed:
                 self.times[name].append(time.perf_counter() - started)
+        if self.profile and state.global_step > self.timed[-1]:
+            self.profiles["operators"] = profiled(plain, iteration)
+
+
+def profiled(plain, iteration, top: int = 15) -> dict:
+    """The operators an iteration runs beyond plain generation of its rows (torch.profiler, CPU): how many more calls
+    and how much more self time, in all and for the ``top`` operators with the most extra time."""
+    tables = {}
+    for name, variant in (("generate", plain), ("iteration", iteration)):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+            variant()
+        tables[name] = {e.key: (e.count, e.self_cpu_time_total / 1e3) for e in profile.key_averages()}
+    extra = {op: (calls - tables["generate"].get(op, (0, 0.0))[0], ms - tables["generate"].get(op, (0, 0.0))[1])
+             for op, (calls, ms) in tables["iteration"].items()}
+    return {"calls": {name: sum(c for c, _ in t.values()) for name, t in tables.items()},
+            "self_ms": {name: sum(ms for _, ms in t.values()) for name, t in tables.items()},
+            "extra": [{"operator": op, "calls": calls, "self_ms": ms}
+                      for op, (calls, ms) in sorted(extra.items(), key=lambda kv: -kv[1][1])[:top]]}
+
+
+def slowest_functions(profile: cProfile.Profile, top: int = 25) -> list[dict]:
+    """The ``top`` Python functions of a profiled trainer step by cumulative time."""
+    stats = pstats.Stats(profile).sort_stats("cumulative")
+    rows = []
+    for (file, line, function), (_, calls, _, cumulative, _) in list(stats.stats.items()):
+        rows.append({"function": f"{Path(file).name}:{line}({function})", "calls": calls, "cumulative_s": cumulative})
+    return sorted(rows, key=lambda r: -r["cumulative_s"])[:top]
 
 
 def measure(model, tokenizer, dataset: Dataset, compiled: bool, repeats: int, warmup: int, new_tokens: int = NEW_TOKENS,
-            **settings) -> dict:
+            profile: bool = False, **settings) -> dict:
     """Interleaved timings of the three variants on ``model`` (``settings``: ESConfig fields beyond its defaults)."""
-    config = ESConfig(output_dir=tempfile.mkdtemp(prefix="es-speed-"), max_steps=warmup + repeats, report_to="none",
+    config = ESConfig(output_dir=tempfile.mkdtemp(prefix="es-speed-"), max_steps=warmup + repeats + profile,
+                      report_to="none",
                       save_strategy="no", disable_tqdm=True, logging_steps=1, torch_compile=compiled,
                       use_cpu=not torch.cuda.is_available(),  # transformers refuses bf16 on a CPU host otherwise
                       max_completion_length=new_tokens,
                       generation_kwargs={"min_new_tokens": new_tokens, **settings.pop("generation_kwargs", {})},
                       **settings)
     trainer = ESTrainer(model, constant_reward, args=config, train_dataset=dataset, processing_class=tokenizer)
-    interleaved = Interleaved(trainer, warmup)
+    interleaved = Interleaved(trainer, warmup, repeats, profile)
     trainer.add_callback(interleaved)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
-    steps = [e["step_time"] for e in trainer.state.log_history if "step_time" in e][warmup:]
+    steps = [e["step_time"] for e in trainer.state.log_history if "step_time" in e][warmup:warmup + repeats]
     times = {**interleaved.times, "trainer_step": steps}
     rows = config.population_size * config.per_device_train_batch_size
     result = {"rows": rows, "new_tokens": new_tokens, "seconds": {name: statistics.median(t) for name, t in times.items()},
@@ -113,7 +155,19 @@ def measure(model, tokenizer, dataset: Dataset, compiled: bool, repeats: int, wa
         result[f"{name}_vs_generate"] = {"median": statistics.median(ratios), "min": ratios[0], "max": ratios[-1]}
     if torch.cuda.is_available():
         result["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    if profile:
+        result["profile"] = interleaved.profiles
     return result
+
+
+def print_profile(profile: dict) -> None:
+    operators = profile["operators"]
+    print(f"  operator calls: generate {operators['calls']['generate']}, iteration {operators['calls']['iteration']}; "
+          f"self time {operators['self_ms']['generate']:.0f} ms, {operators['self_ms']['iteration']:.0f} ms")
+    for row in operators["extra"][:8]:
+        print(f"  iteration's extra {row['operator']}: {row['calls']} calls, {row['self_ms']:.0f} ms")
+    for row in profile["trainer_step_python"][:12]:
+        print(f"  trainer step {row['function']}: {row['calls']} calls, {row['cumulative_s']:.2f} s")
 
 
 def main():
@@ -123,6 +177,9 @@ def main():
     parser.add_argument("--warmup", type=int, default=2, help="Steps left out first (compilation, caches).")
     parser.add_argument("--compile", action="store_true", help="Also with torch_compile=True (compiled decoding).")
     parser.add_argument("--memory_chunk", type=int, default=16, help="es_max_generation_rows of the memory sweep.")
+    parser.add_argument("--profile", action="store_true",
+                        help="One more step per shape, profiled: the operators an iteration adds to plain generation, "
+                             "and the trainer step's slowest Python functions (in result.json).")
     parser.add_argument("--out", help="Write result.json here.")
     args = parser.parse_args()
     use_all_cpu_cores()
@@ -131,16 +188,19 @@ def main():
         for compiled in (False, True) if args.compile else (False,):
             key = f"{shape}/{'compiled' if compiled else 'eager'}"
             model, tokenizer = load(args.model)
-            # short: ESConfig's defaults as they are (TRL's bf16 included); main job: as the recipe sets them
-            settings = {} if shape == "short" else {"bf16": False}
+            # short: ESConfig's defaults as they are (TRL's bf16 included) at 8 members, pinned so that figures
+            # compare across changes of the default; main job: as the recipe sets them
+            settings = {"population_size": 8} if shape == "short" else {"bf16": False}
             results[key] = measure(model, tokenizer, prompts(shape, tokenizer), compiled, args.repeats, args.warmup,
-                                   **settings)
+                                   profile=args.profile, **settings)
             r = results[key]
             print(f"{key}: {r['rows']} rows x {NEW_TOKENS} tokens: generate {r['seconds']['generate']:.2f} s, "
                   f"iteration {r['seconds']['iteration']:.2f} s ({r['iteration_vs_generate']['median']:.3f} x, "
                   f"{r['iteration_vs_generate']['min']:.3f}-{r['iteration_vs_generate']['max']:.3f}), trainer step "
                   f"{r['seconds']['trainer_step']:.2f} s ({r['trainer_step_vs_generate']['median']:.3f} x, "
                   f"{r['trainer_step_vs_generate']['min']:.3f}-{r['trainer_step_vs_generate']['max']:.3f})", flush=True)
+            if args.profile:
+                print_profile(r["profile"])
     memory = population_sweep(args.model, (8, 16, 32, 64), prompts=2, new_tokens=NEW_TOKENS, chunk_rows=args.memory_chunk)
     for row in memory["populations"]:
         print(f"memory: population {row['population']}, chunks of {args.memory_chunk} rows: peak {row['peak_mb']:.0f} MB "
