@@ -46,8 +46,9 @@ def generate(model, inputs, new_tokens: int):
 
 
 def generate_population(perturbation, members, inputs, rows_per_call: int, generate_rows) -> None:
-    """Generate every member's copy of ``inputs`` through a low-rank ``perturbation``, at most ``rows_per_call`` rows
-    per call (``es_max_generation_rows``), in the engine's rounds; ``generate_rows(batch)`` generates one call's rows."""
+    """Generate every member's copy of ``inputs`` through a batched ``perturbation`` (``apply_population``), at most
+    ``rows_per_call`` rows per call (``es_max_generation_rows``), in the engine's rounds; ``generate_rows(batch)``
+    generates one call's rows."""
     from lightning_es.engine.processes import Processes
 
     per_call = max(1, rows_per_call // len(next(iter(inputs.values()))))

@@ -4,14 +4,16 @@
     python benchmarks/es_memory.py --model smollm2 --processes 2    # an ESTrainer step on each of 2 processes
 
 Each variant runs in a fresh process; the figure is that process's peak resident memory (CPU) or peak allocated
-accelerator memory (CUDA) from the moment the model is loaded, so variants see neither each other's allocations nor
-the loading's. With --processes K, an ESTrainer step
+accelerator memory (CUDA) counted from the resident set once the model is loaded (where Linux's
+``/proc/self/clear_refs`` allows; else from the process's start, loading included), so variants do not see each
+other's allocations and loading's transient peak is left out. With --processes K, an ESTrainer step
 (replicated layout) runs under `accelerate launch --multi_gpu --num_processes K` and every process reports its peak.
 """
 
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -27,15 +29,22 @@ def reset_peak() -> None:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
         return
-    with open("/proc/self/clear_refs", "w") as refs:
-        refs.write("5")
+    try:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+    except OSError:
+        print("es_memory: cannot reset the resident high-water mark here; peaks include loading the model",
+              file=sys.stderr)
 
 
 def peak_megabytes() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def allocated_megabytes() -> float:
@@ -53,7 +62,9 @@ def run_variant(args):
 
     from lightning_es import EvolutionStrategy, build_perturbation, select_parameters
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(device)  # each process's peak is read on its own device
     model, tokenizer = load(args.model)
     model.to(device)
     inputs = encode(tokenizer, args.prompts, device)

@@ -4,7 +4,7 @@
 
 Everything runs with ``ESConfig``'s defaults (rank-4 noise relative to each tensor, 2 prompts, greedy members), at two
 pinned shapes: ``short``, 8 members x 2 of the benchmark's short prompts x 24 tokens, and
-``main_job``, the README main job's task (2 GSM8K-style prompts of the recipe x 8 members x 24 tokens). Per shape and
+``main_job``, the README main job's task (2 GSM8K-style prompts of the recipe x ESConfig's members x 24 tokens). Per shape and
 decoding (eager; and compiled with ``--compile``, i.e. ``torch_compile=True``), an ``ESTrainer`` trains and, after
 each of its steps, the two other variants run on the same model, so that the three are interleaved:
 
@@ -14,7 +14,10 @@ each of its steps, the two other variants run on the same model, so that the thr
 - ``trainer_step``: the whole ``ESTrainer`` step, as it logs ``step_time`` (rewards, logging and all).
 
 Every row generates exactly 24 tokens in all three. Printed: the median seconds and, per step, the ratios to
-``generate`` (median and range). ``--out DIR`` writes ``result.json``: ``iteration_vs_generate`` and
+``generate`` (median and range). ``--profile`` adds one step per shape and decoding, after the timed ones, with each
+variant run once under ``torch.profiler`` (the operators an iteration adds to plain generation: events and self time)
+and the trainer step under ``cProfile`` (its slowest Python functions), kept under ``profile`` in each shape's figures.
+``--out DIR`` writes ``result.json``: ``iteration_vs_generate`` and
 ``trainer_step_vs_generate`` (medians, short shape, eager) first, every shape's figures, and the peak memory of an ES
 iteration against plain generation of one chunk for populations of 8 to 64 members at a fixed chunk
 (``es_memory.population_sweep``): what grows with the population is the factors of the step, not the KV cache.
@@ -58,14 +61,15 @@ class Interleaved(TrainerCallback):
 
     def __init__(self, trainer: ESTrainer, warmup: int, repeats: int, profile: bool = False):
         self.trainer = trainer
-        self.timed = range(warmup + 1, warmup + repeats + 1)  # the steps timed; one more after them when profiled
+        self.timed = range(warmup + 1, warmup + repeats + 1)  # the steps timed
+        self.profiled_step = warmup + repeats + 1  # one more step, when profiled: where the time goes (``profiled``)
         self.times = {"generate": [], "iteration": []}
-        self.profile = profile  # the step after the timed ones: where the time goes (see ``profiled``)
+        self.profile = profile
         self.profiles = {}
         self.python = None
 
     def on_step_begin(self, args, state, control, **kwargs):
-        if self.profile and state.global_step + 1 > self.timed[-1]:
+        if self.profile and state.global_step + 1 == self.profiled_step:
             self.python = cProfile.Profile()
             self.python.enable()
 
@@ -92,29 +96,35 @@ class Interleaved(TrainerCallback):
             with torch.no_grad(), trainer.accelerator.autocast():
                 generate_population(es.perturbation, members, inputs.to(model.device),
                                     args.es_max_generation_rows or len(members) * len(texts),
-                                    lambda rows: model.generate(**rows, generation_config=trainer.generation_config))
+                                    lambda batch: model.generate(**batch, generation_config=trainer.generation_config))
             es.step(10_000 + state.global_step, torch.randn(len(members)))
 
+        if self.profile and state.global_step == self.profiled_step:
+            self.profiles["operators"] = profiled(plain, iteration)
+            return
         for name, variant in (("generate", plain), ("iteration", iteration)):
             started = time.perf_counter()
             variant()
             if state.global_step in self.timed:
                 self.times[name].append(time.perf_counter() - started)
-        if self.profile and state.global_step > self.timed[-1]:
-            self.profiles["operators"] = profiled(plain, iteration)
 
 
 def profiled(plain, iteration, top: int = 15) -> dict:
-    """The operators an iteration runs beyond plain generation of its rows (torch.profiler, CPU): how many more calls
-    and how much more self time, in all and for the ``top`` operators with the most extra time."""
+    """The operators an iteration runs beyond plain generation of its rows (torch.profiler): how many more profiler
+    events (nested operators count each) and how much more self time, in all and for the ``top`` operators with the
+    most extra time; the time is the device's where there is one (CUDA), else the CPU's."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
     tables = {}
     for name, variant in (("generate", plain), ("iteration", iteration)):
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        with torch.profiler.profile(activities=activities) as profile:
             variant()
-        tables[name] = {e.key: (e.count, e.self_cpu_time_total / 1e3) for e in profile.key_averages()}
+        tables[name] = {e.key: (e.count, (e.self_device_time_total if torch.cuda.is_available()
+                                          else e.self_cpu_time_total) / 1e3) for e in profile.key_averages()}
     extra = {op: (calls - tables["generate"].get(op, (0, 0.0))[0], ms - tables["generate"].get(op, (0, 0.0))[1])
              for op, (calls, ms) in tables["iteration"].items()}
-    return {"calls": {name: sum(c for c, _ in t.values()) for name, t in tables.items()},
+    return {"events": {name: sum(c for c, _ in t.values()) for name, t in tables.items()},
             "self_ms": {name: sum(ms for _, ms in t.values()) for name, t in tables.items()},
             "extra": [{"operator": op, "calls": calls, "self_ms": ms}
                       for op, (calls, ms) in sorted(extra.items(), key=lambda kv: -kv[1][1])[:top]]}
@@ -122,10 +132,8 @@ def profiled(plain, iteration, top: int = 15) -> dict:
 
 def slowest_functions(profile: cProfile.Profile, top: int = 25) -> list[dict]:
     """The ``top`` Python functions of a profiled trainer step by cumulative time."""
-    stats = pstats.Stats(profile).sort_stats("cumulative")
-    rows = []
-    for (file, line, function), (_, calls, _, cumulative, _) in list(stats.stats.items()):
-        rows.append({"function": f"{Path(file).name}:{line}({function})", "calls": calls, "cumulative_s": cumulative})
+    rows = [{"function": f"{Path(file).name}:{line}({function})", "calls": calls, "cumulative_s": cumulative}
+            for (file, line, function), (_, calls, _, cumulative, _) in pstats.Stats(profile).stats.items()]
     return sorted(rows, key=lambda r: -r["cumulative_s"])[:top]
 
 
@@ -162,10 +170,10 @@ def measure(model, tokenizer, dataset: Dataset, compiled: bool, repeats: int, wa
 
 def print_profile(profile: dict) -> None:
     operators = profile["operators"]
-    print(f"  operator calls: generate {operators['calls']['generate']}, iteration {operators['calls']['iteration']}; "
+    print(f"  profiler events: generate {operators['events']['generate']}, iteration {operators['events']['iteration']}; "
           f"self time {operators['self_ms']['generate']:.0f} ms, {operators['self_ms']['iteration']:.0f} ms")
     for row in operators["extra"][:8]:
-        print(f"  iteration's extra {row['operator']}: {row['calls']} calls, {row['self_ms']:.0f} ms")
+        print(f"  iteration's extra {row['operator']}: {row['calls']} events, {row['self_ms']:.0f} ms")
     for row in profile["trainer_step_python"][:12]:
         print(f"  trainer step {row['function']}: {row['calls']} calls, {row['cumulative_s']:.2f} s")
 
@@ -178,7 +186,7 @@ def main():
     parser.add_argument("--compile", action="store_true", help="Also with torch_compile=True (compiled decoding).")
     parser.add_argument("--memory_chunk", type=int, default=16, help="es_max_generation_rows of the memory sweep.")
     parser.add_argument("--profile", action="store_true",
-                        help="One more step per shape, profiled: the operators an iteration adds to plain generation, "
+                        help="One more step per shape and decoding, profiled: the operators an iteration adds to plain generation, "
                              "and the trainer step's slowest Python functions (in result.json).")
     parser.add_argument("--out", help="Write result.json here.")
     args = parser.parse_args()

@@ -13,8 +13,10 @@ import argparse
 import ast
 import tempfile
 
-from learning import REWARD_WEIGHTS, HeldOutCurve, append_jsonl, task
+from learning import REWARD_WEIGHTS, HeldOutCurve, append_jsonl, demonstrations, task
+from transformers import AutoTokenizer
 
+from lightning_es.tasks import prompts_for
 from lightning_es.tasks.models import resolve_model
 from trl_ext import ESConfig, ESTrainer
 from trl_ext.recipes import use_all_cpu_cores
@@ -38,12 +40,16 @@ def parse_settings(pairs: list[str]) -> dict:
 
 def run(args, seed: int, settings: dict, start: dict | None = None) -> list[dict]:
     train, held_out, rewards = task(args.task, args.train_size, args.eval_size)
+    path = resolve_model(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
+    # a model without a chat template is asked in plain text, after two answered problems of the task
+    train, held_out = (prompts_for(tokenizer, split, demonstrations(args.task)) for split in (train, held_out))
     config = ESConfig(
         output_dir=tempfile.mkdtemp(prefix="es-study-"), max_steps=args.max_steps, seed=seed, save_strategy="no",
         report_to="none", bf16=False, logging_steps=1, disable_tqdm=True, reward_weights=REWARD_WEIGHTS,
         **{**BASE, **settings},
     )
-    trainer = ESTrainer(resolve_model(args.model), list(rewards.values()), args=config, train_dataset=train)
+    trainer = ESTrainer(path, list(rewards.values()), args=config, train_dataset=train, processing_class=tokenizer)
     curve = HeldOutCurve(trainer, held_out, rewards, every_steps=args.eval_every, at_steps=args.eval_at,
                          start=start)
     trainer.add_callback(curve)

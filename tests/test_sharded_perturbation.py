@@ -78,23 +78,27 @@ def test_relative_scales_of_a_padded_slice_ignore_its_padding():
     assert torch.equal(scales["b"][:5], expected["b"]) and torch.count_nonzero(scales["b"][5:]) == 0
 
 
-def test_sharded_drift_measures_the_weights_as_the_model_holds_them():
+@pytest.mark.parametrize("world, rank", [(1, 0), (2, 1)])  # a whole tensor, and a last slice with padding
+def test_sharded_drift_measures_the_weights_as_the_model_holds_them(world, rank):
     """bf16 slices beside ES's fp32 master: the drift callbacks log the realised bf16 change, as they do unsharded,
     not the master's (a step below bf16's resolution moves the master and leaves many weights where they were)."""
     from trl_ext.callbacks import sharded_parameter_drift
 
     torch.manual_seed(0)
-    layouts = layouts_for(SHAPES, 1, 0)
+    layouts = layouts_for(SHAPES, world, rank)
     shards = {name: torch.nn.Parameter(torch.randn(layout.size).to(torch.bfloat16)) for name, layout in layouts.items()}
-    es = EvolutionStrategy(ShardedPerturbation(shards, layouts, sigma=0.1), population_size=6, lr=2e-3, seed=3)
-    start = {name: shard.detach().float().clone() for name, shard in shards.items()}
+    perturbation = ShardedPerturbation(shards, layouts, sigma=0.1)
+    es = EvolutionStrategy(perturbation, population_size=6, lr=2e-3, seed=3)
     es.keep_start()
+    start = {name: perturbation.real(name, shard.detach().float().clone()) for name, shard in shards.items()}
     es.step(0, torch.randn(6))
-    realised = {name: shards[name].detach().float() - start[name] for name in SHAPES}
-    intended = {name: es.master.value(name).float() - start[name] for name in SHAPES}
-    norm = sum(d.pow(2).sum() for d in realised.values()) ** 0.5
-    assert abs(norm - sum(d.pow(2).sum() for d in intended.values()) ** 0.5) > 1e-3 * norm  # rounding shows
-    drift = sharded_parameter_drift(es)
-    assert drift["drift/update_norm"] == pytest.approx(float(norm), rel=1e-6)
+    realised = {name: perturbation.real(name, shards[name].detach().float()) - start[name] for name in SHAPES}
+    intended = {name: perturbation.real(name, es.master.value(name)) - start[name] for name in SHAPES}
+    norm = float(sum(d.pow(2).sum() for d in realised.values()) ** 0.5)
+    assert abs(norm - float(sum(d.pow(2).sum() for d in intended.values()) ** 0.5)) > 1e-3 * norm  # rounding shows
+    drift = sharded_parameter_drift(es)  # one process: the sums over this slice
+    assert drift["drift/update_norm"] == pytest.approx(norm, rel=1e-6)
+    assert drift["drift/relative_norm"] == pytest.approx(
+        norm / float(sum(s.pow(2).sum() for s in start.values()) ** 0.5), rel=1e-6)
     moved = sum(int((d.abs() > 1e-6).sum()) for d in realised.values())
-    assert drift["drift/moved_fraction"] == pytest.approx(moved / 20)
+    assert drift["drift/moved_fraction"] == pytest.approx(moved / 20)  # of the whole tensors' 15 + 5 weights
