@@ -14,7 +14,8 @@ Both callbacks hold the same start weights, so they share the file.
 
 Under DeepSpeed ZeRO-3 (``ESTrainer``'s sharded layout) each process holds slices of the weights: the KL passes run on
 every process over all probes together (each forward gathers the weights, the start ones while they are swapped in),
-and the parameter drift is summed from each process's slices of ES's master copy and start weights.
+and the parameter drift is summed from each process's slices of the weights (in the model's dtype) and of the start
+weights.
 """
 
 import logging
