@@ -148,6 +148,40 @@ def accuracy_gain(runs: list[dict], model: str) -> dict | None:
     return second | {"accuracy_ratio": second["second_task"]["accuracy_ratio"][es]}
 
 
+def defaults_rule(results: dict) -> dict | None:
+    """The rule for ESConfig's new defaults, fixed (stop 24's note) before any Gemma run: ``es-pop16`` replaces
+    ``es-before`` if on every model it is no slower (``ratio``), drifts no more (``kl_ratio``) and gains no less
+    accuracy (``accuracy_ratio``); ``es-before`` stays if the reverse holds; if they trade off, the lower mean over the
+    models of ``ratio`` x ``kl_ratio`` wins. The geometric mean is given beside the stated (arithmetic) one: the
+    ratios' scales differ by orders of magnitude between models whose tuned GRPO barely moves and the others."""
+    before, candidate = ALWAYS_RACED
+    scores = {}
+    for model, result in results.items():
+        methods = (result or {}).get("methods", {})
+        accuracy = (result or {}).get("second_task", {}).get("accuracy_ratio") or {}
+        if any(label not in methods or "ratio" not in methods[label] or label not in accuracy
+               for label in ALWAYS_RACED):
+            return None
+        scores[model] = {label: {"ratio": methods[label]["ratio"], "kl_ratio": methods[label]["kl_ratio"],
+                                 "accuracy_ratio": accuracy[label],
+                                 "product": methods[label]["ratio"] * methods[label]["kl_ratio"]}
+                         for label in ALWAYS_RACED}
+
+    def dominates(a: str, b: str) -> bool:
+        return all(s[a]["ratio"] <= s[b]["ratio"] and s[a]["kl_ratio"] <= s[b]["kl_ratio"]
+                   and s[a]["accuracy_ratio"] >= s[b]["accuracy_ratio"] for s in scores.values())
+
+    means = {label: statistics.mean(s[label]["product"] for s in scores.values()) for label in ALWAYS_RACED}
+    geometric = {label: statistics.geometric_mean(s[label]["product"] for s in scores.values())
+                 for label in ALWAYS_RACED}
+    if dominates(candidate, before) or dominates(before, candidate):
+        winner, why = (candidate, "dominates") if dominates(candidate, before) else (before, "dominates")
+    else:
+        winner, why = min(means, key=means.get), "trade-off: lower mean of ratio x kl_ratio"
+    return {"scores": scores, "mean_product": means, "geometric_mean_product": geometric,
+            "winner": winner, "why": why, "geometric_winner": min(geometric, key=geometric.get)}
+
+
 def study_rows(runs: list[dict], phase: str, model: str, task: str) -> list[dict]:
     """Every setting run in ``phase`` on (model, task): its scores at the end of the budget over its seeds, and its
     training reward."""
@@ -220,9 +254,27 @@ def plot(runs: list[dict], results: dict, out: Path) -> None:
     plt.close(figure)
 
 
-def markdown(runs: list[dict], results: dict) -> str:
+def markdown(runs: list[dict], results: dict, rule: dict | None = None) -> str:
     lines = ["# The race: ES against a tuned GRPO", "",
              "Rebuilt by `python benchmarks/drift_race.py render` from `runs.jsonl` (one line per finished run).", ""]
+    if rule:
+        before, candidate = ALWAYS_RACED
+        lines += ["## ESConfig's defaults: the rule", "",
+                  f"`{candidate}` replaces `{before}` if on every model it is no slower (`ratio`), drifts no more "
+                  "(`kl_ratio`) and gains no less accuracy (`accuracy_ratio`), and the reverse; if they trade off, the "
+                  "lower mean over the models of `ratio` x `kl_ratio` wins (fixed before any Gemma run).", "",
+                  "| model | setting | ratio | kl_ratio | accuracy_ratio | ratio x kl_ratio |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for model, scores in rule["scores"].items():
+            for label, s in scores.items():
+                lines.append(f"| {model} | {label} | {s['ratio']:.2f} | {s['kl_ratio']:.3g} | "
+                             f"{s['accuracy_ratio']:.2f} | {s['product']:.3g} |")
+        lines += ["", f"Mean of ratio x kl_ratio: " + ", ".join(
+            f"{label} {value:.4g}" for label, value in rule["mean_product"].items())
+                  + "; geometric mean: " + ", ".join(
+            f"{label} {value:.4g}" for label, value in rule["geometric_mean_product"].items())
+                  + f". By the rule: **{rule['winner']}** ({rule['why']}); by the geometric mean: "
+                  f"{rule['geometric_winner']}.", ""]
     for model, result in results.items():
         lines += [f"## {model}", ""]
         if result:
@@ -289,8 +341,11 @@ def render(runs: list[dict], out: Path) -> dict:
     results = {model: race(runs, model) for model in models}
     headline = ("ratio", "kl_ratio", "accuracy_ratio")
     summary = {model: {k: result.get(k) for k in headline} | result for model, result in results.items() if result}
+    rule = defaults_rule(results)
+    if rule:
+        summary["defaults_rule"] = rule
     (out / "result.json").write_text(json.dumps(summary, indent=1))
-    (out / "report.md").write_text(markdown(runs, results))
+    (out / "report.md").write_text(markdown(runs, results, rule))
     plot(runs, results, out)
     print((out / "report.md").read_text())
     return summary

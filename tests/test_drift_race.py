@@ -8,7 +8,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from drift_race_report import at_seconds, chosen, moment, race, render, steadiest, study_rows  # noqa: E402
+from drift_race_report import (  # noqa: E402
+    at_seconds, chosen, defaults_rule, moment, race, render, steadiest, study_rows,
+)
 
 MODEL = "m"
 
@@ -97,6 +99,27 @@ def test_ratios_of_the_race(tmp_path):
     assert saved[MODEL]["ratio"] == pytest.approx(summary[MODEL]["ratio"])
     assert (tmp_path / "reward_vs_kl.png").stat().st_size > 0
     assert "es-before" in (tmp_path / "report.md").read_text()
+
+
+def raced(scores):
+    """A race result of ``{label: (ratio, kl_ratio, accuracy_ratio)}``, as ``race`` returns it."""
+    return {"methods": {label: {"ratio": r, "kl_ratio": k} for label, (r, k, _) in scores.items()},
+            "second_task": {"accuracy_ratio": {label: a for label, (_, _, a) in scores.items()}}}
+
+
+def test_the_defaults_rule_takes_a_setting_better_on_every_count_and_else_the_lower_mean_product():
+    better = {"a": raced({"es-before": (1.0, 2.0, 0.5), "es-pop16": (1.0, 1.0, 0.5)}),
+              "b": raced({"es-before": (2.0, 9.0, 0.1), "es-pop16": (1.5, 9.0, 0.2)})}
+    assert defaults_rule(better)["winner"] == "es-pop16" and defaults_rule(better)["why"] == "dominates"
+    # pop16 slower on "a" but drifting far less there; faster on "b" but drifting more: products 3 v 1.2, 10 v 20
+    trade = {"a": raced({"es-before": (1.0, 3.0, 0.5), "es-pop16": (1.2, 1.0, 0.9)}),
+             "b": raced({"es-before": (1.0, 10.0, 0.5), "es-pop16": (0.5, 40.0, 0.9)})}
+    rule = defaults_rule(trade)
+    assert rule["mean_product"] == pytest.approx({"es-before": 6.5, "es-pop16": 10.6})
+    assert rule["winner"] == "es-before" and rule["why"].startswith("trade-off")
+    assert rule["geometric_winner"] == "es-pop16"  # sqrt(1.2 x 20) < sqrt(3 x 10)
+    # a setting not yet raced on a model: no verdict
+    assert defaults_rule({"a": raced({"es-before": (1.0, 3.0, 0.5)}), "b": trade["b"]}) is None
 
 
 def test_a_grpo_that_learned_nothing_gives_no_ratio_and_says_why(tmp_path):
