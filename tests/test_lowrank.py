@@ -328,6 +328,14 @@ def test_layers_reading_one_input_project_it_together_and_every_population_compu
     first = logits(es, 0)
     logits(es, 1)
     assert torch.equal(logits(es, 0), first)
+    # each group's product is computed once per layer; o, on its own input, projects onto its own 2 columns only
+    widths = []
+    bmm = torch.bmm
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch, "bmm", lambda x, factors: widths.append(factors.shape[-1]) or bmm(x, factors))
+        logits(es, 0)
+    layers = model.config.num_hidden_layers
+    assert (widths.count(4 * 2), widths.count(2 * 2)) == (layers, layers)
     es.perturbation.close()
     alone = strategy(grouped=False)
     torch.testing.assert_close(logits(alone, 0), first, rtol=1e-5, atol=1e-6)

@@ -117,8 +117,8 @@ class _InputGroups:
     (attention's q, k, v and o; an MLP's gate and up). The first of a group called on an input projects it onto the
     whole group's concatenated factors in one ``bmm``; a sibling called on that very tensor (q, k and v on the
     attention's input; up after gate) takes its slice, one called on another input (o; cross-attention's k and v)
-    projects anew, at the cost of the group's few extra columns. Fixed by the model's structure, so that every
-    population, the first included, computes alike (a resumed run as the uninterrupted one)."""
+    projects it onto its own factors only. Fixed by the model's structure, so that every population, the first
+    included, computes alike (a resumed run as the uninterrupted one)."""
 
     def __init__(self, model: nn.Module, owners: Mapping[nn.Module, Mapping[str, str]], rank: int):
         siblings = defaultdict(list)  # (parent, input width, layout): the into keys of its evolved linear layers
@@ -185,9 +185,12 @@ class _Population:
         if torch.compiler.is_compiling():  # nothing here for the compiled step to guard on (a compiler fuses itself)
             return torch.bmm(x, self.buffers.like(group, output)[..., start:stop])
         kept = self.shared.get(group)
-        if kept is None or kept[0]() is not inputs:
-            kept = weakref.ref(inputs), torch.bmm(x, self.buffers.like(group, output))
-            self.shared[group] = kept
+        if kept is not None and kept[0]() is inputs:
+            return kept[1][..., start:stop]
+        if start:  # a later layer of the group on an input of its own (o after q, k, v): its own columns only
+            return torch.bmm(x, self.buffers.like(group, output)[..., start:stop])
+        kept = weakref.ref(inputs), torch.bmm(x, self.buffers.like(group, output))
+        self.shared[group] = kept
         return kept[1][..., start:stop]
 
 
