@@ -68,6 +68,22 @@ def test_drift_callbacks_log_through_es_trainer(tmp_path, tiny_model, tokenizer,
     assert all(entry["drift/kl"] == entry["drift/kl"] for entry in logs)  # not NaN
 
 
+def test_parameter_drift_counts_the_evolved_weights_only(tmp_path, tiny_model, tokenizer, prompt_dataset):
+    """es_params narrowed to attention: full-rank noise in fp32 moves every evolved weight, and the relative norm is
+    to the evolved weights' start, as the ZeRO-3 slices count them (frozen weights diluted both before)."""
+    args = ESConfig(population_size=4, sigma=0.02, learning_rate=1e-3, perturbation="full", es_params=[r"self_attn"],
+                    **common(tmp_path))
+    trainer = ESTrainer(tiny_model, token_rate, args=args, train_dataset=prompt_dataset, processing_class=tokenizer)
+    trainer.add_callback(ParameterDriftCallback(trainer, every_n_steps=1))
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "drift/update_norm" in entry]
+    evolved = trainer.es.start.tensors
+    assert 0 < len(evolved) < len(dict(tiny_model.named_parameters()))
+    assert logs[-1]["drift/moved_fraction"] > 0.99
+    start_norm = float(sum(t.double().pow(2).sum() for t in evolved.values()) ** 0.5)
+    assert logs[-1]["drift/relative_norm"] == pytest.approx(logs[-1]["drift/update_norm"] / start_norm, rel=1e-5)
+
+
 def test_drift_callbacks_log_through_grpo_trainer(tmp_path, tiny_model, tokenizer, prompt_dataset):
     args = GRPOConfig(num_generations=2, learning_rate=1e-2, **common(tmp_path))
     logs = attach(GRPOTrainer(tiny_model, token_rate, args=args, train_dataset=prompt_dataset, processing_class=tokenizer))

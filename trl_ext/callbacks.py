@@ -208,7 +208,8 @@ class ParameterDriftCallback(_TrainerDriftCallback):
         if self._sharded_es is not None:
             values = sharded_parameter_drift(self._sharded_es, self.threshold)
         else:
-            values = parameter_drift(self.model, self.start.of_model(self.model), self.threshold)
+            values = parameter_drift(self.model, self.start.of_model(self.model), self.threshold,
+                                     self.start.names_in(self.model))
         if self.before_step is not None:  # none without a master copy: fp32 weights take the step whole
             values["drift/realised_fraction"] = self._realised_fraction(*self.before_step)
         self.before_step = None

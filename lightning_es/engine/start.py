@@ -41,6 +41,11 @@ class StartWeights:
         held = {id(p): self.tensors[name] for name, p in self.params.items()}
         return {name: held.get(id(p), p.detach()) for name, p in model.named_parameters()}
 
+    def names_in(self, model: torch.nn.Module) -> list[str]:
+        """The model's names of the held parameters (the evolved, or trained, ones)."""
+        held = {id(p) for p in self.params.values()}
+        return [name for name, p in model.named_parameters() if id(p) in held]
+
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())

@@ -127,5 +127,5 @@ class ParameterDriftCallback(_StartPoint):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step % self.every_n_steps == 0:
             model = _model(pl_module, self.model_attribute)
-            values = parameter_drift(model, self.start.of_model(model), self.threshold)
+            values = parameter_drift(model, self.start.of_model(model), self.threshold, self.start.names_in(model))
             pl_module.log_dict(values, on_step=True, on_epoch=False)
