@@ -152,30 +152,38 @@ def defaults_rule(results: dict) -> dict | None:
     """The rule for ESConfig's new defaults, fixed (stop 24's note) before any Gemma run: ``es-pop16`` replaces
     ``es-before`` if on every model it is no slower (``ratio``), drifts no more (``kl_ratio``) and gains no less
     accuracy (``accuracy_ratio``); ``es-before`` stays if the reverse holds; if they trade off, the lower mean over the
-    models of ``ratio`` x ``kl_ratio`` wins. The geometric mean is given beside the stated (arithmetic) one: the
-    ratios' scales differ by orders of magnitude between models whose tuned GRPO barely moves and the others."""
+    models of ``ratio`` x ``kl_ratio`` wins. A model's ``accuracy_ratio`` not yet raced leaves the verdict open only
+    while speed and drift alone do not already trade off. The geometric mean is given beside the stated (arithmetic)
+    one: the ratios' scales differ by orders of magnitude between models whose tuned GRPO barely moves and others."""
     before, candidate = ALWAYS_RACED
     scores = {}
     for model, result in results.items():
         methods = (result or {}).get("methods", {})
         accuracy = (result or {}).get("second_task", {}).get("accuracy_ratio") or {}
-        if any(label not in methods or "ratio" not in methods[label] or label not in accuracy
-               for label in ALWAYS_RACED):
+        if any(label not in methods or "ratio" not in methods[label] for label in ALWAYS_RACED):
             return None
         scores[model] = {label: {"ratio": methods[label]["ratio"], "kl_ratio": methods[label]["kl_ratio"],
-                                 "accuracy_ratio": accuracy[label],
+                                 "accuracy_ratio": accuracy.get(label),
                                  "product": methods[label]["ratio"] * methods[label]["kl_ratio"]}
                          for label in ALWAYS_RACED}
 
-    def dominates(a: str, b: str) -> bool:
-        return all(s[a]["ratio"] <= s[b]["ratio"] and s[a]["kl_ratio"] <= s[b]["kl_ratio"]
-                   and s[a]["accuracy_ratio"] >= s[b]["accuracy_ratio"] for s in scores.values())
+    def no_worse(a: str, b: str, metrics=("ratio", "kl_ratio")) -> bool:
+        return all(s[a][m] <= s[b][m] for s in scores.values() for m in metrics)
 
+    def dominates(a: str, b: str) -> bool | None:
+        if not no_worse(a, b):
+            return False
+        accuracies = [(s[a]["accuracy_ratio"], s[b]["accuracy_ratio"]) for s in scores.values()]
+        return None if None in sum(accuracies, ()) else all(x >= y for x, y in accuracies)
+
+    verdicts = dominates(candidate, before), dominates(before, candidate)
+    if None in verdicts:
+        return None
     means = {label: statistics.mean(s[label]["product"] for s in scores.values()) for label in ALWAYS_RACED}
     geometric = {label: statistics.geometric_mean(s[label]["product"] for s in scores.values())
                  for label in ALWAYS_RACED}
-    if dominates(candidate, before) or dominates(before, candidate):
-        winner, why = (candidate, "dominates") if dominates(candidate, before) else (before, "dominates")
+    if any(verdicts):
+        winner, why = (candidate if verdicts[0] else before), "no worse on every count"
     else:
         winner, why = min(means, key=means.get), "trade-off: lower mean of ratio x kl_ratio"
     return {"scores": scores, "mean_product": means, "geometric_mean_product": geometric,
@@ -267,8 +275,9 @@ def markdown(runs: list[dict], results: dict, rule: dict | None = None) -> str:
                   "| --- | --- | --- | --- | --- | --- |"]
         for model, scores in rule["scores"].items():
             for label, s in scores.items():
-                lines.append(f"| {model} | {label} | {s['ratio']:.2f} | {s['kl_ratio']:.3g} | "
-                             f"{s['accuracy_ratio']:.2f} | {s['product']:.3g} |")
+                accuracy = "not raced yet" if s["accuracy_ratio"] is None else f"{s['accuracy_ratio']:.2f}"
+                lines.append(f"| {model} | {label} | {s['ratio']:.2f} | {s['kl_ratio']:.3g} | {accuracy} | "
+                             f"{s['product']:.3g} |")
         lines += ["", f"Mean of ratio x kl_ratio: " + ", ".join(
             f"{label} {value:.4g}" for label, value in rule["mean_product"].items())
                   + "; geometric mean: " + ", ".join(

@@ -110,7 +110,7 @@ def raced(scores):
 def test_the_defaults_rule_takes_a_setting_better_on_every_count_and_else_the_lower_mean_product():
     better = {"a": raced({"es-before": (1.0, 2.0, 0.5), "es-pop16": (1.0, 1.0, 0.5)}),
               "b": raced({"es-before": (2.0, 9.0, 0.1), "es-pop16": (1.5, 9.0, 0.2)})}
-    assert defaults_rule(better)["winner"] == "es-pop16" and defaults_rule(better)["why"] == "dominates"
+    assert defaults_rule(better)["winner"] == "es-pop16" and defaults_rule(better)["why"] == "no worse on every count"
     # pop16 slower on "a" but drifting far less there; faster on "b" but drifting more: products 3 v 1.2, 10 v 20
     trade = {"a": raced({"es-before": (1.0, 3.0, 0.5), "es-pop16": (1.2, 1.0, 0.9)}),
              "b": raced({"es-before": (1.0, 10.0, 0.5), "es-pop16": (0.5, 40.0, 0.9)})}
@@ -120,6 +120,10 @@ def test_the_defaults_rule_takes_a_setting_better_on_every_count_and_else_the_lo
     assert rule["geometric_winner"] == "es-pop16"  # sqrt(1.2 x 20) < sqrt(3 x 10)
     # a setting not yet raced on a model: no verdict
     assert defaults_rule({"a": raced({"es-before": (1.0, 3.0, 0.5)}), "b": trade["b"]}) is None
+    # accuracy not raced yet on "b": it can only decide a setting no worse in speed and drift, and here none is
+    unraced = {"a": trade["a"], "b": {**trade["b"], "second_task": {}}}
+    assert defaults_rule(unraced)["winner"] == "es-before"
+    assert defaults_rule({"a": better["a"], "b": {**better["b"], "second_task": {}}}) is None
 
 
 def test_a_grpo_that_learned_nothing_gives_no_ratio_and_says_why(tmp_path):
