@@ -31,11 +31,12 @@ RECIPE_DEFAULTS = dict(
     bf16=False,
     report_to="none",
 )
-# Where the two trainers need different values. ES: ESConfig's own defaults, the fastest learners per second in
-# docs/es_study.md (2 prompts, 8 members, rank-4 noise; relative noise and step), 60 iterations of about 7 s. GRPO:
+# Where the two trainers need different values. ES: ESConfig's own defaults (2 prompts, 16 members, rank-4 noise;
+# relative noise and step; docs/reports/drift-race/), 30 iterations of about 20 s: as many members' answers as the
+# 60 iterations of 8 members before. GRPO:
 # 2 prompts x 4 completions and an AdamW step that learns within this budget (TRL's default 1e-6 barely moves), as in
 # benchmarks/drift_race.py, 30 steps of about 20 s.
-TRAINER_DEFAULTS = {"ESConfig": dict(max_steps=60),
+TRAINER_DEFAULTS = {"ESConfig": dict(max_steps=30),
                     "GRPOConfig": dict(max_steps=30, per_device_train_batch_size=8, num_generations=4, learning_rate=1e-5)}
 QUICK = dict(max_steps=2, per_device_train_batch_size=2, num_generations=2, max_completion_length=8, population_size=4,
              save_steps=1, train_size=8, eval_size=4)

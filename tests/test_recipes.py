@@ -23,7 +23,7 @@ def test_gsm8k_recipes_differ_in_exactly_one_line():
 
 @pytest.mark.parametrize(("recipe", "expected"), [
     ("es_gsm8k", dict(per_device_train_batch_size=2, num_generations=1, relative_sigma=0.03,
-                      relative_learning_rate=1.5e-3, population_size=8, perturbation_rank=4, max_steps=60)),
+                      relative_learning_rate=1.5e-3, population_size=16, perturbation_rank=4, max_steps=30)),
     ("grpo_gsm8k", dict(per_device_train_batch_size=8, num_generations=4, learning_rate=1e-5, max_steps=30)),
 ])
 def test_gsm8k_recipes_take_each_trainers_own_settings(recipe, expected, monkeypatch):

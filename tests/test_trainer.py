@@ -78,7 +78,7 @@ def test_grpo_config_keeps_what_the_user_changed_and_takes_es_defaults(tmp_path,
     )
     # left at TRL's defaults: ES's defaults apply
     assert (args.lr_scheduler_type, args.disable_dropout, args.gradient_checkpointing) == ("constant", True, False)
-    assert args.population_size == 8 and args.sigma is None
+    assert args.population_size == 16 and args.sigma is None
     assert (args.relative_sigma, args.relative_learning_rate) == (DEFAULT_RELATIVE_SIGMA, DEFAULT_RELATIVE_LEARNING_RATE)
     assert args.prompts_per_step == 2 and not args.greedy  # GRPO's batch of 4 completions: 2 prompts x 2 samples
     assert "learning_rate (3e-06, tuned for Adam on true gradients) is not used: ES steps by relative_learning_rate 0.0015" in caplog.text
