@@ -60,7 +60,8 @@ class CompareArguments:
     population_size: int | None = field(default=None, metadata={"help": "ES population (default: ESConfig's)."})
     es_relative_learning_rate: float | None = field(
         default=None, metadata={"help": "ES step, relative_learning_rate (default: ESConfig's)."})
-    grpo_learning_rate: float = field(default=1e-5, metadata={"help": "GRPO AdamW learning rate."})
+    grpo_learning_rate: float = field(default=1e-4, metadata={
+        "help": "GRPO AdamW learning rate (1e-4: tuned on SmolLM2-135M-Instruct in the drift race; Gemma-3-270M: 1e-6)."})
     grpo_prompts_per_step: int = field(default=2, metadata={"help": "GRPO prompts per iteration (backward is costly)."})
     grpo_generations: int = field(default=4, metadata={"help": "GRPO completions per prompt."})
     train_size: int = field(default=160, metadata={"help": "Training problems."})
