@@ -108,7 +108,7 @@ def test_compare_es_grpo_writes_a_report(tiny_dir, tmp_path, monkeypatch):
     runpy.run_path(str(RECIPES / "compare_es_grpo.py"), run_name="__main__")
     text = (report / "report.md").read_text()
     assert "| off-task KL, exact (mean over probes) |" in text and "cosine(ES update, GRPO update)" in text
-    against = "(GRPO at AdamW lr 1e-05): "  # each finding says which GRPO it was measured against
+    against = "(GRPO at AdamW lr 0.0001): "  # each finding says which GRPO it was measured against
     for finding in ("1. Accuracy parity ", "2. Larger update norm for ES ", "3. Larger off-task KL for ES ",
                     "4. Near-orthogonal updates with no barrier on the linear path "):
         assert finding + against in text
