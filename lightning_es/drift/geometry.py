@@ -32,10 +32,12 @@ def weights_restored(model: nn.Module) -> Iterator[dict[str, nn.Parameter]]:
                 p.copy_(saved[name])
 
 
-def parameter_delta(model: nn.Module, start: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def parameter_delta(model: nn.Module, start: Mapping[str, torch.Tensor], names=None) -> dict[str, torch.Tensor]:
+    """The model's weights minus ``start``, for the parameters ``names`` (default all)."""
     current = dict(model.named_parameters())
     check_same_parameters(current, start, "model", "start")
-    return {n: current[n].detach().to(start[n].device, torch.float32) - start[n] for n in start}
+    return {n: current[n].detach().to(start[n].device, torch.float32) - start[n]
+            for n in (start if names is None else names)}
 
 
 def check_same_parameters(a: Mapping, b: Mapping, name_a: str = "a", name_b: str = "b") -> None:

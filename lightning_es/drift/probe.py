@@ -29,9 +29,8 @@ def parameter_drift(model: nn.Module, start, threshold: float = 1e-6, names=None
     """``drift/update_norm``, ``drift/relative_norm``, ``drift/moved_fraction`` and ``drift/norm/<layer type>``, over
     the parameters ``names`` (default all): the trained ones, so that frozen weights dilute neither the relative norm
     nor the moved fraction (as the ZeRO-3 slices, which hold the evolved ones only, count them)."""
-    delta = parameter_delta(model, start)
-    if names is not None:
-        delta, start = {n: delta[n] for n in names}, {n: start[n] for n in names}
+    delta = parameter_delta(model, start, names)
+    start = {n: start[n] for n in delta}
     norm = update_norm(delta)
     values = {
         "drift/update_norm": norm,

@@ -182,16 +182,16 @@ class _Population:
         if place is None:
             return torch.bmm(x, self.buffers.like(into_key, output))
         group, start, stop = place
-        if torch.compiler.is_compiling():  # nothing here for the compiled step to guard on (a compiler fuses itself)
-            return torch.bmm(x, self.buffers.like(group, output)[..., start:stop])
-        kept = self.shared.get(group)
-        if kept is not None and kept[0]() is inputs:
-            return kept[1][..., start:stop]
-        if start:  # a later layer of the group on an input of its own (o after q, k, v): its own columns only
-            return torch.bmm(x, self.buffers.like(group, output)[..., start:stop])
-        kept = weakref.ref(inputs), torch.bmm(x, self.buffers.like(group, output))
-        self.shared[group] = kept
-        return kept[1][..., start:stop]
+        if not torch.compiler.is_compiling():  # nothing here for the compiled step to guard on (it fuses itself)
+            kept = self.shared.get(group)
+            if kept is not None and kept[0]() is inputs:
+                return kept[1][..., start:stop]
+            if not start:  # the group's first layer on a new input: the whole group's product, for its siblings
+                kept = weakref.ref(inputs), torch.bmm(x, self.buffers.like(group, output))
+                self.shared[group] = kept
+                return kept[1][..., start:stop]
+        # compiled, or a later layer of the group on an input of its own (o after q, k, v): its own columns only
+        return torch.bmm(x, self.buffers.like(group, output)[..., start:stop])
 
 
 def _first_input(args: tuple, kwargs: dict) -> torch.Tensor:
