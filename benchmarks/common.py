@@ -45,13 +45,18 @@ def generate(model, inputs, new_tokens: int):
                           top_k=None)
 
 
+def members_per_call(rows_per_call: int, prompts: int) -> int:
+    """How many members' copies of ``prompts`` rows one generate call holds (at least one member)."""
+    return max(1, rows_per_call // prompts)
+
+
 def generate_population(perturbation, members, inputs, rows_per_call: int, generate_rows) -> None:
     """Generate every member's copy of ``inputs`` through a batched ``perturbation`` (``apply_population``), at most
     ``rows_per_call`` rows per call (``es_max_generation_rows``), in the engine's rounds; ``generate_rows(batch)``
     generates one call's rows."""
     from lightning_es.engine.processes import Processes
 
-    per_call = max(1, rows_per_call // len(next(iter(inputs.values()))))
+    per_call = members_per_call(rows_per_call, len(next(iter(inputs.values()))))
     for part in Processes().rounds(members, batched=True, members_per_round=per_call):
         with perturbation.apply_population(part):
             generate_rows({k: v.repeat(len(part), 1) for k, v in inputs.items()})

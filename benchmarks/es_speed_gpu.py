@@ -20,7 +20,7 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, Qwen2Config
 
-from common import generate_population
+from common import generate_population, members_per_call
 from es_speed import measure
 from lightning_es import EvolutionStrategy, build_perturbation, select_parameters
 
@@ -63,7 +63,7 @@ def at_scale(model, tokenizer, population: int, prompt_count: int, new_tokens: i
     perturbation = build_perturbation("lowrank", select_parameters(model), 0.03, model=model, rank=4, relative=True)
     es = EvolutionStrategy(perturbation, population_size=population, lr=1.5e-3)
     members = es.members(0)
-    per_call = max(1, chunk_rows // prompt_count)
+    per_call = members_per_call(chunk_rows, prompt_count)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
