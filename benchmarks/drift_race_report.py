@@ -4,7 +4,8 @@ Per model, on the GSM8K-style task: the target is the tuned GRPO's final held-ou
 run's moment is the training seconds at which its held-out reward first reaches the target (linearly between marks;
 a run that never does counts as its whole budget, and its KL is read at the end). ``ratio`` = ES's mean seconds / GRPO's
 mean seconds; ``kl_ratio`` = ES's mean off-task KL at its moments / GRPO's. On the second task, ``accuracy_ratio`` =
-ES's mean held-out accuracy gain at the end of the budget / GRPO's.
+ES's mean held-out accuracy gain at the end of the budget / GRPO's. The random-reward diagnosis (``diagnosis``) goes
+into result.json beside them.
 """
 
 import itertools
@@ -208,7 +209,9 @@ def study_rows(runs: list[dict], phase: str, model: str, task: str) -> list[dict
 
 
 def diagnosis(runs: list[dict], model: str) -> list[dict]:
-    """Update norm and off-task KL after the same iterations with the task's reward and with random numbers."""
+    """Update norm and off-task KL after the same iterations with the task's reward and with random numbers, and
+    their ratio ``task_over_random`` (means over seeds): near 1, the weights move as far as a random walk takes them,
+    whatever the signal adds."""
     rows = []
     diagnosed = [r for r in runs if (r["phase"], r["model"]) == ("diagnose", model)]
     for label in dict.fromkeys(r["label"] for r in diagnosed):
@@ -216,7 +219,10 @@ def diagnosis(runs: list[dict], model: str) -> list[dict]:
         for kind in ("task", "random"):
             group = [r["points"][-1] for r in diagnosed if (r["label"], r["reward_kind"]) == (label, kind)]
             row[kind] = {"update_norm": [p["update_norm"] for p in group], "kl": [p["kl"] for p in group],
-                         "seeds": len(group)}
+                         "seeds": [r["seed"] for r in diagnosed if (r["label"], r["reward_kind"]) == (label, kind)]}
+        if row["task"]["kl"] and row["random"]["kl"]:
+            row["task_over_random"] = {metric: statistics.mean(row["task"][metric]) / statistics.mean(
+                row["random"][metric]) for metric in ("update_norm", "kl")}
         rows.append(row)
     return rows
 
@@ -331,15 +337,19 @@ def markdown(runs: list[dict], results: dict, rule: dict | None = None) -> str:
             lines += ["### Signal or random walk: update norm and off-task KL after the same iterations, with the "
                       "task's reward and with random numbers (mean ± sd over seeds)", "",
                       "z-scored fitness gives every step about the same size whatever the reward: what separates a "
-                      "signal from a random walk is how the steps add up over the iterations.", "",
-                      "| setting | iterations | reward | seeds | update norm | off-task KL |",
-                      "| --- | --- | --- | --- | --- | --- |"]
+                      "signal from a random walk is how the steps add up over the iterations. A task / random ratio "
+                      "near 1: the weights moved as far as random numbers move them.", "",
+                      "| setting | iterations | seeds: task; random | update norm: task | random | task / random "
+                      "| off-task KL: task | random | task / random |",
+                      "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
             for row in rows:
-                for kind in ("task", "random"):
-                    values = row[kind]
-                    if values["kl"]:
-                        lines.append(f"| {row['label']} | {row['iterations']} | {kind} | {values['seeds']} | "
-                                     f"{shown(values['update_norm'], '.1f')} | {shown(values['kl'])} |")
+                cells = [row["label"], row["iterations"],
+                         "; ".join(",".join(map(str, row[kind]["seeds"])) or "none" for kind in ("task", "random"))]
+                for metric, digits in (("update_norm", ".1f"), ("kl", ".3f")):
+                    cells += [shown(row[kind][metric], digits) if row[kind][metric] else "" for kind in
+                              ("task", "random")]
+                    cells.append(f"{row['task_over_random'][metric]:.2f}" if "task_over_random" in row else "")
+                lines.append("| " + " | ".join(map(str, cells)) + " |")
             lines.append("")
     return "\n".join(lines)
 
@@ -350,6 +360,9 @@ def render(runs: list[dict], out: Path) -> dict:
     results = {model: race(runs, model) for model in models}
     headline = ("ratio", "kl_ratio", "accuracy_ratio")
     summary = {model: {k: result.get(k) for k in headline} | result for model, result in results.items() if result}
+    for model in models:
+        if rows := diagnosis(runs, model):
+            summary.setdefault(model, {})["diagnosis"] = rows
     rule = defaults_rule(results)
     if rule:
         summary["defaults_rule"] = rule

@@ -147,6 +147,21 @@ def test_render_with_only_tuning_runs_reports_the_study_and_no_ratio(tmp_path):
     assert "es-x" in (tmp_path / "report.md").read_text()
 
 
+def test_the_diagnosis_divides_the_task_reward_run_by_the_random_one_and_is_saved(tmp_path):
+    def diagnosed(seed, kind, norm, kl):
+        diagnose = run("es-x", seed, [0, 0], [0, kl], phase="diagnose")
+        diagnose["points"][-1]["update_norm"] = norm
+        return diagnose | {"reward_kind": kind}
+
+    runs = [diagnosed(1, "task", 90.0, 0.3), diagnosed(2, "task", 110.0, 0.5), diagnosed(1, "random", 200.0, 0.8)]
+    render(runs, tmp_path)
+    (row,) = json.loads((tmp_path / "result.json").read_text())[MODEL]["diagnosis"]
+    assert row["task"]["seeds"] == [1, 2] and row["random"]["seeds"] == [1]
+    assert row["task_over_random"] == pytest.approx({"update_norm": 0.5, "kl": 0.5})
+    assert "| es-x | 1 | 1,2; 1 | 100.0 ± 14.1 | 200.0 | 0.50 | 0.400 ± 0.141 | 0.800 | 0.50 |" in (
+        tmp_path / "report.md").read_text()
+
+
 def test_the_race_waits_for_its_tuning_and_a_changed_setting_refuses_old_runs():
     import drift_race
 
