@@ -217,9 +217,9 @@ def diagnosis(runs: list[dict], model: str) -> list[dict]:
     for label in dict.fromkeys(r["label"] for r in diagnosed):
         row = {"label": label, "iterations": diagnosed[0]["points"][-1]["step"]}
         for kind in ("task", "random"):
-            group = [r["points"][-1] for r in diagnosed if (r["label"], r["reward_kind"]) == (label, kind)]
-            row[kind] = {"update_norm": [p["update_norm"] for p in group], "kl": [p["kl"] for p in group],
-                         "seeds": [r["seed"] for r in diagnosed if (r["label"], r["reward_kind"]) == (label, kind)]}
+            group = [r for r in diagnosed if (r["label"], r["reward_kind"]) == (label, kind)]
+            row[kind] = {"update_norm": [r["points"][-1]["update_norm"] for r in group],
+                         "kl": [r["points"][-1]["kl"] for r in group], "seeds": [r["seed"] for r in group]}
         if row["task"]["kl"] and row["random"]["kl"]:
             row["task_over_random"] = {metric: statistics.mean(row["task"][metric]) / statistics.mean(
                 row["random"][metric]) for metric in ("update_norm", "kl")}
