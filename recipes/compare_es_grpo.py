@@ -47,6 +47,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 TASKS = {"gsm8k": gsm8k, "countdown": countdown}
 METHODS = ("es", "grpo")
+ES_SETTINGS = ("population_size", "per_device_train_batch_size", "relative_sigma", "relative_learning_rate",
+               "perturbation", "perturbation_rank", "fitness_shaping", "es_anchor_decay")
 
 
 @dataclass
@@ -124,6 +126,33 @@ def kl_probes(base, tokenizer, args) -> dict[str, DriftProbe]:
                                   max_new_tokens=args.probe_tokens)}
 
 
+def es_config(args, **common) -> ESConfig:
+    """ESConfig's defaults, but for what the arguments set."""
+    chosen = {"population_size": args.population_size, "relative_learning_rate": args.es_relative_learning_rate,
+              "per_device_train_batch_size": args.prompts_per_step}
+    return ESConfig(**{k: v for k, v in chosen.items() if v is not None}, **common)
+
+
+def settings(args) -> dict:
+    """What a seed's results depend on: the arguments but the seeds and the folder, and the ES settings they give
+    (ESConfig's defaults can change between two runs of the recipe)."""
+    config = es_config(args, output_dir=args.report_dir, bf16=False)  # as train() builds it
+    return {"arguments": {k: v for k, v in vars(args).items() if k not in ("seeds", "report_dir")},
+            "es": {name: getattr(config, name) for name in ES_SETTINGS}}
+
+
+def saved_runs(path: Path, now: dict) -> dict:
+    """The seeds already in the report's metrics.json, so that a run cut short continues where it stopped; refused
+    if they were run with other settings."""
+    if not path.exists():
+        return {}
+    saved = json.loads(path.read_text())
+    if saved.get("settings") != now:
+        raise SystemExit(f"{path} holds seeds run with other settings ({saved.get('settings')}; now {now}): pass "
+                         "another --report_dir, or delete it to start over.")
+    return {int(seed): run for seed, run in saved["runs"].items()}
+
+
 def train(method, args, seed, base_path, module, train_dataset, tokenizer, probe_texts):
     common = dict(
         output_dir=str(Path(args.report_dir) / f"{method}-seed{seed}"), max_steps=args.steps,
@@ -131,9 +160,7 @@ def train(method, args, seed, base_path, module, train_dataset, tokenizer, probe
         bf16=False, seed=seed, disable_tqdm=True, reward_weights=[1.0, 0.5],
     )
     if method == "es":
-        chosen = {"population_size": args.population_size, "relative_learning_rate": args.es_relative_learning_rate,
-                  "per_device_train_batch_size": args.prompts_per_step}
-        config = ESConfig(**{k: v for k, v in chosen.items() if v is not None}, **common)
+        config = es_config(args, **common)
         trainer_class = ESTrainer
     else:
         config = GRPOConfig(per_device_train_batch_size=args.grpo_prompts_per_step * args.grpo_generations,
@@ -236,7 +263,7 @@ def findings(runs: dict, before: dict, args) -> list[str]:
     return lines
 
 
-def markdown(runs: dict, before: dict, args) -> str:
+def markdown(runs: dict, before: dict, es: dict, args) -> str:
     seeds = list(runs)
     rows = [
         ("held-out accuracy", "accuracy"), ("answer format rate", "format"), ("task reward (accuracy + 0.5 format)",
@@ -253,10 +280,12 @@ def markdown(runs: dict, before: dict, args) -> str:
         value = runs[seed][method][key]
         return statistics.mean(value) if isinstance(value, list) else value
 
-    prompts = "" if args.prompts_per_step is None else f" with {args.prompts_per_step} prompts per iteration"
+    model = args.model_name_or_path or "SmolLM2-135M-Instruct"
     lines = [
-        f"# ES vs GRPO on {args.task}: {args.steps} iterations each, seeds {', '.join(map(str, seeds))}",
-        "", f"ES: ESConfig's defaults{prompts}; GRPO: "
+        f"# ES vs GRPO on {args.task}, {model}: {args.steps} iterations each, seeds {', '.join(map(str, seeds))}",
+        "", f"ES: {es['population_size']} members, {es['per_device_train_batch_size']} prompts per iteration, "
+        f"{es['perturbation']} noise (rank {es['perturbation_rank']}), relative_sigma {es['relative_sigma']:g}, "
+        f"relative_learning_rate {es['relative_learning_rate']:g}, {es['fitness_shaping']} shaping; GRPO: "
         f"{args.grpo_prompts_per_step} prompts x {args.grpo_generations} completions, AdamW lr "
         f"{args.grpo_learning_rate:g}; {args.max_completion_length} new tokens; {args.eval_size} held-out problems; "
         f"{args.probes} off-task probes.", "",
@@ -326,6 +355,8 @@ def main(args):
         raise ValueError(f"probes must be between 1 and {len(OFF_TASK_PROMPTS)}, got {args.probes}.")
     report = Path(args.report_dir)
     report.mkdir(parents=True, exist_ok=True)
+    now = settings(args)
+    saved = saved_runs(report / "metrics.json", now)  # before the model loads: other settings are refused at once
     base_path = resolve_model(args.model_name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(base_path, padding_side="left")
     module, data = TASKS[args.task], task_data(args, tokenizer)
@@ -333,14 +364,18 @@ def main(args):
     start = snapshot(base)
     before = task_reward(base, tokenizer, data[1], module, args)
     probes = kl_probes(base, tokenizer, args)
-    runs = {}
     for seed in args.seeds:
-        runs[seed] = run_seed(seed, args, base, start, base_path, module, data, tokenizer, probes)
-        (report / "metrics.json").write_text(json.dumps({"before": before, "runs": runs}, indent=1, default=float))
-        print(f"seed {seed}: " + ", ".join(f"{m} accuracy {runs[seed][m]['accuracy']:.3f} format "
-                                           f"{runs[seed][m]['format']:.3f}" for m in METHODS), flush=True)
+        if seed in saved:
+            print(f"seed {seed}: already in {report / 'metrics.json'}", flush=True)
+            continue
+        saved[seed] = run_seed(seed, args, base, start, base_path, module, data, tokenizer, probes)
+        (report / "metrics.json").write_text(json.dumps({"settings": now, "before": before, "runs": saved}, indent=1,
+                                                        default=float))
+        print(f"seed {seed}: " + ", ".join(f"{m} accuracy {saved[seed][m]['accuracy']:.3f} format "
+                                           f"{saved[seed][m]['format']:.3f}" for m in METHODS), flush=True)
+    runs = {seed: saved[seed] for seed in args.seeds}
     plots(report, runs)
-    (report / "report.md").write_text(markdown(runs, before, args))
+    (report / "report.md").write_text(markdown(runs, before, now["es"], args))
     print((report / "report.md").read_text())
     return runs
 

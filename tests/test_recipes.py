@@ -100,13 +100,22 @@ def test_embedded_model_converts_to_a_plain_checkpoint(monkeypatch, tmp_path):
 
 
 @pytest.mark.slow
-def test_compare_es_grpo_writes_a_report(tiny_dir, tmp_path, monkeypatch):
+def test_compare_es_grpo_writes_a_report(tiny_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     report = tmp_path / "report"
-    monkeypatch.setattr(sys, "argv", ["compare", "--quick", "--model_name_or_path", str(tiny_dir), "--report_dir",
-                                      str(report)])
+    command = ["compare", "--quick", "--model_name_or_path", str(tiny_dir), "--report_dir", str(report)]
+    # a run cut short after seed 0: the full run reads seed 0 back and runs seed 1 only
+    monkeypatch.setattr(sys, "argv", command + ["--seeds", "0"])
     runpy.run_path(str(RECIPES / "compare_es_grpo.py"), run_name="__main__")
+    first = json.loads((report / "metrics.json").read_text())
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "argv", command)
+    runpy.run_path(str(RECIPES / "compare_es_grpo.py"), run_name="__main__")
+    assert f"seed 0: already in {report / 'metrics.json'}" in capsys.readouterr().out
     text = (report / "report.md").read_text()
+    assert text.startswith(f"# ES vs GRPO on gsm8k, {tiny_dir}: 2 iterations each, seeds 0, 1")
+    # the quick mode sets the population and the prompts; the noise is ESConfig's
+    assert "ES: 4 members, 2 prompts per iteration, lowrank noise (rank 4)" in text
     assert "| off-task KL, exact (mean over probes) |" in text and "cosine(ES update, GRPO update)" in text
     against = "(GRPO at AdamW lr 0.0001): "  # each finding says which GRPO it was measured against
     for finding in ("1. Accuracy parity ", "2. Larger update norm for ES ", "3. Larger off-task KL for ES ",
@@ -116,6 +125,10 @@ def test_compare_es_grpo_writes_a_report(tiny_dir, tmp_path, monkeypatch):
         assert (report / image).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     metrics = json.loads((report / "metrics.json").read_text())
     assert list(metrics["runs"]) == ["0", "1"]  # the quick mode's two seeds
+    assert metrics["runs"]["0"] == first["runs"]["0"]  # read back, not run again
+    monkeypatch.setattr(sys, "argv", command + ["--steps", "3"])  # seeds of 2 iterations are no seeds of 3
+    with pytest.raises(SystemExit, match="holds seeds run with other settings.*--report_dir"):
+        runpy.run_path(str(RECIPES / "compare_es_grpo.py"), run_name="__main__")
     for run in metrics["runs"].values():
         assert run["interpolation"]["alphas"] == [0.0, 0.5, 1.0]
         for method in ("es", "grpo"):
