@@ -185,6 +185,8 @@ def run_seed(seed, args, base, start, base_path, module, data, tokenizer, probes
                                         probes["exact"].prompts)
         model = trainer.accelerator.unwrap_model(trainer.model)
         deltas[method] = parameter_delta(model, start)
+        for probe in probes.values():  # the trained model computes the reference pass, with the base's weights
+            probe.set_reference(model, weights=start)
         result[method] = {
             **task_reward(model, tokenizer, test, module, args),
             **{f"kl_{name}": probe.measure_each(model) for name, probe in probes.items()},

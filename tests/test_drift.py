@@ -123,6 +123,28 @@ def test_drift_probe_measures_each_prompt_on_its_own(estimator):
     assert len(set(each)) == 3 and all(value != 0 for value in each)
 
 
+def test_drift_probe_measures_another_model_only_from_its_start_values():
+    tokenizer = build_tokenizer()
+    base = build_model(tokenizer)
+    start = {n: p.detach().clone() for n, p in base.named_parameters()}
+    trained = build_model(tokenizer)
+    trained.load_state_dict(base.state_dict())
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    probe = DriftProbe(base, tokenizer, ["the quick brown", "lazy dog"], estimator="exact")
+    # the reference pass would swap the start weights into base, not trained: a KL of 0 that looks like a measurement
+    with pytest.raises(ValueError, match="belong to the model it was built with.*set_reference"):
+        probe.measure_each(trained)
+    probe.set_reference(trained, weights=start)
+    own = DriftProbe(base, tokenizer, ["the quick brown", "lazy dog"], estimator="exact")
+    with torch.no_grad():
+        for p, q in zip(base.parameters(), trained.parameters()):
+            p.copy_(q)
+    assert probe.measure_each(trained) == pytest.approx(own.measure_each(base), rel=1e-5)
+    assert all(value > 0 for value in probe.measure_each(trained))
+
+
 def test_realised_fraction_measures_what_half_precision_keeps():
     start = {"w": torch.ones(1000)}  # bf16 spacing just above 1.0 is 2**-7
     assert realised_fraction(start, {"w": torch.full((1000,), 2.0**-6)}) == pytest.approx(1.0)

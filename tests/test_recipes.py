@@ -134,5 +134,7 @@ def test_compare_es_grpo_writes_a_report(tiny_dir, tmp_path, monkeypatch, capsys
         for method in ("es", "grpo"):
             assert len(run[method]["kl_exact"]) == len(run[method]["kl_sampled"]) == 3  # one reading per probe
             assert min(run[method]["kl_exact"]) >= 0  # the exact KL is never negative
+            # measured against the base's weights, not the trained model against itself
+            assert (max(run[method]["kl_exact"]) > 0) == (run[method]["update_norm"] > 0)
             kept, norm = run[method]["bf16_kept_update"], run[method]["update_norm"]
             assert math.isnan(kept) if norm == 0 else 0 <= kept <= 1.01  # NaN: nothing moved, nothing to keep

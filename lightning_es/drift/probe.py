@@ -85,10 +85,22 @@ class DriftProbe:
         ``weights`` (saved start values of those parameters); the frozen ones are the model's own."""
         trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
         self.reference = StartWeights(trainable, weights)
+        self.measured = {id(p) for p in trainable.values()}
 
     def use_reference(self, start: StartWeights) -> None:
         """Measure from ``start``, a copy kept elsewhere (ES's), instead of a copy of its own."""
         self.reference = start
+        self.measured = None  # ES's copy holds what ES evolves (ZeRO-3 slices when sharded), not the parameters
+
+    def _require_measured(self, model: nn.Module) -> None:
+        """The reference pass swaps the start weights into the parameters they were taken from: measuring another
+        model (a trained copy of the one the probe was built with) would compare that model with itself, KL 0."""
+        if self.measured and not self.measured <= {id(p) for p in model.parameters()}:
+            raise ValueError(
+                "this DriftProbe's reference weights belong to the model it was built with, not to the model passed "
+                "to measure: build the probe with the model it measures, or call probe.set_reference(model, "
+                "weights=start) with the start values under that model's parameter names."
+            )
 
     @contextmanager
     def reference_weights(self, model: nn.Module) -> Iterator[None]:
@@ -109,6 +121,7 @@ class DriftProbe:
 
     def _per_token_kl(self, model: nn.Module, step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(per-token KL, mask of the scored tokens) for each batch of probes, in prompt order."""
+        self._require_measured(model)
         device = next(model.parameters()).device
         for index, batch in enumerate(self._batches(device)):
             ids, mask = batch["input_ids"], batch["attention_mask"]
