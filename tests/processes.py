@@ -8,8 +8,9 @@ import subprocess
 import psutil
 import pytest
 
+# PYTHONFAULTHANDLER: a worker that aborts prints where each of its threads was
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-       "DS_ACCELERATOR": "cpu"}
+       "DS_ACCELERATOR": "cpu", "PYTHONFAULTHANDLER": "1"}
 
 
 def run_command(command, cwd, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:

@@ -5,6 +5,7 @@ import sys
 import torch
 import torch.distributed as dist
 
+from leave import leave
 from lightning_es.drift import KLDrift, exact_token_kl
 
 dist.init_process_group("gloo")
@@ -23,4 +24,4 @@ if rank == 0:
     with open(sys.argv[1], "w") as out:
         out.write(f"{float(value)!r} {dist.get_world_size()}")
 dist.barrier()
-dist.destroy_process_group()
+leave()

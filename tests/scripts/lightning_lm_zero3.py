@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from leave import leave  # noqa: E402
 from tiny import build_model, build_tokenizer  # noqa: E402
 
 from lightning_es import ESStrategy  # noqa: E402
@@ -58,8 +58,7 @@ def main():
         Path(args.out).write_text(f"{trainer.global_step} {float(trainer.callback_metrics['es/fitness_mean'])} "
                                   f"{is_deepspeed_zero3_enabled()}")
     trainer.strategy.barrier()
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    leave()
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from leave import leave  # noqa: E402
 from lightning_toy import Regression  # noqa: E402
 
 from lightning_es import ESStrategy  # noqa: E402
@@ -110,8 +111,7 @@ def main():
                     "val_mse": float(trainer.callback_metrics["val_mse"]), "global_step": trainer.global_step,
                     "es_state_held": everyone}, args.out)
     trainer.strategy.barrier()
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    leave()
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from datasets import Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from leave import leave  # noqa: E402
 from tiny import build_model, build_tokenizer  # noqa: E402
 
 from trl_ext import ESConfig, ESTrainer  # noqa: E402
@@ -111,8 +112,7 @@ def main():
             "trained_model_type": type(trainer.model_wrapped).__name__,
         }, args.out)
     trainer.accelerator.wait_for_everyone()
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    leave()
 
 
 if __name__ == "__main__":

@@ -9,10 +9,10 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from datasets import Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from leave import leave  # noqa: E402
 from tiny import build_model, build_tokenizer  # noqa: E402
 
 from trl_ext import ESConfig, ESTrainer  # noqa: E402
@@ -38,8 +38,7 @@ def main():
     if frozen or infinite:
         raise AssertionError(f"never changed: {frozen[:4]}; not finite: {infinite[:4]}")
     print(f"process {trainer.accelerator.process_index}: every trainable parameter evolved", flush=True)
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    leave()
 
 
 if __name__ == "__main__":
