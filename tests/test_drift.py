@@ -145,6 +145,25 @@ def test_drift_probe_measures_another_model_only_from_its_start_values():
     assert all(value > 0 for value in probe.measure_each(trained))
 
 
+def test_drift_probe_refuses_parameters_made_trainable_after_its_reference():
+    """A probe built before adapters are added or layers unfrozen would run those at their trained values in the
+    reference pass: the KL of what they learned would read 0."""
+    tokenizer = build_tokenizer()
+    model = build_model(tokenizer)
+    head = [n for n, _ in model.named_parameters()][-1]
+    for name, p in model.named_parameters():
+        p.requires_grad_(name != head)
+    probe = DriftProbe(model, tokenizer, ["the quick brown", "lazy dog"], estimator="exact")
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model.get_parameter(head).requires_grad_(True)
+    with torch.no_grad():
+        model.get_parameter(head).add_(0.5 * torch.randn_like(model.get_parameter(head)))
+    with pytest.raises(ValueError, match=rf"{head}\) were not trainable.*set_reference"):
+        probe.measure_each(model)
+    probe.set_reference(model, weights=start)
+    assert all(value > 0 for value in probe.measure_each(model))
+
+
 def test_realised_fraction_measures_what_half_precision_keeps():
     start = {"w": torch.ones(1000)}  # bf16 spacing just above 1.0 is 2**-7
     assert realised_fraction(start, {"w": torch.full((1000,), 2.0**-6)}) == pytest.approx(1.0)

@@ -94,12 +94,24 @@ class DriftProbe:
 
     def _require_measured(self, model: nn.Module) -> None:
         """The reference pass swaps the start weights into the parameters they were taken from: measuring another
-        model (a trained copy of the one the probe was built with) would compare that model with itself, KL 0."""
-        if self.measured and not self.measured <= {id(p) for p in model.parameters()}:
+        model (a trained copy of the one the probe was built with) would compare that model with itself, KL 0, and
+        a parameter made trainable since (adapters added, layers unfrozen) would keep its trained values in the
+        reference pass."""
+        if self.measured is None:
+            return
+        if not self.measured <= {id(p) for p in model.parameters()}:
             raise ValueError(
                 "this DriftProbe's reference weights belong to the model it was built with, not to the model passed "
                 "to measure: build the probe with the model it measures, or call probe.set_reference(model, "
                 "weights=start) with the start values under that model's parameter names."
+            )
+        unreferenced = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in self.measured]
+        if unreferenced:
+            raise ValueError(
+                f"{len(unreferenced)} trainable parameters (e.g. {unreferenced[0]}) were not trainable when this "
+                "DriftProbe took its reference, so the reference pass would run them at their trained values: "
+                "build the probe after the model's trainable parameters are set (after get_peft_model), or call "
+                "probe.set_reference(model, weights=start) with their start values."
             )
 
     @contextmanager
