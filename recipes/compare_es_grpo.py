@@ -20,6 +20,7 @@ here), `metrics.json`, and PNG plots.
 import gc
 import json
 import math
+import os
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -151,6 +152,13 @@ def saved_runs(path: Path, now: dict) -> dict:
         raise SystemExit(f"{path} holds seeds run with other settings ({saved.get('settings')}; now {now}): pass "
                          "another --report_dir, or delete it to start over.")
     return {int(seed): run for seed, run in saved["runs"].items()}
+
+
+def save_runs(path: Path, saved: dict) -> None:
+    """Written beside, then moved over the last: a run killed while writing keeps the seeds it had saved."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(saved, indent=1, default=float))
+    os.replace(partial, path)
 
 
 def train(method, args, seed, base_path, module, train_dataset, tokenizer, probe_texts):
@@ -371,8 +379,7 @@ def main(args):
             print(f"seed {seed}: already in {report / 'metrics.json'}", flush=True)
             continue
         saved[seed] = run_seed(seed, args, base, start, base_path, module, data, tokenizer, probes)
-        (report / "metrics.json").write_text(json.dumps({"settings": now, "before": before, "runs": saved}, indent=1,
-                                                        default=float))
+        save_runs(report / "metrics.json", {"settings": now, "before": before, "runs": saved})
         print(f"seed {seed}: " + ", ".join(f"{m} accuracy {saved[seed][m]['accuracy']:.3f} format "
                                            f"{saved[seed][m]['format']:.3f}" for m in METHODS), flush=True)
     runs = {seed: saved[seed] for seed in args.seeds}

@@ -99,6 +99,22 @@ def test_embedded_model_converts_to_a_plain_checkpoint(monkeypatch, tmp_path):
     assert (tmp_path / "saved" / "model.safetensors").exists()
 
 
+def test_compare_es_grpo_keeps_its_saved_seeds_when_killed_while_saving(tmp_path, monkeypatch):
+    recipe = runpy.run_path(str(RECIPES / "compare_es_grpo.py"))
+    path, now = tmp_path / "metrics.json", {"arguments": {"steps": 20}}
+    recipe["save_runs"](path, {"settings": now, "before": {}, "runs": {0: {"accuracy": 0.5}}})
+    write_text = Path.write_text
+
+    def killed_halfway(self, text, *args, **kwargs):
+        write_text(self, text[: len(text) // 2], *args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "write_text", killed_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        recipe["save_runs"](path, {"settings": now, "before": {}, "runs": {0: {"accuracy": 0.5}, 1: {"accuracy": 0.6}}})
+    assert recipe["saved_runs"](path, now) == {0: {"accuracy": 0.5}}
+
+
 @pytest.mark.slow
 def test_compare_es_grpo_writes_a_report(tiny_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
