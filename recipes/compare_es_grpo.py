@@ -148,7 +148,10 @@ def saved_runs(path: Path, now: dict) -> dict:
     if not path.exists():
         return {}
     saved = json.loads(path.read_text())
-    if saved.get("settings") != now:
+    if "settings" not in saved:
+        raise SystemExit(f"{path} was written by an earlier version of this recipe, which did not record the settings "
+                         "its seeds were run with: pass another --report_dir, or delete it to start over.")
+    if saved["settings"] != now:
         raise SystemExit(f"{path} holds seeds run with other settings ({saved.get('settings')}; now {now}): pass "
                          "another --report_dir, or delete it to start over.")
     return {int(seed): run for seed, run in saved["runs"].items()}

@@ -99,7 +99,7 @@ def test_embedded_model_converts_to_a_plain_checkpoint(monkeypatch, tmp_path):
     assert (tmp_path / "saved" / "model.safetensors").exists()
 
 
-def test_compare_es_grpo_keeps_its_saved_seeds_when_killed_while_saving(tmp_path, monkeypatch):
+def test_compare_es_grpo_keeps_saved_seeds_through_a_kill_and_refuses_unrecorded_ones(tmp_path, monkeypatch):
     recipe = runpy.run_path(str(RECIPES / "compare_es_grpo.py"))
     path, now = tmp_path / "metrics.json", {"arguments": {"steps": 20}}
     recipe["save_runs"](path, {"settings": now, "before": {}, "runs": {0: {"accuracy": 0.5}}})
@@ -113,6 +113,9 @@ def test_compare_es_grpo_keeps_its_saved_seeds_when_killed_while_saving(tmp_path
     with pytest.raises(KeyboardInterrupt):
         recipe["save_runs"](path, {"settings": now, "before": {}, "runs": {0: {"accuracy": 0.5}, 1: {"accuracy": 0.6}}})
     assert recipe["saved_runs"](path, now) == {0: {"accuracy": 0.5}}
+    write_text(path, json.dumps({"before": {}, "runs": {"0": {}}}))  # as the recipe wrote it before it kept settings
+    with pytest.raises(SystemExit, match="earlier version of this recipe.*--report_dir"):
+        recipe["saved_runs"](path, now)
 
 
 @pytest.mark.slow
