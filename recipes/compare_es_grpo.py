@@ -152,7 +152,7 @@ def saved_runs(path: Path, now: dict) -> dict:
         raise SystemExit(f"{path} was written by an earlier version of this recipe, which did not record the settings "
                          "its seeds were run with: pass another --report_dir, or delete it to start over.")
     if saved["settings"] != now:
-        raise SystemExit(f"{path} holds seeds run with other settings ({saved.get('settings')}; now {now}): pass "
+        raise SystemExit(f"{path} holds seeds run with other settings ({saved['settings']}; now {now}): pass "
                          "another --report_dir, or delete it to start over.")
     return {int(seed): run for seed, run in saved["runs"].items()}
 
