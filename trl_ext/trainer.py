@@ -484,10 +484,17 @@ class ESTrainer(GRPOTrainer):
 
     def _score(self, rows: list[dict]) -> ScoredRows:
         """Generate and score completions for ``rows`` with the current weights, on this process only; with what the
-        reward functions logged through ``log_extra`` and ``log_metric`` during the call."""
+        reward functions logged through ``log_extra`` and ``log_metric`` during the call.
+
+        Generation runs inside one autocast (where mixed precision is on): accelerate enters autocast per forward, and
+        leaving the outermost one drops its cache of weights cast to bf16, so every decoding step cast every fp32
+        weight again (a quarter of a step's generation for SmolLM2-135M on a CPU). The weights do not change within one
+        ``generate`` call (a population's noise is in the hooks; full-rank noise gives each member a call of its own),
+        so the casts are kept for its length: 2 bytes per fp32 weight, as a GRPO step's forward keeps them."""
         prompts = [row["prompt"] for row in rows]
         with self._on_this_process():
-            prompt_ids, completion_ids, _, completions, *_ = self._generate(prompts)
+            with self.accelerator.autocast():  # one autocast for the whole call, not one per decoding step
+                prompt_ids, completion_ids, _, completions, *_ = self._generate(prompts)
             rewards = self._calculate_rewards(rows, prompts, completions, completion_ids)
         ends = {*self.eos_token_ids, self._tokenizer.pad_token_id}
         scored = ScoredRows(
