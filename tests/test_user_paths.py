@@ -103,8 +103,8 @@ class WeightCasts(TorchDispatchMode):
 
 @pytest.mark.parametrize("perturbation", ["lowrank", "full"])
 def test_bf16_autocast_casts_each_weight_once_per_generate_call(tmp_path, perturbation):
-    """TRL's bf16=True over fp32 weights: a weight is cast to bf16 once per generate call, not at each of its
-    decoding steps (which cost a quarter of the generation time of SmolLM2-135M on a CPU)."""
+    """TRL's bf16=True over fp32 weights: a trainable weight is cast to bf16 once per generate call, not at each of
+    its decoding steps; full-rank members, whose weights differ, each cast their own."""
     tokenizer = build_tokenizer()
     model = build_model(tokenizer, init_range=0.2)
     args = ESConfig(output_dir=out(tmp_path), **{**SHORT, "max_steps": 1}, perturbation=perturbation,

@@ -487,10 +487,11 @@ class ESTrainer(GRPOTrainer):
         reward functions logged through ``log_extra`` and ``log_metric`` during the call.
 
         Generation runs inside one autocast (where mixed precision is on): accelerate enters autocast per forward, and
-        leaving the outermost one drops its cache of weights cast to bf16, so every decoding step cast every fp32
-        weight again (a quarter of a step's generation for SmolLM2-135M on a CPU). The weights do not change within one
-        ``generate`` call (a population's noise is in the hooks; full-rank noise gives each member a call of its own),
-        so the casts are kept for its length: 2 bytes per fp32 weight, as a GRPO step's forward keeps them."""
+        leaving the outermost one drops its cache of casts, so every decoding step cast every trainable fp32 weight to
+        half precision again (autocast caches only those; frozen ones, such as a PEFT base, are cast per use either
+        way). The weights do not change within one ``generate`` call (a population's noise is in the hooks; full-rank
+        noise gives each member a call of its own), so the casts are kept for its length: the same peak as one forward
+        holding them."""
         prompts = [row["prompt"] for row in rows]
         with self._on_this_process():
             with self.accelerator.autocast():  # one autocast for the whole call, not one per decoding step
