@@ -2,25 +2,23 @@
 
     python benchmarks/beta_cost.py --model SmolLM2-135M-Instruct [--repeats 5] [--out docs/reports/beta-cost]
 
-ESConfig's defaults (8 members x 2 GSM8K-style prompts x 24 greedy tokens) with ``beta=0`` and ``beta=0.04`` (TRL's
-old default), the same prompts, ``--repeats`` interleaved iterations each after one warm-up. The penalty adds two
-teacher-forced passes over the members' completions (one with the member's noise, one with the start weights
-swapped in) and keeps one copy of the start weights on the host. Prints and writes (DIR/result.json) the median
-seconds per iteration and their ratio, the range of the per-pair ratios, the start copy's bytes and the largest
-logits the passes held at once.
+ESConfig's defaults (its population, greedy members) on a batch of 2 GSM8K-style prompts at 24 new tokens, with
+``beta=0`` and ``beta=0.04`` (TRL's old default), the same prompts, ``--repeats`` interleaved iterations each after one
+warm-up. The penalty adds two teacher-forced passes over the members' completions (one with the member's noise, one
+with the start weights swapped in) and keeps one copy of the start weights on the host. Prints and writes
+(DIR/result.json) the median seconds per iteration and their ratio, the range of the per-pair ratios, the start
+copy's bytes and the largest logits the passes held at once.
 """
 
-import argparse
 import json
 import statistics
 import tempfile
-import time
-from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer
 
-import trl_ext.trainer as trainer_module
+import trl_ext.kl_penalty as kl_penalty_module
+from common import arguments, interleaved, ratios, write_result
 from lightning_es.tasks import gsm8k
 from lightning_es.tasks.models import resolve_model
 from trl_ext import ESConfig, ESTrainer
@@ -36,45 +34,34 @@ def build(path: str, beta: float, dataset):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="SmolLM2-135M-Instruct")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out", default=None)
-    args = parser.parse_args()
+    args = arguments(__doc__, model="SmolLM2-135M-Instruct", repeats=5).parse_args()
     torch.manual_seed(0)
     path = resolve_model(args.model)
     dataset, _ = gsm8k.load_splits(train_size=16, eval_size=2, seed=0, style="final_answer")
     trainers = {beta: build(path, beta, dataset) for beta in (0.0, 0.04)}
     batch = [dataset[i] for i in range(2)]
     largest = [0]
-    logits = trainer_module.completion_logits
+    logits = kl_penalty_module.completion_logits
 
     def measuring(model, completion_batch):
         out = logits(model, completion_batch)
         largest[0] = max(largest[0], out.numel() * out.element_size())
         return out
 
-    trainer_module.completion_logits = measuring
-    seconds = {beta: [] for beta in trainers}
-    for repeat in range(args.repeats + 1):
-        for beta, trainer in trainers.items():
-            started = time.perf_counter()
-            trainer.training_step(trainer.model, batch)
-            if repeat:  # the first round warms up
-                seconds[beta].append(time.perf_counter() - started)
-    ratios = [on / off for off, on in zip(seconds[0.0], seconds[0.04])]
+    kl_penalty_module.completion_logits = measuring
+    seconds = interleaved({beta: (lambda trainer=trainer: trainer.training_step(trainer.model, batch))
+                           for beta, trainer in trainers.items()}, args.repeats, warmup=1)
+    ratio = ratios(seconds[0.04], seconds[0.0])
     start = trainers[0.04].es.start
     result = {
         "model": args.model, "repeats": args.repeats,
         "seconds_per_iteration": {str(beta): statistics.median(s) for beta, s in seconds.items()},
-        "beta_vs_none": statistics.median(ratios), "beta_vs_none_range": [min(ratios), max(ratios)],
+        "beta_vs_none": ratio["median"], "beta_vs_none_range": [ratio["min"], ratio["max"]],
         "start_copy_bytes": start.nbytes, "largest_logits_bytes": 2 * largest[0],  # member's and reference's at once
         "kl_logged": trainers[0.04]._metrics["train"]["kl"][-1],
     }
     print(json.dumps(result, indent=2))
-    if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":

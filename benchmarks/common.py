@@ -1,7 +1,19 @@
-"""Models and prompts shared by the benchmarks: the tiny test model, or the embedded SmolLM2-135M-Instruct."""
+"""What the benchmarks share: one harness and result writer, and their models and prompts (the tiny test model, or the
+embedded SmolLM2-135M-Instruct).
 
+Each benchmark takes its options from ``arguments`` (its docstring's first line as description; the ``--model``,
+``--repeats`` and ``--out DIR`` they share), times its variants with ``interleaved`` (or ``seconds``, one call),
+summarises per-run ratios with ``ratios``, passes options on to processes it launches with ``forwarded``, and ends with
+``write_result``: it prints the result's ratios and, with ``--out DIR``, writes ``DIR/result.json``. Importing this
+module puts ``tests/`` on the path, so that ``from tiny import ...`` finds the tiny test model.
+"""
+
+import argparse
+import json
+import statistics
 import sys
 import time
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -62,11 +74,65 @@ def generate_population(perturbation, members, inputs, rows_per_call: int, gener
             generate_rows({k: v.repeat(len(part), 1) for k, v in inputs.items()})
 
 
-def timed(function, repeats: int = 3) -> float:
-    """Best of ``repeats`` wall times: the least disturbed run on a noisy machine."""
-    best = float("inf")
-    for _ in range(repeats):
-        started = time.perf_counter()
-        function()
-        best = min(best, time.perf_counter() - started)
-    return best
+def arguments(doc: str, model: str | None = None, repeats: int | None = None,
+              repeats_help: str | None = None) -> argparse.ArgumentParser:
+    """A benchmark's parser: ``doc``'s first line as its description; ``--model`` (a name ``load`` takes, default
+    ``model``) and ``--repeats`` (default ``repeats``) where given, and ``--out DIR`` (``write_result``)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    if model is not None:
+        parser.add_argument("--model", default=model)
+    if repeats is not None:
+        parser.add_argument("--repeats", type=int, default=repeats, help=repeats_help)
+    parser.add_argument("--out", default=None, help="Write result.json here.")
+    return parser
+
+
+def forwarded(settings: Mapping[str, object]) -> list[str]:
+    """``--name=value`` of each setting: the options a benchmark passes on to a process it launches."""
+    return [f"--{name}={value}" for name, value in settings.items()]
+
+
+def seconds(function: Callable[[], object]) -> float:
+    """Wall seconds of one call."""
+    started = time.perf_counter()
+    function()
+    return time.perf_counter() - started
+
+
+def interleaved(variants: Mapping[Hashable, Callable[[], object]], repeats: int,
+                warmup: int = 1) -> dict[Hashable, list[float]]:
+    """Wall seconds of each variant in ``repeats`` rounds that each run every variant once, in turn, after ``warmup``
+    rounds left out (compilation, caches): a slow phase of the machine hits every variant alike."""
+    times = {name: [] for name in variants}
+    for round_ in range(warmup + repeats):
+        for name, variant in variants.items():
+            took = seconds(variant)
+            if round_ >= warmup:
+                times[name].append(took)
+    return times
+
+
+def ratios(numerators: Sequence[float], denominators: Sequence[float]) -> dict[str, float]:
+    """The per-run ratios of two interleaved series: their median and range."""
+    per_run = sorted(a / b for a, b in zip(numerators, denominators))
+    return {"median": statistics.median(per_run), "min": per_run[0], "max": per_run[-1]}
+
+
+def write_result(out: str | Path | None, result: dict) -> None:
+    """Print ``result``'s ratios (its top-level ``*_vs_*`` figures: a median with its range, or one value) and, with
+    ``out``, write ``result`` to ``out/result.json``."""
+    for key, value in result.items():
+        if "_vs_" not in key:
+            continue
+        if isinstance(value, Mapping):
+            shown = f"{value['median']:.3f} (runs {value['min']:.3f}-{value['max']:.3f})"
+        elif isinstance(value, Sequence):
+            shown = "-".join(f"{v:.3f}" for v in value)
+        else:
+            shown = f"{value:.3f}"
+        print(f"{key}: {shown}")
+    if out:
+        path = Path(out) / "result.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {path}")

@@ -8,9 +8,9 @@ accelerator memory (CUDA) counted from the resident set once the model is loaded
 ``/proc/self/clear_refs`` allows; else from the process's start, loading included), so variants do not see each
 other's allocations and loading's transient peak is left out. With --processes K, an ESTrainer step
 (replicated layout) runs under `accelerate launch --multi_gpu --num_processes K` and every process reports its peak.
+``--out DIR`` writes the figures to ``DIR/result.json``.
 """
 
-import argparse
 import json
 import os
 import resource
@@ -20,7 +20,7 @@ import tempfile
 
 import torch
 
-from common import encode, generate, generate_population, load
+from common import arguments, encode, forwarded, generate, generate_population, load, write_result
 
 
 def reset_peak() -> None:
@@ -60,7 +60,7 @@ def allocated_megabytes() -> float:
 def run_variant(args):
     from datasets import Dataset
 
-    from lightning_es import EvolutionStrategy, build_perturbation, select_parameters
+    from lightning_es import EvolutionStrategy, build_evolution_strategy, build_perturbation, select_parameters
 
     device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
     if torch.cuda.is_available():
@@ -77,7 +77,7 @@ def run_variant(args):
     elif args.variant in ("es_full", "es_lowrank"):
         lowrank = args.variant == "es_lowrank"
         perturbation = build_perturbation("lowrank" if lowrank else "full", select_parameters(model), 1e-3, model=model)
-        es = EvolutionStrategy(perturbation, population_size=args.population)
+        es = EvolutionStrategy(perturbation, population_size=args.population, learning_rate=5e-7)
         members = es.members(0)
         if lowrank:
             with es.perturbation.apply_population(members):
@@ -91,9 +91,8 @@ def run_variant(args):
         from trl_ext import ESConfig
 
         config = ESConfig(output_dir=tempfile.mkdtemp(), bf16=False, report_to="none")  # the default noise and step
-        perturbation = build_perturbation("lowrank", select_parameters(model), config.es_sigma, model=model,
-                                          rank=config.perturbation_rank, relative=config.relative_noise)
-        es = EvolutionStrategy(perturbation, population_size=args.population, lr=config.es_learning_rate(config.learning_rate))
+        config.population_size = args.population
+        es = build_evolution_strategy(config, model, seed=0)
         members = es.members(0)
         generate_population(es.perturbation, members, inputs, args.chunk_rows,
                             lambda rows: generate(model, rows, args.new_tokens))
@@ -139,9 +138,14 @@ VARIANTS = {
 }
 
 
+def shape(args) -> dict:
+    """The options a variant's process is told: the model and the batch's shape."""
+    return {k: getattr(args, k) for k in ("model", "population", "prompts", "new_tokens")}
+
+
 def peak_of(variant: str, **settings) -> float:
     """The peak memory of ``variant`` in a fresh process (MB)."""
-    command = [sys.executable, __file__, "--variant", variant] + [f"--{k}={v}" for k, v in settings.items()]
+    command = [sys.executable, __file__, "--variant", variant] + forwarded(settings)
     output = subprocess.run(command, capture_output=True, text=True, check=True, env={**os.environ}).stdout
     return json.loads(output.strip().splitlines()[-1])["peak_mb"]
 
@@ -161,20 +165,20 @@ def population_sweep(model: str, populations, prompts: int, new_tokens: int, chu
 def estrainer_processes(args) -> None:
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
                str(args.processes), "--mixed_precision", "no", "--dynamo_backend", "no", __file__,
-               "--variant", "estrainer_step"] + [f"--{k}={getattr(args, k)}" for k in
-                                                 ("model", "population", "prompts", "new_tokens")]
+               "--variant", "estrainer_step"] + forwarded(shape(args))
     output = subprocess.run(command, capture_output=True, text=True, check=True, env={**os.environ}).stdout
-    reports = [json.loads(line) for line in output.splitlines() if line.startswith('{"variant"')]
+    reports = sorted((json.loads(line) for line in output.splitlines() if line.startswith('{"variant"')),
+                     key=lambda r: r["process"])
     print(f"model={args.model} processes={args.processes} population={args.population} prompts={args.prompts} "
           f"new_tokens={args.new_tokens}: ESTrainer step, replicated layout")
-    for report in sorted(reports, key=lambda r: r["process"]):
+    for report in reports:
         print(f"process {report['process']}: peak {report['peak_mb']:.0f} MB, allocated after the step "
               f"{report['allocated_mb']:.0f} MB, trained {report['trained_model']}")
+    write_result(args.out, {**shape(args), "processes": reports})
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="tiny")
+    parser = arguments(__doc__, model="tiny")
     parser.add_argument("--population", type=int, default=8)
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--new_tokens", type=int, default=32)
@@ -186,20 +190,15 @@ def main():
         return run_variant(args)
     if args.processes > 1:
         return estrainer_processes(args)
-    peaks = {}
-    for variant in VARIANTS:
-        command = [sys.executable, __file__, "--variant", variant] + [
-            f"--{k}={getattr(args, k)}" for k in ("model", "population", "prompts", "new_tokens")
-        ]
-        output = subprocess.run(command, capture_output=True, text=True, check=True, env={**os.environ}).stdout
-        peaks[variant] = json.loads(output.strip().splitlines()[-1])["peak_mb"]
+    peaks = {variant: peak_of(variant, **shape(args)) for variant in VARIANTS}
     print(f"model={args.model} population={args.population} prompts={args.prompts} new_tokens={args.new_tokens}")
     print(f"{'variant':42s} {'peak MB':>9s} {'ratio':>6s}")
     baselines = {"generate": "generate", "es_full": "generate", "grpo_step": "generate",
                  "generate_population": "generate_population", "es_lowrank": "generate_population"}
+    ratios = {variant: peaks[variant] / peaks[baselines[variant]] for variant in VARIANTS}
     for variant, label in VARIANTS.items():
-        ratio = peaks[variant] / peaks[baselines[variant]]
-        print(f"{label:42s} {peaks[variant]:9.0f} {ratio:6.2f}  (vs {VARIANTS[baselines[variant]]})")
+        print(f"{label:42s} {peaks[variant]:9.0f} {ratios[variant]:6.2f}  (vs {VARIANTS[baselines[variant]]})")
+    write_result(args.out, {**shape(args), "peak_mb": peaks, "ratio_to": baselines, "ratio": ratios})
 
 
 if __name__ == "__main__":

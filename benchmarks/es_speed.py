@@ -2,11 +2,12 @@
 
     python benchmarks/es_speed.py --model smollm2 [--repeats 5] [--compile] [--profile] [--out docs/reports/speed]
 
-Everything runs with ``ESConfig``'s defaults (rank-4 noise relative to each tensor, 2 prompts, greedy members), at two
-pinned shapes: ``short``, 8 members x 2 of the benchmark's short prompts x 24 tokens, and
-``main_job``, the README main job's task (2 GSM8K-style prompts of the recipe x ESConfig's members x 24 tokens). Per shape and
-decoding (eager; and compiled with ``--compile``, i.e. ``torch_compile=True``), an ``ESTrainer`` trains and, after
-each of its steps, the two other variants run on the same model, so that the three are interleaved:
+Everything runs with ``ESConfig``'s defaults (its noise, prompts per iteration and greedy members), at two shapes:
+``short``, pinned at 8 members (so that its figures compare across changes of the default) x the benchmark's short
+prompts x 24 tokens, and ``main_job``, the README main job's task (GSM8K-style prompts of the recipe, ESConfig's
+population, fp32 as the recipe runs, 24 tokens). Per shape and decoding (eager; and compiled with ``--compile``, i.e.
+``torch_compile=True``), an ``ESTrainer`` trains and, after each of its steps, the two other variants run on the same
+model, so that the three are interleaved:
 
 - ``generate``: plain ``generate`` of the population's rows (members x prompts), the floor;
 - ``iteration``: the engine's iteration: the population generated through the perturbation (in chunks of
@@ -23,20 +24,17 @@ iteration against plain generation of one chunk for populations of 8 to 64 membe
 (``es_memory.population_sweep``): what grows with the population is the factors of the step, not the KV cache.
 """
 
-import argparse
 import cProfile
-import json
 import pstats
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 from datasets import Dataset
 from transformers import TrainerCallback
 
-from common import PROMPTS, generate_population, load
+from common import PROMPTS, arguments, generate_population, load, ratios, seconds, write_result
 from es_memory import population_sweep
 from lightning_es.tasks import gsm8k, prompts_for
 from trl_ext import ESConfig, ESTrainer
@@ -103,10 +101,9 @@ class Interleaved(TrainerCallback):
             self.profiles["operators"] = profiled(plain, iteration)
             return
         for name, variant in (("generate", plain), ("iteration", iteration)):
-            started = time.perf_counter()
-            variant()
+            took = seconds(variant)
             if state.global_step in self.timed:
-                self.times[name].append(time.perf_counter() - started)
+                self.times[name].append(took)
 
 
 def profiled(plain, iteration, top: int = 15) -> dict:
@@ -159,8 +156,7 @@ def measure(model, tokenizer, dataset: Dataset, compiled: bool, repeats: int, wa
     result = {"rows": rows, "new_tokens": new_tokens, "seconds": {name: statistics.median(t) for name, t in times.items()},
               "generated_tokens_per_second": rows * new_tokens / statistics.median(times["generate"])}
     for name in ("iteration", "trainer_step"):
-        ratios = sorted(t / g for t, g in zip(times[name], times["generate"]))
-        result[f"{name}_vs_generate"] = {"median": statistics.median(ratios), "min": ratios[0], "max": ratios[-1]}
+        result[f"{name}_vs_generate"] = ratios(times[name], times["generate"])
     if torch.cuda.is_available():
         result["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
     if profile:
@@ -179,16 +175,14 @@ def print_profile(profile: dict) -> None:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2")
-    parser.add_argument("--repeats", type=int, default=5, help="Interleaved runs of each variant (after the warm-up).")
+    parser = arguments(__doc__, model="smollm2", repeats=5,
+                       repeats_help="Interleaved runs of each variant (after the warm-up).")
     parser.add_argument("--warmup", type=int, default=2, help="Steps left out first (compilation, caches).")
     parser.add_argument("--compile", action="store_true", help="Also with torch_compile=True (compiled decoding).")
     parser.add_argument("--memory_chunk", type=int, default=16, help="es_max_generation_rows of the memory sweep.")
     parser.add_argument("--profile", action="store_true",
                         help="One more step per shape and decoding, profiled: the operators an iteration adds to plain generation, "
                              "and the trainer step's slowest Python functions (in result.json).")
-    parser.add_argument("--out", help="Write result.json here.")
     args = parser.parse_args()
     use_all_cpu_cores()
     results = {}
@@ -213,17 +207,12 @@ def main():
     for row in memory["populations"]:
         print(f"memory: population {row['population']}, chunks of {args.memory_chunk} rows: peak {row['peak_mb']:.0f} MB "
               f"= {row['vs_generate']:.3f} x plain generation of one chunk ({memory['generate_mb']:.0f} MB)")
-    if args.out:
-        short = results["short/eager"]
-        report = {"iteration_vs_generate": short["iteration_vs_generate"]["median"],
-                  "trainer_step_vs_generate": short["trainer_step_vs_generate"]["median"],
-                  "model": args.model, "device": "cuda" if torch.cuda.is_available() else "cpu",
-                  "torch_threads": torch.get_num_threads(), "repeats": args.repeats, "shapes": results,
-                  "memory": memory}
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "result.json").write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {out / 'result.json'}")
+    short = results["short/eager"]
+    write_result(args.out, {"iteration_vs_generate": short["iteration_vs_generate"]["median"],
+                            "trainer_step_vs_generate": short["trainer_step_vs_generate"]["median"],
+                            "model": args.model, "device": "cuda" if torch.cuda.is_available() else "cpu",
+                            "torch_threads": torch.get_num_threads(), "repeats": args.repeats, "shapes": results,
+                            "memory": memory})
 
 
 if __name__ == "__main__":

@@ -10,22 +10,17 @@ memory of the run against plain inference of the same rows; then one iteration a
 ``result.json``.
 """
 
-import argparse
 import json
-import sys
 import time
-from pathlib import Path
 
 import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, Qwen2Config
 
-from common import generate_population, members_per_call
+from common import arguments, generate_population, members_per_call, write_result
 from es_speed import measure
-from lightning_es import EvolutionStrategy, build_perturbation, select_parameters
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from tiny import build_tokenizer  # noqa: E402
+from lightning_es import ESSettings, build_evolution_strategy
+from tiny import build_tokenizer  # tests/, on the path from common
 
 PROMPT_TOKENS = 64
 
@@ -60,30 +55,27 @@ def inference_peak_gb(model, tokenizer, rows: int, new_tokens: int) -> float:
 def at_scale(model, tokenizer, population: int, prompt_count: int, new_tokens: int, chunk_rows: int) -> dict:
     """One default low-rank ES iteration at the ES-at-scale shape, chunk_rows rows per generate call."""
     inputs = tokenizer(list(prompts(prompt_count, seed=1)["prompt"]), return_tensors="pt", padding=True).to("cuda")
-    perturbation = build_perturbation("lowrank", select_parameters(model), 0.03, model=model, rank=4, relative=True)
-    es = EvolutionStrategy(perturbation, population_size=population, lr=1.5e-3)
+    es = build_evolution_strategy(ESSettings(population_size=population), model, seed=0)  # the default settings
     members = es.members(0)
     per_call = members_per_call(chunk_rows, prompt_count)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
     with torch.no_grad():
-        generate_population(perturbation, members, inputs, chunk_rows, lambda rows: model.generate(
+        generate_population(es.perturbation, members, inputs, chunk_rows, lambda rows: model.generate(
             **rows, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0))
     es.step(0, torch.randn(population))
     seconds = time.perf_counter() - started
-    perturbation.close()
+    es.perturbation.close()
     return {"population": population, "prompts": prompt_count, "new_tokens": new_tokens, "chunk_rows": chunk_rows,
             "seconds": seconds, "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30,
             "inference_peak_gb_one_chunk": inference_peak_gb(model, tokenizer, per_call * prompt_count, new_tokens)}
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser = arguments(__doc__, repeats=3)
     parser.add_argument("--new_tokens", type=int, default=256)
     parser.add_argument("--scale_tokens", type=int, default=64, help="New tokens of the ES-at-scale iteration.")
-    parser.add_argument("--out")
     args = parser.parse_args()
     tokenizer = build_tokenizer()
     model = qwen_1_5b(151936)
@@ -101,9 +93,7 @@ def main():
         print(key, json.dumps(result), flush=True)
     report["es_at_scale"] = at_scale(model, tokenizer, 30, 200, args.scale_tokens, chunk_rows=512)
     print("es_at_scale", json.dumps(report["es_at_scale"]), flush=True)
-    if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "result.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_result(args.out, report)
 
 
 if __name__ == "__main__":

@@ -1,21 +1,17 @@
 """How much of an ES update survives in bf16 weights, for four ways of applying it.
 
 Runs 20 ES steps with the same seeds and fitness values on an fp32 model and on bf16 copies, and prints how close
-each bf16 model's weight change is to the fp32 one (cosine, norm ratio) and the extra memory per evolved weight.
+each bf16 model's weight change is to the fp32 one (cosine, norm ratio) and the extra memory per evolved weight;
+``--out DIR`` writes them to ``DIR/result.json``.
 
-    python benchmarks/precision.py [--steps 20] [--lr 5e-7]
+    python benchmarks/precision.py [--steps 20] [--lr 5e-7] [--out DIR]
 """
-
-import argparse
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from tiny import build_model, build_tokenizer  # noqa: E402
-
-from lightning_es import EvolutionStrategy, FullRankPerturbation, select_parameters  # noqa: E402
+from common import arguments, write_result
+from lightning_es import EvolutionStrategy, FullRankPerturbation, select_parameters
+from tiny import build_model, build_tokenizer  # tests/, on the path from common
 
 
 def naive(p, update, _state):
@@ -41,54 +37,67 @@ RULES = {"naive in-place (reference code)": (naive, 0), "stochastic rounding": (
          "Kahan compensation (bf16 buffer)": (kahan, 2)}
 
 
+POPULATION = 32  # pinned, not the engine's default: the fitness values below are drawn for this many members
+
+
 def delta(model, start):
     return torch.cat([(p.detach().double() - start[n].double()).flatten() for n, p in model.named_parameters()])
 
 
+def strategy(params, lr: float) -> EvolutionStrategy:
+    """The same noise, seeds and population for every variant."""
+    return EvolutionStrategy(FullRankPerturbation(params, sigma=1e-3), population_size=POPULATION, learning_rate=lr, seed=1)
+
+
+def engine_steps(model, fitness, lr: float) -> torch.Tensor:
+    """The weight change of the engine's own ES steps on ``model``, one per fitness vector."""
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    es = strategy(select_parameters(model), lr)
+    for step, f in enumerate(fitness):
+        es.step(step, f)
+    return delta(model, start)
+
+
+def bf16_copy(tokenizer, base):
+    model = build_model(tokenizer).bfloat16()
+    model.load_state_dict(base.state_dict())
+    return model
+
+
 def main():
-    parser = argparse.ArgumentParser()
+    parser = arguments(__doc__)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--lr", type=float, default=5e-7)
     args = parser.parse_args()
     torch.manual_seed(0)
     tokenizer = build_tokenizer()
     base = build_model(tokenizer).bfloat16().float()
-    fitness = [torch.rand(32) for _ in range(args.steps)]
-
-    reference = build_model(tokenizer).bfloat16().float()
-    start = {n: p.detach().clone() for n, p in reference.named_parameters()}
-    es = EvolutionStrategy(FullRankPerturbation(select_parameters(reference), sigma=1e-3), lr=args.lr, seed=1)
-    for step, f in enumerate(fitness):
-        es.step(step, f)
-    intended = delta(reference, start)
+    fitness = [torch.rand(POPULATION) for _ in range(args.steps)]
+    intended = engine_steps(build_model(tokenizer).bfloat16().float(), fitness, args.lr)
 
     rows = []
     for label, (rule, extra_bytes) in RULES.items():
-        model = build_model(tokenizer).bfloat16()
-        model.load_state_dict(base.state_dict())
+        model = bf16_copy(tokenizer, base)
         start16 = {n: p.detach().clone() for n, p in model.named_parameters()}
         params = select_parameters(model)
-        es = EvolutionStrategy(FullRankPerturbation(params, sigma=1e-3), lr=args.lr, seed=1)
+        es = strategy(params, args.lr)
         state = {}
         with torch.no_grad():
             for step, f in enumerate(fitness):
                 for name, g in es.gradients(step, f):
                     rule(params[name], args.lr * g, state)
         rows.append((label, delta(model, start16), extra_bytes))
+    rows.append(("fp32 master copy (lightning-es)", engine_steps(bf16_copy(tokenizer, base), fitness, args.lr), 4))
 
-    model = build_model(tokenizer).bfloat16()
-    model.load_state_dict(base.state_dict())
-    start16 = {n: p.detach().clone() for n, p in model.named_parameters()}
-    es = EvolutionStrategy(FullRankPerturbation(select_parameters(model), sigma=1e-3), lr=args.lr, seed=1)
-    for step, f in enumerate(fitness):
-        es.step(step, f)
-    rows.append(("fp32 master copy (lightning-es)", delta(model, start16), 4))
-
-    print(f"{args.steps} ES steps, lr={args.lr:g}, sigma=1e-3, N=32; bf16 weight change vs fp32 weight change")
+    print(f"{args.steps} ES steps, lr={args.lr:g}, sigma=1e-3, N={POPULATION}; "
+          "bf16 weight change vs fp32 weight change")
     print(f"{'update rule':36s} {'cosine':>7s} {'norm ratio':>10s} {'extra bytes/weight':>19s}")
+    rules = {}
     for label, realised, extra in rows:
-        cosine = torch.nn.functional.cosine_similarity(intended, realised, dim=0).item()
-        print(f"{label:36s} {cosine:7.3f} {(realised.norm() / intended.norm()).item():10.3f} {extra:19d}")
+        rules[label] = {"cosine": torch.nn.functional.cosine_similarity(intended, realised, dim=0).item(),
+                        "norm_ratio": (realised.norm() / intended.norm()).item(), "extra_bytes_per_weight": extra}
+        print(f"{label:36s} {rules[label]['cosine']:7.3f} {rules[label]['norm_ratio']:10.3f} {extra:19d}")
+    write_result(args.out, {"steps": args.steps, "lr": args.lr, "rules": rules})
 
 
 if __name__ == "__main__":

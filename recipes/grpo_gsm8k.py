@@ -35,7 +35,7 @@ RECIPE_DEFAULTS = dict(
 # relative noise and step; docs/reports/drift-race/), 30 iterations of about 20 s: as many members' answers as the
 # 60 iterations of 8 members before. GRPO:
 # 2 prompts x 4 completions and an AdamW step that learns within this budget (TRL's default 1e-6 barely moves), as in
-# benchmarks/drift_race.py, 30 steps of about 20 s.
+# studies/drift_race.py, 30 steps of about 20 s.
 TRAINER_DEFAULTS = {"ESConfig": dict(max_steps=30),
                     "GRPOConfig": dict(max_steps=30, per_device_train_batch_size=8, num_generations=4, learning_rate=1e-5)}
 QUICK = dict(max_steps=2, per_device_train_batch_size=2, num_generations=2, max_completion_length=8, population_size=4,

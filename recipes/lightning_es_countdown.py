@@ -99,6 +99,7 @@ def main():
                              args.seed)
     strategy = ESStrategy(
         population_size=args.population_size, sigma=args.sigma, learning_rate=args.learning_rate,
+        perturbation="full" if args.zero3 else "lowrank",  # the sharded layout runs full-rank noise only
         deepspeed_config={"zero_optimization": {"stage": 3}} if args.zero3 else None,
     )
     trainer = pl.Trainer(

@@ -10,7 +10,7 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM
 
-import trl_ext.trainer as trainer_module
+import trl_ext.kl_penalty as kl_penalty_module
 from lightning_es.drift.metrics import exact_token_kl
 from lightning_es.engine import start as start_module
 from tiny import build_model, build_tokenizer
@@ -43,7 +43,7 @@ def recorded(monkeypatch):
         calls.append((exact, sums, tokens, temperature))
         return sums, tokens
 
-    monkeypatch.setattr(trainer_module, "row_kl_sums", recording)
+    monkeypatch.setattr(kl_penalty_module, "row_kl_sums", recording)
     return calls
 
 

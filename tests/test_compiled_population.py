@@ -10,7 +10,7 @@ from lightning_es import EvolutionStrategy, LowRankPerturbation, select_paramete
 from test_trainer import es_args, token_rate
 from tiny import build_gemma3, build_model, build_tokenizer
 from trl_ext import ESTrainer
-from trl_ext.trainer import cannot_compile
+from trl_ext.runtime_checks import cannot_compile
 
 PROMPTS = ["the quick", "what is 12", "count the", "brown fox", "lazy dog", "apples and", "is 42", "jumps over"]
 
@@ -20,7 +20,7 @@ def test_one_compiled_forward_follows_every_population_without_recompiling(build
     tokenizer = build_tokenizer()
     model = build(tokenizer).eval()
     es = EvolutionStrategy(LowRankPerturbation(model, select_parameters(model), sigma=0.05, rank=2),
-                           population_size=4, seed=1)
+                           population_size=4, seed=1, learning_rate=5e-7)
     compiled = torch.compile(model, backend="eager")  # dynamo's tracing and guards, without a code generator
     inputs = torch.randint(0, len(tokenizer), (2, 6)).repeat(4, 1)
     outputs = []

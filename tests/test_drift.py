@@ -1,4 +1,5 @@
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,6 +15,8 @@ from lightning_es.drift import (
     update_norm,
 )
 from lightning_es.drift import KLDrift, exact_token_kl, sampled_token_kl
+from lightning_es.drift import parameter_drift, sharded_parameter_drift, start_point
+from lightning_es.engine import StartWeights
 from tiny import build_model, build_tokenizer
 
 
@@ -54,6 +57,137 @@ def test_update_geometry():
         cosine_similarity(delta, {"a": delta["a"]})
     with pytest.raises(ValueError, match="has shape"):
         cosine_similarity(delta, {"a": delta["a"], "b": torch.zeros(2)})
+
+
+def test_parameter_drift_values():
+    model = torch.nn.Sequential()
+    model.add_module("self_attn", torch.nn.Linear(2, 1, bias=False))
+    model.add_module("mlp", torch.nn.Linear(1, 1, bias=False))
+    with torch.no_grad():
+        model.self_attn.weight.copy_(torch.tensor([[3.0, 4.0]]))
+        model.mlp.weight.fill_(2.0)
+    start = {"self_attn.weight": torch.tensor([[0.0, 4.0]]), "mlp.weight": torch.tensor([[2.0]])}
+    assert parameter_drift(model, start) == {
+        "drift/update_norm": 3.0, "drift/relative_norm": 3.0 / math.sqrt(20.0), "drift/moved_fraction": 1 / 3,
+        "drift/norm/attention": 3.0, "drift/norm/mlp": 0.0}
+    only = parameter_drift(model, start, names=["mlp.weight"])  # the trained parameters only
+    assert only["drift/update_norm"] == 0.0 and set(only) == {"drift/update_norm", "drift/relative_norm",
+                                                               "drift/moved_fraction", "drift/norm/mlp"}
+    with pytest.raises(ValueError, match="different parameter sets"):
+        parameter_drift(model, {"mlp.weight": start["mlp.weight"]})
+
+
+class Zero3Slices:
+    """What the drift computation asks of ES's perturbation, as ZeRO-3 slices answer it: process ``rank`` of two
+    holds the ``rank``-th piece of each flattened tensor, padded; ``total_squared_norm`` adds the other process's
+    parts (``others``, in order) as the all-reduce would, or records this process's (``parts``)."""
+
+    def __init__(self, shapes, rank, others=None):
+        self.shapes, self.others, self.parts = shapes, others, []
+        self.size = {name: -(-torch.Size(shape).numel() // 2) for name, shape in shapes.items()}
+        self.start = {name: rank * size for name, size in self.size.items()}
+
+    def slice_of(self, name, tensor):
+        flat = torch.zeros(2 * self.size[name], dtype=tensor.dtype)
+        flat[: tensor.numel()] = tensor.reshape(-1)
+        return flat[self.start[name] : self.start[name] + self.size[name]].clone()
+
+    def real(self, name, tensor):
+        held = max(0, min(self.size[name], self.numel(name) - self.start[name]))
+        return tensor.reshape(-1)[:held]
+
+    def numel(self, name):
+        return torch.Size(self.shapes[name]).numel()
+
+    def total_squared_norm(self, local):
+        if self.others is None:
+            self.parts.append(local)
+            return local
+        return local + self.others.pop(0)
+
+
+def test_sharded_parameter_drift_summed_over_the_processes_equals_the_whole_tensors_drift():
+    """The one drift computation over ZeRO-3 slices (padding left out, each process's sums added over the processes
+    through the perturbation) gives the values of the whole tensors, as replicated processes hold them."""
+    shapes = {"self_attn_weight": (5, 3), "mlp_bias": (5,)}  # 15 and 5 elements: both padded over 2 processes
+    torch.manual_seed(0)
+    start = {name: torch.randn(shape).to(torch.bfloat16) for name, shape in shapes.items()}
+    current = {name: (t.float() + 0.05 * torch.randn(t.shape)).to(torch.bfloat16) for name, t in start.items()}
+    model = torch.nn.Module()
+    for name, tensor in current.items():
+        model.register_parameter(name, torch.nn.Parameter(tensor.clone()))
+    expected = parameter_drift(model, start, threshold=1e-2)
+
+    def process(rank, others=None):
+        slices = Zero3Slices(shapes, rank, others)
+        params = {name: torch.nn.Parameter(slices.slice_of(name, start[name])) for name in shapes}
+        es = SimpleNamespace(params=params, perturbation=slices, start=StartWeights(params))
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(slices.slice_of(name, current[name]))
+        return es
+
+    one = process(1)
+    sharded_parameter_drift(one, threshold=1e-2)
+    drift = sharded_parameter_drift(process(0, one.perturbation.parts), threshold=1e-2)
+    assert drift.keys() == expected.keys() == {"drift/update_norm", "drift/relative_norm", "drift/moved_fraction",
+                                               "drift/norm/attention", "drift/norm/mlp"}
+    assert 0 < drift["drift/moved_fraction"] == expected["drift/moved_fraction"] < 1
+    for key, value in expected.items():
+        assert drift[key] == pytest.approx(value, rel=1e-12), key
+
+
+def start_point_of(model, es=None, step=0, saved=None):
+    """``start_point`` as a drift callback calls it; returns (start, warnings, whether ``saved`` was read)."""
+    warnings, reads = [], []
+
+    def read():
+        reads.append(True)
+        return saved
+
+    start = start_point(model, es, step, read, lambda weights: ("own", weights), warnings.append, "Drift",
+                        es_lacks="ES's checkpoint lacks them", saved_lacks="the callback's checkpoint lacks them")
+    return start, warnings, bool(reads)
+
+
+def test_start_point_without_es_is_the_callbacks_own_copy_of_the_saved_or_the_current_weights():
+    model = torch.nn.Linear(2, 1)
+    saved = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    assert start_point_of(model) == (("own", None), [], True)
+    assert start_point_of(model, step=4, saved=saved) == (("own", saved), [], True)
+    start, warnings, _ = start_point_of(model, step=4)
+    assert start == ("own", None) and warnings == [
+        "Drift: the callback's checkpoint lacks them: drift is measured from the resumed weights, not from the weights "
+        "the run started from."]
+
+
+class KeepsStart:
+    """What ``start_point`` asks of an ES engine: its one copy of the start weights, kept on demand."""
+
+    def __init__(self, model):
+        self.model, self.start, self.start_restored = model, None, False
+
+    def keep_start(self):
+        if self.start is None:
+            self.start = StartWeights(dict(self.model.named_parameters()))
+        return self.start
+
+
+def test_start_point_with_es_is_its_kept_copy_which_adopts_a_callbacks_saved_start():
+    model = torch.nn.Linear(2, 1)
+    es = KeepsStart(model)
+    saved = {n: torch.full_like(p, 7.0) for n, p in model.named_parameters()}
+    start, warnings, _ = start_point_of(model, es, step=4, saved=saved)  # saved before ES kept the start weights
+    assert start is es.start and warnings == [] and es.start_restored
+    assert all(torch.equal(t, torch.full_like(t, 7.0)) for t in start.tensors.values())
+    assert start_point_of(model, es, step=6, saved=saved) == (es.start, [], False)  # restored: nothing more to read
+
+    fresh = KeepsStart(model)
+    assert start_point_of(model, fresh) == (fresh.start, [], True)  # a new run: no warning
+    start, warnings, _ = start_point_of(model, fresh, step=4)
+    assert start is fresh.start and not fresh.start_restored and warnings == [
+        "Drift: ES's checkpoint lacks them: drift is measured from the resumed weights, not from the weights the run "
+        "started from."]
 
 
 def test_parameter_delta_from_a_snapshot():

@@ -47,6 +47,7 @@ def test_noise_is_independent_across_tensors_of_the_same_shape():
 
 
 def full_rank_es(params, sigma=1e-3, **kwargs):
+    kwargs = {"population_size": 32, "learning_rate": 5e-7, **kwargs}
     return EvolutionStrategy(FullRankPerturbation(params, sigma), **kwargs)
 
 
@@ -129,7 +130,7 @@ def test_bf16_update_matches_the_fp32_update_after_20_steps():
     start32, start16 = snapshot(reference), snapshot(half)
     generator = torch.Generator().manual_seed(0)
     fitness = [torch.rand(32, generator=generator) for _ in range(20)]
-    settings = dict(population_size=32, sigma=1e-3, lr=5e-7, seed=11)
+    settings = dict(population_size=32, sigma=1e-3, learning_rate=5e-7, seed=11)
     run_steps(reference, fitness, **settings)
     run_steps(half, fitness, **settings)
     intended, realised = flat_delta(reference, start32), flat_delta(half, start16)
@@ -144,7 +145,7 @@ def test_bf16_update_matches_the_fp32_update_after_20_steps():
 def test_estimate_on_a_quadratic_points_along_the_true_gradient():
     target = torch.linspace(-1, 1, 20)
     theta = torch.nn.Parameter(torch.zeros(20))
-    es = full_rank_es({"theta": theta}, population_size=1000, sigma=1e-2, lr=0.0, seed=1)
+    es = full_rank_es({"theta": theta}, population_size=1000, sigma=1e-2, learning_rate=0.0, seed=1)
     fitness = torch.empty(es.population_size)
     for member in es.members(0):
         with es.perturbed(member):
@@ -156,7 +157,7 @@ def test_estimate_on_a_quadratic_points_along_the_true_gradient():
 
 def test_plain_update_is_lr_times_the_openai_es_estimate():
     theta = torch.nn.Parameter(torch.zeros(50))
-    es = full_rank_es({"theta": theta}, population_size=4, sigma=0.1, lr=0.3, antithetic=False, seed=2)
+    es = full_rank_es({"theta": theta}, population_size=4, sigma=0.1, learning_rate=0.3, antithetic=False, seed=2)
     fitness = torch.tensor([1.0, 2.0, 3.0, 6.0])
     shaped = zscore(fitness)
     expected = sum(
@@ -168,9 +169,9 @@ def test_plain_update_is_lr_times_the_openai_es_estimate():
 
 
 def test_reference_step_alpha_over_n_equals_lr_times_g():
-    """The ES-at-scale step alpha/N * sum f_i eps_i (alpha=5e-4, sigma=1e-3, N=30) is our default lr=5e-7."""
+    """The ES-at-scale step alpha/N * sum f_i eps_i (alpha=5e-4, sigma=1e-3, N=30) is our default learning_rate=5e-7."""
     theta = torch.nn.Parameter(torch.zeros(100))
-    es = full_rank_es({"theta": theta}, population_size=30, sigma=1e-3, antithetic=False, seed=4)
+    es = full_rank_es({"theta": theta}, population_size=30, sigma=1e-3, learning_rate=5e-7, antithetic=False, seed=4)
     fitness = torch.randn(30, generator=torch.Generator().manual_seed(0))
     shaped = zscore(fitness)
     reference_step = 5e-4 / 30 * sum(
@@ -185,7 +186,7 @@ def test_reward_rises_on_a_problem_with_a_clear_optimum():
     inputs = torch.randn(64, 8)
     labels = inputs @ torch.randn(8, 1)
     model = torch.nn.Linear(8, 1)
-    es = full_rank_es(select_parameters(model), population_size=20, sigma=0.05, lr=0.05 * 0.05, seed=0)
+    es = full_rank_es(select_parameters(model), population_size=20, sigma=0.05, learning_rate=0.05 * 0.05, seed=0)
 
     def reward():
         with torch.no_grad():
@@ -203,7 +204,7 @@ def test_reward_rises_on_a_problem_with_a_clear_optimum():
 
 def test_write_gradients_hands_minus_g_to_a_torch_optimizer():
     theta = torch.nn.Parameter(torch.zeros(30))
-    es = full_rank_es({"theta": theta}, population_size=6, sigma=0.1, lr=0.2, seed=5)
+    es = full_rank_es({"theta": theta}, population_size=6, sigma=0.1, learning_rate=0.2, seed=5)
     fitness = torch.arange(6.0)
     (_, g), = es.gradients(0, fitness)
     optimizer = torch.optim.SGD([theta], lr=0.2)
@@ -252,9 +253,9 @@ def test_anchored_weight_decay_pulls_towards_the_start():
     start = torch.linspace(-1, 1, 40)
     fitness = [torch.randn(8, generator=torch.Generator().manual_seed(s)) for s in range(5)]
     plain, anchored = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
-    settings = dict(population_size=8, sigma=0.1, lr=0.05, seed=1)
+    settings = dict(population_size=8, sigma=0.1, learning_rate=0.05, seed=1)
     es_plain = full_rank_es({"theta": plain}, **settings)
-    es_anchored = full_rank_es({"theta": anchored}, anchor_decay=2.0, **settings)
+    es_anchored = full_rank_es({"theta": anchored}, es_anchor_decay=2.0, **settings)
     for step, f in enumerate(fitness):
         before = anchored.detach().clone()
         es_anchored.step(step, f)
@@ -264,7 +265,7 @@ def test_anchored_weight_decay_pulls_towards_the_start():
         es_plain.step(step, f)
     assert (anchored - start).norm() < (plain - start).norm()
     with pytest.raises(ValueError, match="anchor_decay"):
-        full_rank_es({"theta": plain}, anchor_decay=-1.0)
+        full_rank_es({"theta": plain}, es_anchor_decay=-1.0)
 
 
 def test_a_checkpoint_continues_only_under_the_noise_it_was_trained_with():
@@ -274,7 +275,7 @@ def test_a_checkpoint_continues_only_under_the_noise_it_was_trained_with():
     params = dict(model.named_parameters())
 
     def strategy(perturbation):
-        return EvolutionStrategy(perturbation, population_size=4, lr=1e-3, seed=3)
+        return EvolutionStrategy(perturbation, population_size=4, learning_rate=1e-3, seed=3)
 
     full = strategy(FullRankPerturbation(params, sigma=0.01))
     lowrank = strategy(LowRankPerturbation(model, params, sigma=0.01, rank=1))
@@ -300,3 +301,28 @@ def test_quantized_weights_are_refused_by_name_before_training():
     with pytest.raises(ValueError, match=r"packed is stored as torch.uint8 .*float32, bfloat16, float16.*es_params='lora'"):
         select_parameters(model, "all")
     assert set(select_parameters(model)) == {"weight", "bias"}  # the trainable ones evolve
+
+
+def test_renamed_engine_arguments_keep_their_old_names_for_one_release_with_a_future_warning():
+    """``lr``, ``anchor_decay`` and ``start_device`` took ``ESSettings``' names; the old ones still give the same run."""
+    fitness = torch.randn(4, generator=torch.Generator().manual_seed(0))
+    old_theta, new_theta = torch.nn.Parameter(torch.linspace(-1, 1, 10)), torch.nn.Parameter(torch.linspace(-1, 1, 10))
+    with pytest.warns(FutureWarning) as caught:
+        old = EvolutionStrategy(FullRankPerturbation({"theta": old_theta}, 0.1), population_size=4, lr=0.05,
+                                anchor_decay=0.5, start_device="cpu", seed=1)
+    messages = " ".join(str(w.message) for w in caught)
+    for before, after in (("lr", "learning_rate"), ("anchor_decay", "es_anchor_decay"),
+                          ("start_device", "es_start_device")):
+        assert f"EvolutionStrategy({before}=...) is renamed {after}=" in messages
+    new = EvolutionStrategy(FullRankPerturbation({"theta": new_theta}, 0.1), population_size=4, learning_rate=0.05,
+                            es_anchor_decay=0.5, es_start_device="cpu", seed=1)
+    old.step(0, fitness)
+    new.step(0, fitness)
+    assert torch.equal(old_theta, new_theta) and not torch.equal(new_theta, torch.linspace(-1, 1, 10))
+    with pytest.raises(TypeError, match="unexpected keyword arguments \\['sigma_typo'\\]"):
+        EvolutionStrategy(FullRankPerturbation({"theta": new_theta}, 0.1), learning_rate=0.05, sigma_typo=1)
+
+
+def test_the_engine_asks_for_its_step_in_the_perturbations_units():
+    with pytest.raises(TypeError, match="needs learning_rate"):
+        EvolutionStrategy(FullRankPerturbation({"theta": torch.nn.Parameter(torch.zeros(3))}, 0.1))

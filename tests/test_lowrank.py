@@ -35,7 +35,7 @@ def test_hooked_forward_equals_explicitly_perturbed_weights(rank, family):
     build = functools.partial(FAMILIES[family], tokenizer)
     model = build()
     es = EvolutionStrategy(LowRankPerturbation(model, select_parameters(model), sigma=0.05, rank=rank),
-                           population_size=4, seed=3)
+                           population_size=4, seed=3, learning_rate=5e-7)
     assert set(es.params) == {n for n, p in model.named_parameters() if p.requires_grad}
     members = es.members(0)
     inputs = torch.randint(0, len(tokenizer), (3, 7))
@@ -59,7 +59,7 @@ def test_each_kind_of_parameter_changes_the_members_output():
     for pattern in ("embed_tokens", "norm", r"\.bias$"):
         model = build_model(tokenizer, tie=True)
         es = EvolutionStrategy(LowRankPerturbation(model, select_parameters(model, [pattern]), sigma=0.05),
-                               population_size=2)
+                               population_size=2, learning_rate=5e-7)
         with torch.no_grad(), es.perturbation.apply_population(es.members(0)):
             plus, minus = model(inputs.repeat(2, 1)).logits.chunk(2)
         assert not torch.allclose(plus, minus), pattern
@@ -73,7 +73,7 @@ def test_hooks_follow_the_forward_precision(dtype, autocast):
     tokenizer = build_tokenizer()
     model = build_model(tokenizer, tie=True, dtype=dtype)
     es = EvolutionStrategy(LowRankPerturbation(model, select_parameters(model), sigma=0.05, rank=4),
-                           population_size=2, seed=1)
+                           population_size=2, seed=1, learning_rate=5e-7)
     members = es.members(0)
     inputs = torch.randint(0, len(tokenizer), (2, 6))
     precision = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
@@ -104,7 +104,7 @@ def test_a_module_with_parameters_and_parameterised_children_is_refused_before_a
 def test_lowrank_update_equals_the_dense_sum_of_the_factors():
     model = build_model(build_tokenizer())
     es = EvolutionStrategy(LowRankPerturbation(model, select_parameters(model), sigma=0.1, rank=3), population_size=6,
-                           lr=0.01, seed=9)
+                           learning_rate=0.01, seed=9)
     before = {n: p.detach().clone() for n, p in es.params.items()}
     fitness = torch.tensor([0.3, 1.0, -2.0, 0.5, 0.0, 4.0])
     shaped = es.shape_fitness(fitness)
@@ -123,7 +123,7 @@ def test_reward_rises_with_lowrank_noise_on_a_toy_task():
     labels = inputs @ torch.randn(8, 4)
     model = torch.nn.Sequential(torch.nn.Linear(8, 4, bias=False))
     es = EvolutionStrategy(LowRankPerturbation(model, select_parameters(model), sigma=0.05), population_size=20,
-                           lr=0.05 * 0.05, seed=0)
+                           learning_rate=0.05 * 0.05, seed=0)
 
     def errors(batch_outputs, count):
         return [-torch.nn.functional.mse_loss(o, labels).item() for o in batch_outputs.chunk(count)]
@@ -142,10 +142,10 @@ def test_reward_rises_with_lowrank_noise_on_a_toy_task():
 
 def test_lowrank_bf16_model_keeps_an_fp32_master_and_fp32_needs_none():
     model = build_model(build_tokenizer())
-    es = EvolutionStrategy(LowRankPerturbation(model, select_parameters(model), sigma=1e-3))
+    es = EvolutionStrategy(LowRankPerturbation(model, select_parameters(model), sigma=1e-3), learning_rate=5e-7, population_size=32)
     assert es.master.copies == {}
     half = build_model(build_tokenizer(), dtype=torch.bfloat16)
-    es = EvolutionStrategy(LowRankPerturbation(half, select_parameters(half), sigma=1e-3))
+    es = EvolutionStrategy(LowRankPerturbation(half, select_parameters(half), sigma=1e-3), learning_rate=5e-7, population_size=32)
     assert set(es.master.copies) == set(es.params)
 
 
@@ -186,7 +186,7 @@ def test_vector_modules_are_exact_whether_or_not_their_parameters_broadcast():
     exact per-member evaluation (an RMS-style gain), per member otherwise (a sum over the gain, LayerNorm)."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), SummedGain(), torch.nn.LayerNorm(4))
-    es = EvolutionStrategy(LowRankPerturbation(model, select_parameters(model), sigma=0.1), population_size=4, seed=2)
+    es = EvolutionStrategy(LowRankPerturbation(model, select_parameters(model), sigma=0.1), population_size=4, seed=2, learning_rate=5e-7)
     members = es.members(0)
     inputs = torch.randn(3, 4)
     with torch.no_grad():
@@ -234,7 +234,7 @@ class Model(torch.nn.Module):
 def test_float_embed_scale_and_keyword_arguments_are_perturbed_exactly():
     torch.manual_seed(0)
     model = Model()
-    es = EvolutionStrategy(LowRankPerturbation(model, select_parameters(model), sigma=0.1, rank=2), population_size=4)
+    es = EvolutionStrategy(LowRankPerturbation(model, select_parameters(model), sigma=0.1, rank=2), population_size=4, learning_rate=5e-7)
     members = es.members(0)
     ids = torch.randint(0, 10, (3, 5))
     with torch.no_grad():
@@ -256,7 +256,7 @@ def test_gpt2_conv1d_layers_are_perturbed_as_linear_layers_and_shared_positions_
 
     model = build()
     params = select_parameters(model, [r"^(?!transformer\.wpe\.)"])  # positions are shared by the batch: see below
-    es = EvolutionStrategy(LowRankPerturbation(model, params, sigma=0.05, rank=2), population_size=2, seed=4)
+    es = EvolutionStrategy(LowRankPerturbation(model, params, sigma=0.05, rank=2), population_size=2, seed=4, learning_rate=5e-7)
     inputs = torch.randint(0, len(tokenizer), (2, 6))
     with torch.no_grad(), es.perturbation.apply_population(es.members(0)):
         batched = model(inputs.repeat(2, 1)).logits
@@ -264,7 +264,7 @@ def test_gpt2_conv1d_layers_are_perturbed_as_linear_layers_and_shared_positions_
         with torch.no_grad():
             expected = explicitly_perturbed(model, es, member)(inputs).logits
         torch.testing.assert_close(batched[m * 2 : (m + 1) * 2], expected, rtol=1e-4, atol=5e-5)
-    es = EvolutionStrategy(LowRankPerturbation(model, select_parameters(model), sigma=0.05), population_size=2)
+    es = EvolutionStrategy(LowRankPerturbation(model, select_parameters(model), sigma=0.05), population_size=2, learning_rate=5e-7)
     with pytest.raises(RuntimeError, match=r"cannot perturb transformer\.wpe\.weight: .*ids shared by the whole batch"):
         with torch.no_grad(), es.perturbation.apply_population(es.members(0)):
             model(inputs.repeat(2, 1))
@@ -297,7 +297,7 @@ def test_parameters_low_rank_hooks_cannot_perturb_are_refused_by_name():
     with pytest.raises(ValueError, match=r"cannot perturb up: .*a matrix.*perturbation='full'"):
         LowRankPerturbation(experts, select_parameters(experts), sigma=0.1)
     router = Router()
-    es = EvolutionStrategy(LowRankPerturbation(router, select_parameters(router), sigma=0.1), population_size=2)
+    es = EvolutionStrategy(LowRankPerturbation(router, select_parameters(router), sigma=0.1), population_size=2, learning_rate=5e-7)
     with pytest.raises(RuntimeError, match=r"cannot perturb bias: its Router returns a tuple"):
         with torch.no_grad(), es.perturbation.apply_population(es.members(0)):
             router(torch.randn(4, 4))
@@ -313,7 +313,7 @@ def test_layers_reading_one_input_project_it_together_and_every_population_compu
 
     def strategy(grouped=True):
         es = EvolutionStrategy(LowRankPerturbation(model, select_parameters(model), sigma=0.05, rank=2),
-                               population_size=4, seed=3)
+                               population_size=4, seed=3, learning_rate=5e-7)
         if not grouped:
             es.perturbation._groups.groups, es.perturbation._groups.of_key = [], {}
         return es

@@ -19,7 +19,7 @@ def small_net(seed: int = 0) -> nn.Module:
 
 def es_over(model, kind="full", shaping="zscore", relative=True, sigma=0.05, lr=0.01, **kwargs):
     perturbation = build_perturbation(kind, select_parameters(model), sigma, model=model, rank=2, relative=relative)
-    return EvolutionStrategy(perturbation, population_size=6, lr=lr, fitness_shaping=shaping, seed=3, **kwargs)
+    return EvolutionStrategy(perturbation, population_size=6, learning_rate=lr, fitness_shaping=shaping, seed=3, **kwargs)
 
 
 # ---- the scales ----------------------------------------------------------------------------------------------------
@@ -156,7 +156,7 @@ def test_evidence_zscore_needs_the_rewards_per_prompt():
 
 def test_start_weights_swap_in_and_out_bit_exactly_in_the_weights_dtype():
     model = small_net().to(torch.bfloat16)
-    es = es_over(model, anchor_decay=1.0)
+    es = es_over(model, es_anchor_decay=1.0)
     start = es.start
     assert es.keep_start() is start  # one copy, whoever asks
     assert all(t.dtype == torch.bfloat16 and t.device.type == "cpu" for t in start.tensors.values())
@@ -192,12 +192,12 @@ def config(**fields):
 
 def test_relative_units_are_the_default_and_absolute_ones_are_kept_for_scripts_that_set_them():
     default = config()
-    assert default.relative_noise and default.es_sigma == DEFAULT_RELATIVE_SIGMA == default.relative_sigma
-    assert default.es_learning_rate(default.learning_rate) == default.relative_learning_rate
+    assert default.relative_noise and default.noise_sigma == DEFAULT_RELATIVE_SIGMA == default.relative_sigma
+    assert default.step_size(default.learning_rate) == default.relative_learning_rate
     # a schedule scales the relative step as it scales learning_rate
-    assert default.es_learning_rate(default.learning_rate / 4) == pytest.approx(default.relative_learning_rate / 4)
+    assert default.step_size(default.learning_rate / 4) == pytest.approx(default.relative_learning_rate / 4)
     absolute = config(sigma=1e-3, learning_rate=5e-7)
-    assert not absolute.relative_noise and (absolute.es_sigma, absolute.es_learning_rate(5e-7)) == (1e-3, 5e-7)
+    assert not absolute.relative_noise and (absolute.noise_sigma, absolute.step_size(5e-7)) == (1e-3, 5e-7)
     assert absolute.relative_sigma is None and absolute.relative_learning_rate is None
 
 
@@ -205,7 +205,7 @@ def test_a_script_that_sets_only_learning_rate_keeps_absolute_units_and_is_told(
     """Scripts written before relative units set learning_rate alone, in absolute units with sigma 1e-2."""
     with caplog.at_level("WARNING"):
         args = config(learning_rate=1e-2)
-    assert not args.relative_noise and (args.sigma, args.es_learning_rate(1e-2)) == (1e-2, 1e-2)
+    assert not args.relative_noise and (args.sigma, args.step_size(1e-2)) == (1e-2, 1e-2)
     assert "learning_rate=0.01 is an absolute step, so the noise is absolute too: sigma=0.01" in caplog.text
 
 
@@ -229,4 +229,4 @@ def test_bad_noise_and_step_units_are_errors_that_name_the_field(fields, message
 
 def test_the_trainers_optimizer_keeps_learning_rate_as_its_own_step_under_relative_noise():
     args = config(es_optimizer="trainer", learning_rate=1e-5)
-    assert args.relative_noise and args.relative_learning_rate is None and args.es_learning_rate(1e-5) == 1e-5
+    assert args.relative_noise and args.relative_learning_rate is None and args.step_size(1e-5) == 1e-5

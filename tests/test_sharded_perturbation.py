@@ -36,7 +36,7 @@ def test_sharded_steps_equal_the_unsharded_step():
     torch.manual_seed(0)
     full = {name: torch.nn.Parameter(torch.randn(shape)) for name, shape in SHAPES.items()}
     fitness = torch.randn(6)
-    unsharded = EvolutionStrategy(FullRankPerturbation(full, sigma=0.1), population_size=6, lr=0.05, seed=3)
+    unsharded = EvolutionStrategy(FullRankPerturbation(full, sigma=0.1), population_size=6, learning_rate=0.05, seed=3)
     unsharded.step(0, fitness)
     expected = {name: p.detach().clone() for name, p in full.items()}
     torch.manual_seed(0)
@@ -50,7 +50,7 @@ def test_sharded_steps_equal_the_unsharded_step():
             for name, piece in perturbation.local_tensors(start).items():
                 shards[name].copy_(piece)
         perturbation.master.sync_from_model()
-        es = EvolutionStrategy(perturbation, population_size=6, lr=0.05, seed=3)
+        es = EvolutionStrategy(perturbation, population_size=6, learning_rate=0.05, seed=3)
         es.step(0, fitness)
         for name, shard in shards.items():
             pieces[name].append(shard.detach())
@@ -88,7 +88,7 @@ def test_sharded_drift_measures_the_weights_as_the_model_holds_them(world, rank)
     layouts = layouts_for(SHAPES, world, rank)
     shards = {name: torch.nn.Parameter(torch.randn(layout.size).to(torch.bfloat16)) for name, layout in layouts.items()}
     perturbation = ShardedPerturbation(shards, layouts, sigma=0.1)
-    es = EvolutionStrategy(perturbation, population_size=6, lr=2e-3, seed=3)
+    es = EvolutionStrategy(perturbation, population_size=6, learning_rate=2e-3, seed=3)
     es.keep_start()
     start = {name: perturbation.real(name, shard.detach().float().clone()) for name, shard in shards.items()}
     es.step(0, torch.randn(6))

@@ -279,7 +279,7 @@ def test_population_and_layout_checks():
         ESStrategy(deepspeed_config={"zero_optimization": {"stage": 2}})
     with pytest.raises(FileNotFoundError, match="deepspeed_config"):
         ESStrategy(deepspeed_config="missing.json")
-    with pytest.raises(ValueError, match="deepspeed_config has 'optimizer'.*Remove 'optimizer'"):
+    with pytest.raises(ValueError, match="DeepSpeed config has 'optimizer'.*Remove 'optimizer'"):
         ESStrategy(deepspeed_config={"zero_optimization": {"stage": 3}, "optimizer": {"type": "AdamW"}})
 
 

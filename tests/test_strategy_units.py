@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 import lightning_es.engine.start as start_module
 from lightning_es import ESStrategy
 from lightning_es.engine import EvolutionStrategy, build_perturbation, evidence_zscore
-from lightning_es.engine.scales import DEFAULT_RELATIVE_LEARNING_RATE, VECTOR_FLOOR, relative_scales
+from lightning_es.engine.scales import DEFAULT_RELATIVE_LEARNING_RATE, DEFAULT_RELATIVE_SIGMA, VECTOR_FLOOR, relative_scales
 from lightning_es.lightning.callbacks import KLDriftCallback, ParameterDriftCallback
 from lightning_es.lightning.strategy import ES_STATE_KEY
 from lightning_toy import Regression, regression_data
@@ -56,26 +56,38 @@ def weights(module) -> dict[str, torch.Tensor]:
 # ---- 1. constructor: one unit or the other, within range -----------------------------------------------------------
 
 
-@pytest.mark.parametrize("absolute", [{"sigma": 1e-3}, {"learning_rate": 1e-4}, {"sigma": 1e-3, "learning_rate": 1e-4}])
+def config_error(**fields) -> str:
+    """ESConfig's refusal of the same fields: the settings are defined once, so the messages are the same."""
+    from trl_ext import ESConfig
+
+    with pytest.raises(ValueError) as error:
+        ESConfig(output_dir="unused", use_cpu=True, **fields)
+    return str(error.value)
+
+
+@pytest.mark.parametrize("absolute", [{"sigma": 1e-3}, {"learning_rate": 1e-3}, {"sigma": 1e-3, "learning_rate": 1e-3}])
 def test_relative_sigma_with_an_absolute_sigma_or_lr_is_refused_naming_both(absolute):
     name = next(iter(absolute))
-    with pytest.raises(ValueError, match=rf"relative_sigma=0\.05 .* and {name}={absolute[name]} \(absolute\)"):
+    with pytest.raises(ValueError, match=rf"{name}={absolute[name]} .*relative_sigma") as error:
         ESStrategy(relative_sigma=0.05, **absolute)
+    assert str(error.value) == config_error(relative_sigma=0.05, **absolute)
 
 
 def test_knobs_named_as_before_they_took_esconfigs_names_are_refused_naming_the_new_ones():
     with pytest.raises(TypeError, match=r"lr= is learning_rate=, rank= is perturbation_rank="):
         ESStrategy(lr=1e-3, rank=2)
-    strategy = ESStrategy(learning_rate=1e-3, perturbation="lowrank", perturbation_rank=2, es_anchor_decay=0.5)
-    assert strategy.es_options["lr"] == 1e-3 and strategy.perturbation_options["rank"] == 2
-    assert strategy.es_options["anchor_decay"] == 0.5
+    strategy = ESStrategy(sigma=1e-2, learning_rate=1e-3, perturbation="lowrank", perturbation_rank=2,
+                          es_anchor_decay=0.5)
+    assert (strategy.settings.learning_rate, strategy.settings.perturbation_rank) == (1e-3, 2)
+    assert strategy.settings.es_anchor_decay == 0.5
 
 
-def test_relative_learning_rate_without_relative_sigma_is_refused():
-    with pytest.raises(ValueError, match=r"relative_learning_rate=0\.001 .*set relative_sigma too"):
-        ESStrategy(relative_learning_rate=1e-3)
-    with pytest.raises(ValueError, match="relative_learning_rate"):  # also next to an absolute sigma
+def test_relative_learning_rate_alone_takes_the_default_relative_sigma_as_esconfig_does():
+    strategy = ESStrategy(relative_learning_rate=1e-3)
+    assert (strategy.settings.relative_sigma, strategy.settings.step_size()) == (DEFAULT_RELATIVE_SIGMA, 1e-3)
+    with pytest.raises(ValueError, match="relative_learning_rate") as error:  # next to an absolute sigma
         ESStrategy(sigma=1e-3, relative_learning_rate=1e-3)
+    assert str(error.value) == config_error(sigma=1e-3, relative_learning_rate=1e-3)
 
 
 @pytest.mark.parametrize("relative_sigma", [0.9, 0.0, -0.05, math.nan])
@@ -91,15 +103,19 @@ def test_a_relative_learning_rate_too_large_or_not_a_rate_is_refused_naming_it(r
         ESStrategy(relative_sigma=0.05, relative_learning_rate=relative_learning_rate)
 
 
-def test_units_in_range_are_accepted_with_their_defaults():
-    absolute = ESStrategy()
-    assert absolute.perturbation_options["sigma"] == 1e-3 and absolute.es_options["lr"] == 5e-7
-    assert absolute.perturbation_options["relative"] is False
-    relative = ESStrategy(relative_sigma=0.05)
-    assert relative.perturbation_options["sigma"] == 0.05 and relative.perturbation_options["relative"] is True
-    assert relative.es_options["lr"] == DEFAULT_RELATIVE_LEARNING_RATE
+def test_units_in_range_are_accepted_and_the_defaults_are_esconfigs():
+    from lightning_es.engine import ESSettings
+    from trl_ext import ESConfig
+
+    strategy, config = ESStrategy(), ESConfig(output_dir="unused", use_cpu=True)
+    for name in ESSettings.field_names():
+        assert getattr(strategy.settings, name) == getattr(config, name), name
+    assert strategy.settings.relative_noise and strategy.settings.step_size() == DEFAULT_RELATIVE_LEARNING_RATE
     edge = ESStrategy(relative_sigma=0.5, relative_learning_rate=0.25)  # both limits themselves are allowed
-    assert edge.perturbation_options["sigma"] == 0.5 and edge.es_options["lr"] == 0.25
+    assert (edge.settings.noise_sigma, edge.settings.step_size()) == (0.5, 0.25)
+    absolute = ESStrategy(sigma=1e-3, learning_rate=5e-7)
+    assert not absolute.settings.relative_noise and (absolute.settings.noise_sigma, absolute.settings.step_size()) == (
+        1e-3, 5e-7)
 
 
 # ---- 2. relative noise means the same on a rescaled model ---------------------------------------------------------
@@ -159,7 +175,7 @@ def test_engine_update_on_a_rescaled_model_is_the_rescaled_update(kind):
         params = dict(net.named_parameters())
         sigma = 0.05 if relative else 0.02
         perturbation = build_perturbation(kind, params, sigma, model=net, rank=2, relative=relative)
-        es = EvolutionStrategy(perturbation, population_size=6, lr=0.01, seed=3)
+        es = EvolutionStrategy(perturbation, population_size=6, learning_rate=0.01, seed=3)
         member = es.members(0)[1]
         with torch.no_grad(), es.perturbed(member):
             member_weights = weights(net)
@@ -215,7 +231,7 @@ def test_lightning_relative_noise_trains_a_rescaled_model_identically_rescaled()
     c = 4.0
 
     def run(module, **units):
-        _, metrics = fit(module, ESStrategy(population_size=4, seed=7, **units), max_steps=3)
+        _, metrics = fit(module, ESStrategy(population_size=4, seed=7, perturbation="full", **units), max_steps=3)
         return module, metrics
 
     original, metrics = run(Normalised(), relative_sigma=0.05, relative_learning_rate=0.02)
@@ -269,7 +285,7 @@ def test_evidence_zscore_with_a_scalar_fitness_is_a_clear_error():
 def test_evidence_zscore_trains_on_per_example_fitness_and_logs_its_mean():
     module = PerExample()
     start = weights(module)
-    trainer, metrics = fit(module, ESStrategy(population_size=4, sigma=0.05, learning_rate=0.01, seed=2,
+    trainer, metrics = fit(module, ESStrategy(population_size=4, sigma=0.05, learning_rate=0.01, seed=2, perturbation="full",
                                               fitness_shaping="evidence_zscore"), max_steps=3)
     assert trainer.global_step == 3
     assert any(not torch.equal(p, start[n]) for n, p in module.named_parameters())
@@ -284,7 +300,7 @@ def test_evidence_zscore_trains_on_per_example_fitness_and_logs_its_mean():
     table = torch.stack([values for s, values in module.calls if s == 0])
     replay = PerExample()
     params = dict(replay.named_parameters())
-    es = EvolutionStrategy(build_perturbation("full", params, 0.05), population_size=4, lr=0.01, seed=2,
+    es = EvolutionStrategy(build_perturbation("full", params, 0.05), population_size=4, learning_rate=0.01, seed=2,
                            fitness_shaping="evidence_zscore")
     stats = es.step(0, table.mean(dim=1), per_prompt=table)
     for name, p in params.items():
@@ -294,7 +310,7 @@ def test_evidence_zscore_trains_on_per_example_fitness_and_logs_its_mean():
     assert 0 < float(shaped.abs().max())  # the evidence was strong enough to move the weights
     # members better on a few examples only: the evidence factor (at most one) shrinks plain zscore's step
     zscore_step = EvolutionStrategy(build_perturbation("full", dict(PerExample().named_parameters()), 0.05),
-                                    population_size=4, lr=0.01, seed=2).step(0, table.mean(dim=1))
+                                    population_size=4, learning_rate=0.01, seed=2).step(0, table.mean(dim=1))
     assert stats.update_norm < zscore_step.update_norm
 
 
@@ -442,11 +458,11 @@ from lightning_es import ESStrategy
 class Save(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.is_global_zero:
-            torch.save({{"per_prompt": trainer.strategy._per_prompt,
+            torch.save({{"per_prompt": trainer.strategy._iteration.per_prompt,
                         "weights": {{n: p.detach().clone() for n, p in pl_module.named_parameters()}}}}, sys.argv[1])
 
 
-trainer = pl.Trainer(strategy=ESStrategy(population_size=4, sigma=0.05, learning_rate=0.01, seed=2, process_group_backend="gloo",
+trainer = pl.Trainer(strategy=ESStrategy(population_size=4, sigma=0.05, learning_rate=0.01, seed=2, perturbation="full", process_group_backend="gloo",
                                          fitness_shaping="evidence_zscore"),
                      accelerator="cpu", devices=2, max_steps=1, logger=False, enable_checkpointing=False,
                      enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, callbacks=[Save()])
@@ -463,7 +479,7 @@ def test_evidence_zscore_on_two_processes_weighs_the_same_evidence_as_on_one(tmp
     run_command([sys.executable, script, out], tmp_path, timeout=300)
     two = torch.load(out, weights_only=False)
     one = PerExample()
-    _, metrics = fit(one, ESStrategy(population_size=4, sigma=0.05, learning_rate=0.01, seed=2,
+    _, metrics = fit(one, ESStrategy(population_size=4, sigma=0.05, learning_rate=0.01, seed=2, perturbation="full",
                                      fitness_shaping="evidence_zscore"), max_steps=1)
     # every member was scored on the same 16 examples: a complete (members x 16) table, and the one-process step
     assert not two["per_prompt"].isnan().any(), two["per_prompt"].isnan().sum(dim=1).tolist()

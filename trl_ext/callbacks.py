@@ -22,12 +22,10 @@ import logging
 import os
 
 import torch
-import torch.distributed as dist
 from transformers import TrainerCallback
 
-from lightning_es.drift import DriftProbe, KLDrift, parameter_drift
-from lightning_es.drift.probe import layer_type
-from lightning_es.drift.geometry import check_same_parameters
+from lightning_es.drift import DriftProbe, KLDrift, parameter_drift, sharded_parameter_drift, start_point
+from lightning_es.drift.geometry import check_same_parameters, summed
 from lightning_es.engine import StartWeights
 
 logger = logging.getLogger(__name__)
@@ -88,51 +86,39 @@ class _TrainerDriftCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._written.clear()  # a new run: the files of an earlier one may hold other start weights
-        es = self._es
+        step = state.global_step
         checkpoint = getattr(self.trainer, "resumed_checkpoint", None) or os.path.join(
-            args.output_dir, f"checkpoint-{state.global_step}")
+            args.output_dir, f"checkpoint-{step}")
         path = os.path.join(checkpoint, REFERENCE_NAME)
-        if es is not None:
-            start = es.keep_start()
-            if state.global_step > 0 and not es.start_restored and os.path.exists(path):
-                # written by a version whose drift callbacks kept their own copy: it becomes ES's
-                start.load_model_state(self.model, torch.load(path, map_location="cpu", weights_only=True))
-                es.start_restored = True
-            if state.global_step > 0 and not es.start_restored:
-                logger.warning(
-                    f"{type(self).__name__}: resuming at step {state.global_step} from a checkpoint whose es_state.pt "
-                    "holds no start weights (it was saved without the drift callbacks, beta or es_anchor_decay): drift "
-                    "is measured from the resumed weights, not from the weights the run started from.")
-            self._measure_from(start)
-            return
-        if state.global_step == 0:
-            self._measure_from(self._own_start())
-            return
-        if not os.path.exists(path):
-            logger.warning(
-                f"{type(self).__name__}: resuming at step {state.global_step} from {checkpoint}, which holds no "
-                f"{REFERENCE_NAME} (it was saved without the drift callbacks, or by a version that did not save their "
-                "start weights): drift is measured from the resumed weights, not from the weights the run started "
-                "from."
-            )
-            self._measure_from(self._own_start())
-            return
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
-        try:
-            check_same_parameters(trainable, saved, "the model's trainable parameters", path)
-        except ValueError as error:
-            raise ValueError(f"{type(self).__name__} cannot measure drift from {path}: {error}") from None
-        self._measure_from(self._own_start(saved))
 
-    def _own_start(self, saved: dict[str, torch.Tensor] | None = None) -> StartWeights:
-        """A host copy of the trainable parameters' start values: the current ones, or ``saved``; one per trainer,
-        shared by its drift callbacks."""
+        def saved():  # the start weights a drift callback saved in the checkpoint resumed from
+            if step > 0 and os.path.exists(path):
+                return torch.load(path, map_location="cpu", weights_only=True)
+            return None
+
+        self._measure_from(start_point(
+            self.model, self._es, step, saved, lambda weights: self._own_start(weights, path), logger.warning,
+            type(self).__name__,
+            es_lacks=f"resuming at step {step} from a checkpoint whose es_state.pt holds no start weights (it was "
+                     "saved without the drift callbacks, beta or es_anchor_decay)",
+            saved_lacks=f"resuming at step {step} from {checkpoint}, which holds no {REFERENCE_NAME} (it was saved "
+                        "without the drift callbacks, or by a version that did not save their start weights)",
+        ))
+
+    def _own_start(self, saved: dict[str, torch.Tensor] | None = None, source: str = REFERENCE_NAME) -> StartWeights:
+        """A host copy of the trainable parameters' start values: the current ones, or ``saved`` (read from
+        ``source``); one per trainer, shared by its drift callbacks."""
         handler = getattr(self.trainer, "callback_handler", None)
         for other in [self, *getattr(handler, "callbacks", ())]:
             if saved is None and isinstance(other, _TrainerDriftCallback) and other.start is not None:
                 return other.start
-        return StartWeights({n: p for n, p in self.model.named_parameters() if p.requires_grad}, saved)
+        trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        if saved is not None:
+            try:
+                check_same_parameters(trainable, saved, "the model's trainable parameters", source)
+            except ValueError as error:
+                raise ValueError(f"{type(self).__name__} cannot measure drift from {source}: {error}") from None
+        return StartWeights(trainable, saved)
 
     def log(self, values: dict[str, float]) -> None:
         """Join the trainer's next log entry (TRL trainers buffer metrics in ``_metrics``), else log now."""
@@ -226,36 +212,6 @@ class ParameterDriftCallback(_TrainerDriftCallback):
             if sharded:
                 intended, realised = es.perturbation.real(name, intended), es.perturbation.real(name, realised)
             sums += torch.stack([(realised * intended).sum(), intended.pow(2).sum()])
-        dot, intended_sq = _summed(es, sums) if sharded else sums.tolist()
+        dot, intended_sq = summed(es.perturbation, sums)  # over the processes that hold slices
         return dot / intended_sq if intended_sq else float("nan")
 
-
-def _summed(es, sums: torch.Tensor) -> list[float]:
-    """``sums`` added over the processes that hold ES's slices."""
-    if dist.is_initialized():
-        device = next(iter(es.params.values())).device
-        sums = sums.to(device)
-        dist.all_reduce(sums, group=getattr(es.perturbation, "group", None))
-    return sums.cpu().tolist()
-
-
-def sharded_parameter_drift(es, threshold: float = 1e-6) -> dict[str, float]:
-    """``parameter_drift``'s values for ZeRO-3 slices: the weights as the model holds them (in its dtype, as unsharded)
-    against the start weights, summed over the processes (padding left out); relative to the start norm of the evolved
-    parameters."""
-    kinds = sorted({layer_type(name) for name in es.params})
-    sums = torch.zeros(3 + len(kinds), dtype=torch.float64)  # |delta|^2, |start|^2, moved, |delta|^2 per kind
-    for name in es.params:
-        start = es.perturbation.real(name, es.start.value(name))
-        delta = es.perturbation.real(name, es.params[name].detach()) - start
-        squared = delta.double().pow(2).sum().cpu()
-        sums[0] += squared
-        sums[1] += start.double().pow(2).sum().cpu()
-        sums[2] += float((delta.abs() > threshold).sum())
-        sums[3 + kinds.index(layer_type(name))] += squared
-    summed = _summed(es, sums)
-    count = sum(es.perturbation.numel(name) for name in es.params)
-    values = {"drift/update_norm": summed[0] ** 0.5, "drift/relative_norm": (summed[0] / summed[1]) ** 0.5,
-              "drift/moved_fraction": summed[2] / count}
-    values.update({f"drift/norm/{kind}": summed[3 + i] ** 0.5 for i, kind in enumerate(kinds)})
-    return values

@@ -1,8 +1,8 @@
-"""``ESConfig``: ``GRPOConfig`` plus the Evolution Strategies fields."""
+"""``ESConfig``: ``GRPOConfig`` plus the ES settings (``lightning_es.engine.ESSettings``) and the knobs only a TRL run
+has (how members decode, which optimizer steps, how many rows one ``generate`` call holds)."""
 
 import dataclasses
 import logging
-import math
 import os
 from dataclasses import dataclass, field
 
@@ -10,20 +10,20 @@ import torch
 from transformers.trainer_utils import SchedulerType
 from trl import GRPOConfig
 
-from lightning_es import FITNESS_SHAPING, PERTURBATIONS
-from lightning_es.engine.scales import DEFAULT_RELATIVE_LEARNING_RATE, DEFAULT_RELATIVE_SIGMA, check_relative
+from lightning_es.engine.scales import DEFAULT_RELATIVE_LEARNING_RATE
+from lightning_es.engine.settings import ESSettings
 
 from .grpo_fields import apply_audit, default
 
 logger = logging.getLogger(__name__)
 
 ES_OPTIMIZERS = ("sgd", "trainer")
-ABSOLUTE_SIGMA = 1e-2  # with a learning_rate set alone: the sigma all ESConfig scripts ran with before relative units
 
 
 @dataclass
-class ESConfig(GRPOConfig):
-    r"""Configuration for [`ESTrainer`]: every `GRPOConfig` field keeps its TRL meaning, plus the ES fields below.
+class ESConfig(ESSettings, GRPOConfig):
+    r"""Configuration for [`ESTrainer`]: every `GRPOConfig` field keeps its TRL meaning, plus the ES settings
+    (`lightning_es.engine.ESSettings`, shared with `ESStrategy`) and the TRL-only knobs below.
 
     One ES iteration draws `per_device_train_batch_size // num_generations` prompts (at least one), the same prompts
     on every process; every population member answers each of them `num_generations` times, and its fitness is its
@@ -45,10 +45,6 @@ class ESConfig(GRPOConfig):
     model), and the study's ratio of step to noise.
     """
 
-    learning_rate: float = field(
-        default=1e-4,
-        metadata={"help": "ES step size lr in theta += lr * g; equals the ES-at-scale paper's alpha times sigma."},
-    )
     per_device_train_batch_size: int = field(
         default=2,
         metadata={"help": "Rows each member answers per process and iteration: per_device_train_batch_size / "
@@ -67,42 +63,6 @@ class ESConfig(GRPOConfig):
     disable_dropout: bool = field(
         default=True, metadata={"help": "Evaluate members without dropout, so that fitness differences come from noise."}
     )
-    population_size: int = field(
-        default=16,
-        metadata={"help": "Members per ES iteration (N); 16: less off-task drift than 8 in the drift race, for slower steps."},
-    )
-    sigma: float | None = field(
-        default=None,
-        metadata={"help": "Absolute noise: the standard deviation of the weight perturbations (learning_rate is then "
-                  "the step). Unset: relative noise (relative_sigma)."},
-    )
-    relative_sigma: float | None = field(
-        default=None,
-        metadata={"help": f"Noise as a fraction of each tensor's scale (RMS of a matrix, magnitude of a vector's "
-                  f"entries, at the start). Unset: {DEFAULT_RELATIVE_SIGMA} unless sigma is set."},
-    )
-    relative_learning_rate: float | None = field(
-        default=None,
-        metadata={"help": f"The step lr in the units of relative_sigma (lr / relative_sigma is the ES-at-scale paper's "
-                  f"alpha as a fraction of each tensor's scale). Unset: {DEFAULT_RELATIVE_LEARNING_RATE} with relative "
-                  "noise. Follows lr_scheduler_type as learning_rate would."},
-    )
-    antithetic: bool = field(
-        default=True, metadata={"help": "Evaluate mirrored pairs theta +- sigma*eps (population_size must be even)."}
-    )
-    fitness_shaping: str = field(
-        default="zscore",
-        metadata={"help": "How fitness is normalised: 'zscore', 'centered_rank', or 'evidence_zscore' (the z-score "
-                  "scaled by the evidence that members differ beyond chance, read per prompt: a step only as large as "
-                  "the signal)."},
-    )
-    es_params: list[str] | None = field(
-        default=None,
-        metadata={
-            "help": "Parameters that evolve: unset for every trainable parameter (a PEFT model's adapters), 'all', "
-            "'lora', or regular expressions matched against parameter names."
-        },
-    )
     es_greedy: bool | None = field(
         default=None,
         metadata={
@@ -117,37 +77,12 @@ class ESConfig(GRPOConfig):
             "-g to the Trainer's optimizer (`optim`, e.g. AdamW), with its weight decay and gradient clipping."
         },
     )
-    perturbation: str = field(
-        default="lowrank",
-        metadata={
-            "help": "'lowrank' (default, docs/perturbations.md): rank-`perturbation_rank` noise on matrices (full-rank "
-            "on vectors) through forward hooks, every trainable parameter, the whole population in one batch. "
-            "'full': full-rank noise written into the "
-            "weights, one member at a time; needed for DeepSpeed ZeRO-3 and for weights equal bit for bit on 1 or K "
-            "processes."
-        },
-    )
-    perturbation_rank: int = field(default=4, metadata={"help": "Rank of the low-rank perturbations."})
     es_max_generation_rows: int | None = field(
         default=512,
         metadata={"help": "Most rows one `generate` call of the low-rank population holds: the members are generated "
                   "in chunks of whole members (each member's rows are per_device_train_batch_size), so that the KV "
                   "cache of population x prompts rows is never held at once. None: the whole population in one call. "
                   "Sampled members (num_generations > 1) draw per chunk, so their samples depend on the chunking."},
-    )
-    es_anchor_decay: float = field(
-        default=0.0,
-        metadata={"help": "Anchored weight decay lambda: after each step theta <- theta_0 + (1 - lr*lambda) "
-                  "(theta - theta_0). 0 (default) is off; costs one more fp32 copy of the evolved weights."},
-    )
-    es_master_device: str | None = field(
-        default=None,
-        metadata={"help": "Where the fp32 master copy of the evolved weights lives (default: beside each weight)."},
-    )
-    es_start_device: str = field(
-        default="cpu",
-        metadata={"help": "Where the one copy of the starting weights lives when something needs it (beta's reference, "
-                  "es_anchor_decay, the drift callbacks): host memory by default; the accelerator saves the transfers."},
     )
 
     def __post_init__(self):
@@ -167,7 +102,7 @@ class ESConfig(GRPOConfig):
         requested, requested_eval = self.num_generations, self.num_generations_eval
         self.num_generations, self.num_generations_eval = 2, requested_eval or requested
         self.steps_per_generation = 2
-        super().__post_init__()
+        GRPOConfig.__post_init__(self)  # not ESSettings': the ES fields were checked above
         self.num_generations, self.num_generations_eval = requested, requested_eval
         self.steps_per_generation = 1
         self.generation_batch_size = self.per_device_train_batch_size * self.world_size
@@ -214,30 +149,13 @@ class ESConfig(GRPOConfig):
             )
 
     def _check_es_fields(self) -> None:
-        if self.population_size < 2:
-            raise ValueError(f"population_size must be at least 2, got {self.population_size}.")
-        if self.antithetic and self.population_size % 2:
-            raise ValueError(
-                f"population_size must be even when antithetic=True, got {self.population_size}: "
-                f"use {self.population_size + 1} or set antithetic=False."
-            )
-        self._check_noise_units()
+        if self.es_optimizer not in ES_OPTIMIZERS:
+            raise ValueError(f"es_optimizer must be one of {ES_OPTIMIZERS}, got {self.es_optimizer!r}.")
+        self.check(optimizer_steps=self.es_optimizer == "trainer")
         if not self.beta >= 0:
             raise ValueError(
                 f"beta must be non-negative, got {self.beta}: it weighs each member's KL to the starting weights in its "
                 "fitness (fitness = reward - beta * KL); 0 turns the penalty off.")
-        if self.fitness_shaping not in FITNESS_SHAPING:
-            raise ValueError(f"fitness_shaping must be one of {sorted(FITNESS_SHAPING)}, got {self.fitness_shaping!r}.")
-        if self.es_optimizer not in ES_OPTIMIZERS:
-            raise ValueError(f"es_optimizer must be one of {ES_OPTIMIZERS}, got {self.es_optimizer!r}.")
-        if self.es_anchor_decay < 0:
-            raise ValueError(f"es_anchor_decay must be non-negative, got {self.es_anchor_decay}.")
-        if self.es_anchor_decay and self.es_optimizer == "trainer":
-            raise ValueError(
-                f"es_anchor_decay={self.es_anchor_decay} pulls the in-place ES step (es_optimizer='sgd') towards the "
-                "starting weights; with es_optimizer='trainer' the Trainer's optimizer takes the step instead. Use the "
-                "optimizer's weight_decay, or es_optimizer='sgd'."
-            )
         if (self.perturbation == "lowrank" and self.es_max_generation_rows is not None
                 and self.es_max_generation_rows < self.per_device_train_batch_size):
             raise ValueError(
@@ -251,71 +169,8 @@ class ESConfig(GRPOConfig):
                 f"prompts per step; per_device_train_batch_size={self.per_device_train_batch_size} with num_generations="
                 f"{self.num_generations} gives {self.prompts_per_step}. Set per_device_train_batch_size="
                 f"{2 * self.num_generations}, or choose fitness_shaping='zscore'.")
-        try:
-            torch.device(self.es_start_device)
-        except (RuntimeError, TypeError) as error:
-            raise ValueError(f"es_start_device={self.es_start_device!r} is not a device ({error}); use e.g. 'cpu' or "
-                             "'cuda'.") from None
-        if self.perturbation not in PERTURBATIONS:
-            raise ValueError(f"perturbation must be one of {PERTURBATIONS}, got {self.perturbation!r}.")
-        if self.perturbation_rank < 1:
-            raise ValueError(f"perturbation_rank must be at least 1, got {self.perturbation_rank}.")
         if self.num_generations < 1:
             raise ValueError(f"num_generations must be at least 1, got {self.num_generations}.")
-
-    def _check_noise_units(self) -> None:
-        relative_set = self.relative_sigma is not None or self.relative_learning_rate is not None
-        if (self.sigma is None and not relative_set and self.es_optimizer != "trainer"
-                and self.learning_rate != default(type(self), "learning_rate")):
-            # a script written for absolute units (all there were before relative_sigma) sets only the step
-            self.sigma = ABSOLUTE_SIGMA
-            logger.warning(
-                "ESConfig: learning_rate=%g is an absolute step, so the noise is absolute too: sigma=%g (the default "
-                "before relative units). Set sigma to choose it, or relative_learning_rate (without learning_rate) for "
-                "noise and step relative to each tensor's scale.", self.learning_rate, ABSOLUTE_SIGMA)
-        if self.sigma is not None:
-            if not (self.sigma > 0 and math.isfinite(self.sigma)):
-                raise ValueError(f"sigma must be positive and finite, got {self.sigma}.")
-            for name in ("relative_sigma", "relative_learning_rate"):
-                if getattr(self, name) is not None:
-                    raise ValueError(
-                        f"sigma={self.sigma} (absolute noise, with learning_rate as the step) and {name}="
-                        f"{getattr(self, name)} (relative noise) were both set: set one of the two units.")
-            return
-        if self.relative_sigma is None:
-            self.relative_sigma = DEFAULT_RELATIVE_SIGMA
-        if self.es_optimizer == "trainer":  # the optimizer steps with learning_rate, in its own units
-            if self.relative_learning_rate is not None:
-                raise ValueError(
-                    f"relative_learning_rate={self.relative_learning_rate} is the in-place ES step (es_optimizer='sgd'); "
-                    "with es_optimizer='trainer' the Trainer's optimizer steps with learning_rate. Set that instead.")
-            check_relative(self.relative_sigma, None)
-            return
-        if self.relative_learning_rate is None:
-            self.relative_learning_rate = DEFAULT_RELATIVE_LEARNING_RATE
-        check_relative(self.relative_sigma, self.relative_learning_rate)
-        if self.learning_rate != default(type(self), "learning_rate"):
-            raise ValueError(
-                f"learning_rate={self.learning_rate} is an absolute step, which goes with an absolute sigma; with "
-                f"relative noise (relative_sigma={self.relative_sigma}) the step is relative_learning_rate. Set one "
-                "pair: sigma and learning_rate, or relative_sigma and relative_learning_rate.")
-
-    @property
-    def relative_noise(self) -> bool:
-        return self.sigma is None
-
-    @property
-    def es_sigma(self) -> float:
-        """The engine's sigma, in the units in use."""
-        return self.relative_sigma if self.relative_noise else self.sigma
-
-    def es_learning_rate(self, scheduled: float) -> float:
-        """The engine's step for the scheduler's current ``scheduled`` learning rate: the same fraction of
-        relative_learning_rate as scheduled is of learning_rate (the learning rate itself under absolute noise or an
-        optimizer's step)."""
-        if not self.relative_noise or self.relative_learning_rate is None:
-            return scheduled
-        return self.relative_learning_rate * (scheduled / self.learning_rate if self.learning_rate else 1.0)
 
     @property
     def prompts_per_step(self) -> int:
@@ -330,12 +185,6 @@ class ESConfig(GRPOConfig):
         if self.generation_kwargs and self.generation_kwargs.get("do_sample") is False:
             return True
         return self.num_generations == 1 and not self._sampling_requested()
-
-    @property
-    def es_param_spec(self) -> str | list[str] | None:
-        if self.es_params is not None and len(self.es_params) == 1 and self.es_params[0] in ("all", "lora"):
-            return self.es_params[0]
-        return self.es_params
 
 
 # GRPOConfig.__post_init__ fills these from others: not settings of the user's

@@ -236,3 +236,15 @@ def audit_table(es_config_class) -> str:
         lines.append(f"| `{name}` | `{grpo!r}` | {'same' if es == grpo else f'`{es!r}`'} | {row.grpo} | "
                      f"{row.meaning.value} | {row.es} |")
     return "\n".join(lines) + "\n"
+
+
+def settings_table() -> str:
+    """The markdown table of the ES settings (``lightning_es.engine.ESSettings``) in docs/grpo_fields.md: the knobs
+    ``ESConfig`` adds to ``GRPOConfig``, which ``ESStrategy`` takes under the same names and defaults."""
+    from lightning_es.engine.settings import ESSettings
+
+    lines = ["| field | default | meaning |", "| --- | --- | --- |"]
+    for field in dataclasses.fields(ESSettings):
+        lines.append(f"| `{field.name}` | `{default(ESSettings, field.name)!r}` | {field.metadata['help']} |")
+    return "\n".join(lines) + "\n"
+

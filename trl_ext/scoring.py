@@ -12,8 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lightning_es.engine import PopulationScores
-from lightning_es.engine.evaluation import FITNESS, PROMPT, WEIGHT
+from lightning_es.engine import MemberScores, PopulationScores
 from lightning_es.engine.shaping import zscore
 
 KL = "kl"
@@ -62,46 +61,48 @@ def weighted_rewards(rewards_per_func: torch.Tensor, weights: torch.Tensor) -> t
 
 
 def member_sums(rows: ScoredRows, weights: torch.Tensor, mask_truncated: bool,
-                prompt_of_row: list[int]) -> dict[str, float]:
+                prompt_of_row: list[int]) -> MemberScores:
     """The fitness sums of one member's rows on this process, for ``evaluation.evaluate_population``: the weighted
-    rewards and their count; per reward function its sum and count (for ``normalize_then_sum``); per prompt of the
-    step (``prompt_of_row``: each row's index among the step's prompts) its sum and count (for ``evidence_zscore``);
-    and, when measured, the KL to the reference summed over the completion tokens and their number."""
+    rewards and their count; per prompt of the step (``prompt_of_row``: each row's index among the step's prompts) its
+    sum and count (for ``evidence_zscore``); among the extra sums, per reward function its sum and count (for
+    ``normalize_then_sum``) and, when measured, the KL to the reference summed over the completion tokens and their
+    number."""
     rewards = rows.rewards.clone()
     if mask_truncated:
         rewards[torch.tensor(rows.truncated, dtype=torch.bool)] = math.nan
     weighted = weighted_rewards(rewards, weights)
     counted = ~weighted.isnan()
-    sums = {FITNESS: float(weighted[counted].sum()), WEIGHT: float(counted.sum())}
+    extra = {}
     for index in range(rewards.shape[1]):
         column = rewards[:, index]
         valid = ~column.isnan()
-        sums[f"function/{index}"] = float(column[valid].sum())
-        sums[f"function/{index}/count"] = float(valid.sum())
+        extra[f"function/{index}"] = [float(column[valid].sum())]
+        extra[f"function/{index}/count"] = [float(valid.sum())]
+    prompt_sums, prompt_counts = {}, {}
     for row, prompt in enumerate(prompt_of_row):
-        name = f"{PROMPT}{prompt:06d}"  # reported for every prompt, scored or not: one value per member
-        sums[name] = sums.get(name, 0.0) + (float(weighted[row]) if counted[row] else 0.0)
-        sums[f"{name}/count"] = sums.get(f"{name}/count", 0.0) + float(counted[row])
+        key = f"{prompt:06d}"  # reported for every prompt, scored or not: one value per member
+        prompt_sums[key] = [prompt_sums.get(key, [0.0])[0] + (float(weighted[row]) if counted[row] else 0.0)]
+        prompt_counts[key] = [prompt_counts.get(key, [0.0])[0] + float(counted[row])]
     if rows.kl is not None:  # as in GRPO's loss, a truncated completion masked out of it leaves the KL too
         kept = ~torch.tensor(rows.truncated, dtype=torch.bool) if mask_truncated else torch.ones(len(rows.kl), dtype=torch.bool)
-        sums[KL] = float(rows.kl[kept].sum())
-        sums[KL_TOKENS] = float(rows.kl_tokens[kept].sum())
-    return sums
+        extra[KL] = [float(rows.kl[kept].sum())]
+        extra[KL_TOKENS] = [float(rows.kl_tokens[kept].sum())]
+    return MemberScores([float(weighted[counted].sum())], [float(counted.sum())], prompt_sums, prompt_counts, extra)
 
 
-def nothing(functions: int) -> dict[str, float]:
+def nothing(functions: int) -> MemberScores:
     """The sums of a stand-in row, which counts for nothing."""
-    sums = {FITNESS: 0.0, WEIGHT: 0.0}
+    extra = {}
     for index in range(functions):
-        sums[f"function/{index}"] = sums[f"function/{index}/count"] = 0.0
-    return sums
+        extra[f"function/{index}"] = extra[f"function/{index}/count"] = [0.0]
+    return MemberScores([0.0], [0.0], extra=extra)
 
 
 def member_kl(scores: PopulationScores) -> torch.Tensor | None:
     """Each member's mean per-token KL to the reference over its completions (0 without tokens), if measured."""
-    if KL not in scores.totals:
+    if KL not in scores.extra:
         return None
-    return scores.totals[KL] / scores.totals[KL_TOKENS].clamp(min=1)
+    return scores.extra[KL] / scores.extra[KL_TOKENS].clamp(min=1)
 
 
 def normalized_then_summed(scores: PopulationScores, weights: torch.Tensor) -> torch.Tensor:
@@ -109,8 +110,8 @@ def normalized_then_summed(scores: PopulationScores, weights: torch.Tensor) -> t
     with no reward from a function count as its mean), then weighted and summed."""
     fitness = torch.zeros_like(scores.fitness)
     for index, weight in enumerate(weights.tolist()):
-        counts = scores.totals[f"function/{index}/count"]
-        means = scores.totals[f"function/{index}"] / counts.clamp(min=1)
+        counts = scores.extra[f"function/{index}/count"]
+        means = scores.extra[f"function/{index}"] / counts.clamp(min=1)
         defined = counts > 0
         standardized = torch.zeros_like(means)
         if defined.any():

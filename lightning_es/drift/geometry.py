@@ -1,6 +1,8 @@
 """Update geometry: how far fine-tuning moved the weights, in which direction, and whether two solutions connect.
 
-A delta is ``theta_final - theta_start`` as a mapping from parameter name to an fp32 tensor.
+A delta is ``theta_final - theta_start`` as a mapping from parameter name to an fp32 tensor. ``parameter_drift`` (the
+drift callbacks' values) is computed once for both layouts: whole tensors, or ES's ZeRO-3 slices summed over the
+processes (``sharded_parameter_drift``).
 """
 
 import math
@@ -88,6 +90,67 @@ def moved_fraction(delta: Delta, threshold: float = 1e-6) -> float:
     """Fraction of weights whose absolute change exceeds ``threshold`` (1 minus the update's sparsity)."""
     moved = sum(int((d.abs() > threshold).sum()) for d in delta.values())
     return moved / sum(d.numel() for d in delta.values())
+
+
+LAYER_TYPES = (("attention", ("attn",)), ("mlp", ("mlp",)), ("embedding", ("embed",)), ("norm", ("norm",)),
+               ("lm_head", ("lm_head",)))
+
+
+def layer_type(name: str) -> str:
+    return next((kind for kind, markers in LAYER_TYPES if any(m in name for m in markers)), "other")
+
+
+def parameter_drift(model: nn.Module, start: Mapping[str, torch.Tensor], threshold: float = 1e-6,
+                    names=None) -> dict[str, float]:
+    """``drift/update_norm``, ``drift/relative_norm``, ``drift/moved_fraction`` and ``drift/norm/<layer type>`` of
+    ``model``'s weights against ``start`` (whole tensors, as every process holds them when replicated), over the
+    parameters ``names`` (default all): the trained ones, so that frozen weights dilute neither the relative norm nor
+    the moved fraction (as the ZeRO-3 slices, which hold the evolved ones only, count them)."""
+    current = dict(model.named_parameters())
+    check_same_parameters(current, start, "model", "start")
+    return _drift(list(start if names is None else names), current, start.__getitem__, threshold)
+
+
+def sharded_parameter_drift(es, threshold: float = 1e-6) -> dict[str, float]:
+    """``parameter_drift``'s values for ES's evolved tensors, in whatever layout its perturbation holds them: for
+    ZeRO-3 slices, the weights as the model holds them (in its dtype, as unsharded) against ES's start weights, padding
+    left out, the partial sums of each process added over the processes that split the tensors (``summed``)."""
+    return _drift(list(es.params), es.params, es.start.value, threshold, es.perturbation)
+
+
+def summed(perturbation, sums: torch.Tensor) -> list[float]:
+    """``sums``, this process's parts of sums over the evolved tensors, added over the processes that split them, as
+    ``perturbation`` adds a squared norm (``total_squared_norm``: over its process group when it holds ZeRO-3 slices,
+    nothing to add when every process holds the whole tensors)."""
+    return [perturbation.total_squared_norm(part) for part in sums.tolist()]
+
+
+def _drift(names: Sequence[str], current: Mapping[str, torch.Tensor], start: Callable[[str], torch.Tensor],
+           threshold: float, perturbation=None) -> dict[str, float]:
+    """The drift values of ``current[name]`` against ``start(name)`` over ``names``, one tensor at a time; with
+    ``perturbation``, of the tensors it evolves (its ``real`` elements, its ``numel`` counts, its sums)."""
+    kinds = sorted({layer_type(name) for name in names})
+    sums = torch.zeros(3 + len(kinds), dtype=torch.float64)  # |delta|^2, |start|^2, moved, |delta|^2 per kind
+    count = 0
+    for name in names:
+        first = start(name)
+        held = current[name].detach().to(first.device, torch.float32)
+        first = first.to(torch.float32)
+        if perturbation is not None:
+            first, held = perturbation.real(name, first), perturbation.real(name, held)
+        delta = held - first
+        squared = delta.double().pow(2).sum().cpu()
+        sums[0] += squared
+        sums[1] += first.double().pow(2).sum().cpu()
+        sums[2] += float((delta.abs() > threshold).sum())
+        sums[3 + kinds.index(layer_type(name))] += squared
+        count += delta.numel() if perturbation is None else perturbation.numel(name)
+    totals = sums.tolist() if perturbation is None else summed(perturbation, sums)
+    values = {"drift/update_norm": math.sqrt(totals[0]),
+              "drift/relative_norm": math.sqrt(totals[0]) / math.sqrt(totals[1]),
+              "drift/moved_fraction": totals[2] / count}
+    values.update({f"drift/norm/{kind}": math.sqrt(totals[3 + i]) for i, kind in enumerate(kinds)})
+    return values
 
 
 @dataclass

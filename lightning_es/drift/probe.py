@@ -13,33 +13,9 @@ from torch import nn
 
 from ..engine.noise import derive_seed
 from ..engine.start import StartWeights
-from .geometry import moved_fraction, parameter_delta, update_norm
 from .metrics import KLDrift, exact_token_kl, sampled_token_kl
 
 ESTIMATORS = ("sampled", "exact")
-LAYER_TYPES = (("attention", ("attn",)), ("mlp", ("mlp",)), ("embedding", ("embed",)), ("norm", ("norm",)),
-               ("lm_head", ("lm_head",)))
-
-
-def layer_type(name: str) -> str:
-    return next((kind for kind, markers in LAYER_TYPES if any(m in name for m in markers)), "other")
-
-
-def parameter_drift(model: nn.Module, start, threshold: float = 1e-6, names=None) -> dict[str, float]:
-    """``drift/update_norm``, ``drift/relative_norm``, ``drift/moved_fraction`` and ``drift/norm/<layer type>``, over
-    the parameters ``names`` (default all): the trained ones, so that frozen weights dilute neither the relative norm
-    nor the moved fraction (as the ZeRO-3 slices, which hold the evolved ones only, count them)."""
-    delta = parameter_delta(model, start, names)
-    start = {n: start[n] for n in delta}
-    norm = update_norm(delta)
-    values = {
-        "drift/update_norm": norm,
-        "drift/relative_norm": norm / update_norm(start),
-        "drift/moved_fraction": moved_fraction(delta, threshold),
-    }
-    for kind in sorted({layer_type(n) for n in delta}):
-        values[f"drift/norm/{kind}"] = update_norm({n: d for n, d in delta.items() if layer_type(n) == kind})
-    return values
 
 
 class DriftProbe:

@@ -10,7 +10,7 @@ One ES step, as in OpenAI-ES and the ES-at-scale paper:
    ``.grad`` for a torch optimizer to consume.
 
 The ES-at-scale paper writes its step as ``alpha / N * sum_i f_i * eps_i``; that is ``lr * g`` with
-``lr = alpha * sigma`` (alpha = 5e-4 and sigma = 1e-3 give the default lr = 5e-7).
+``lr = alpha * sigma`` (alpha = 5e-4 and sigma = 1e-3 give lr = 5e-7, its setting for 0.5B-7B models).
 
 What a member does to the model (full-rank noise in place, low-rank hooks, ZeRO-3 slices) is the ``perturbation``
 object's business; this file only asks it for ``noise_sum`` and writes updates through its fp32 master copy. With
@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from .population import Member, Population
+from .renamed import take_renamed
 from .perturbations import Perturbation
 from .perturbations.base import RELATIVE_NOISE
 from .shaping import get_fitness_shaping, uses_prompts
@@ -63,35 +64,49 @@ def scored_members(fitness: torch.Tensor, scored: torch.Tensor | None) -> torch.
     return scored
 
 
+RENAMED_ARGUMENTS = {"lr": "learning_rate", "anchor_decay": "es_anchor_decay", "start_device": "es_start_device"}
+
+
 class EvolutionStrategy:
     def __init__(
         self,
         perturbation: Perturbation,
-        population_size: int = 32,
-        lr: float = 5e-7,
+        population_size: int = 16,
+        learning_rate: float | None = None,
         antithetic: bool = True,
         fitness_shaping: str | Callable[[torch.Tensor], torch.Tensor] = "zscore",
         seed: int = 0,
-        anchor_decay: float = 0.0,
-        start_device: torch.device | str = "cpu",
+        es_anchor_decay: float = 0.0,
+        es_start_device: torch.device | str = "cpu",
+        **renamed,
     ):
-        """``start_device``: where the start weights are kept once something needs them (``keep_start``)."""
+        """The knobs carry ``ESSettings``' names (``engine.settings``; ``build_evolution_strategy`` builds this from
+        one); ``learning_rate`` is the step in the perturbation's units. ``es_start_device``: where the start weights
+        are kept once something needs them (``keep_start``)."""
+        values = take_renamed(renamed, RENAMED_ARGUMENTS, "EvolutionStrategy",
+                              learning_rate=learning_rate, es_anchor_decay=es_anchor_decay,
+                              es_start_device=es_start_device)
+        learning_rate, es_anchor_decay, es_start_device = (values["learning_rate"], values["es_anchor_decay"],
+                                                          values["es_start_device"])
+        if learning_rate is None:
+            raise TypeError("EvolutionStrategy needs learning_rate: the step in the perturbation's units (relative to "
+                            "each tensor's scale when its noise is; ESSettings.step_size() gives it).")
         sigma = perturbation.sigma
         if not sigma > 0 or not math.isfinite(sigma):
             raise ValueError(f"sigma must be a positive finite number, got {sigma}.")
-        if not lr >= 0 or not math.isfinite(lr):
-            raise ValueError(f"lr must be a non-negative finite number, got {lr}.")
-        if not anchor_decay >= 0:
-            raise ValueError(f"anchor_decay must be non-negative, got {anchor_decay}.")
+        if not learning_rate >= 0 or not math.isfinite(learning_rate):
+            raise ValueError(f"learning_rate must be a non-negative finite number, got {learning_rate}.")
+        if not es_anchor_decay >= 0:
+            raise ValueError(f"es_anchor_decay must be non-negative, got {es_anchor_decay}.")
         self.perturbation = perturbation
         self.population = Population(population_size, antithetic, seed)
-        self.lr = lr
+        self.learning_rate = learning_rate
         self.shape_fitness = fitness_shaping if callable(fitness_shaping) else get_fitness_shaping(fitness_shaping)
-        self.anchor_decay = anchor_decay
-        self.start_device = start_device
+        self.anchor_decay = es_anchor_decay
+        self.start_device = es_start_device
         self.start: StartWeights | None = None
         self.start_restored = False  # the start weights came from a checkpoint (else: from this run's weights)
-        if anchor_decay:
+        if es_anchor_decay:
             self.keep_start()
 
     @property
@@ -180,7 +195,7 @@ class EvolutionStrategy:
         With ``anchor_decay`` (lambda) the step is followed by ``theta <- theta_0 + (1 - lr * lambda) (theta -
         theta_0)``: a pull towards the starting weights that bounds the random walk of weakly constrained directions.
         """
-        lr = self.lr if lr is None else lr
+        lr = self.learning_rate if lr is None else lr
         fitness, scored = self.check_fitness(fitness, scored)
         if not self.anchor_decay:  # lr * g goes straight in: the perturbation may add it without a dense tensor
             coefficients, divisor = self._coefficients(step, fitness, scored, per_prompt)
@@ -256,7 +271,7 @@ class EvolutionStrategy:
                     f"the checkpoint was trained with absolute noise ({state['noise']!r}), this run uses noise relative "
                     "to each tensor's scale (the default since relative units): resume with sigma and learning_rate set "
                     "as it was trained (ESConfig's defaults then: sigma=1e-2, learning_rate=1e-4; ESStrategy's: "
-                    "sigma=1e-3, lr=5e-7).")
+                    "sigma=1e-3, learning_rate=5e-7).")
             if state["noise"] == noise + RELATIVE_NOISE:
                 raise ValueError(
                     f"the checkpoint was trained with noise relative to each tensor's scale ({state['noise']!r}), this "
@@ -286,7 +301,7 @@ class EvolutionStrategy:
         elif self.anchor_decay:
             raise ValueError(
                 "the checkpoint holds no start weights for anchor_decay (it was trained without it): resume with "
-                "anchor_decay=0, or start a new run."
+                "es_anchor_decay=0, or start a new run."
             )
         elif self.start is not None:  # kept before the checkpoint was read, which has none: the resumed weights
             self.start.load_state_dict({name: self.master.value(name) for name in self.params})

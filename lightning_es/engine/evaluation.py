@@ -4,56 +4,97 @@ It has each process score its members in rounds that every process runs in step 
 what the processes measured into one table that is identical everywhere, and raises an error on any process as the
 same ``PopulationError`` on every process.
 
-``score(members)`` returns, for the members of a round, sums of named quantities measured on this process:
-``{"fitness": ..., "weight": ..., <name>: ...}``, each a sequence with one value per member. Sums over processes
-make both layouts one formula: a member's fitness is ``sum(fitness) / sum(weight)``, e.g. the sum of its rewards over
-the rows scored anywhere divided by their number. A name some process did not report counts 0 there. After every
-round the processes agree on whether one of them failed (one small all-reduce, whose cost is negligible next to
-scoring a member).
+``score(members)`` returns a ``MemberScores`` for the members of a round: sums measured on this process, one value
+per member. Sums over processes make both layouts one formula: a member's fitness is ``fitness / weight``, e.g. the
+sum of its rewards over the rows scored anywhere divided by their number. A prompt or extra sum some process did not
+report counts 0 there. After every round the processes agree on whether one of them failed (one small all-reduce,
+whose cost is negligible next to scoring a member).
 """
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from .population import Member
 from .processes import PopulationError, Processes
 
-FITNESS = "fitness"
-WEIGHT = "weight"
-PROMPT = "prompt/"  # PROMPT + an id: a member's summed reward on one prompt (example) of the step; with "/count"
 
-Score = Callable[[Sequence[Member]], Mapping[str, Sequence[float]]]
+@dataclass
+class MemberScores:
+    """Sums for the members of one round, measured on this process; every sequence has one value per member."""
+
+    fitness: Sequence[float]  # the member's summed reward (or fitness) over what it was scored on here
+    weight: Sequence[float]  # how much was scored (e.g. rows): fitness / weight is the mean; 0 means nothing
+    prompt_sums: Mapping[str, Sequence[float]] = field(default_factory=dict)  # per prompt id: its summed reward
+    prompt_counts: Mapping[str, Sequence[float]] = field(default_factory=dict)  # per prompt id: rows scored on it
+    extra: Mapping[str, Sequence[float]] = field(default_factory=dict)  # other sums, combined alike (e.g. KL)
+
+
+def joined(records: Sequence[MemberScores]) -> MemberScores:
+    """One round's record from the records of its members, in order (a sum one member lacks is 0 for it)."""
+    def column(part, key):
+        return [value for record in records for value in getattr(record, part).get(key, [0.0] * len(record.fitness))]
+
+    def merged(part):
+        return {key: column(part, key) for key in sorted({k for record in records for k in getattr(record, part)})}
+
+    return MemberScores([v for r in records for v in r.fitness], [v for r in records for v in r.weight],
+                        merged("prompt_sums"), merged("prompt_counts"), merged("extra"))
 
 
 @dataclass
 class PopulationScores:
-    totals: dict[str, torch.Tensor]  # every name's sums over processes, (N,) float64 each
+    """Every member's sums over all processes, (N,) float64 tensors; the same on every process."""
+
+    fitness_sum: torch.Tensor
+    weight: torch.Tensor
+    prompt_sums: dict[str, torch.Tensor]
+    prompt_counts: dict[str, torch.Tensor]
+    extra: dict[str, torch.Tensor]
 
     @property
     def fitness(self) -> torch.Tensor:
         """Per member; NaN for a member nothing was scored for (see ``scored``)."""
-        return self.mean(FITNESS)
+        return self.fitness_sum / self.weight
 
     @property
     def scored(self) -> torch.Tensor:
         """Which members had something scored (a weight above 0): only they can take part in the step."""
-        return self.totals[WEIGHT] > 0
+        return self.weight > 0
 
     def mean(self, name: str) -> torch.Tensor:
-        """Per member: the sum of ``name`` divided by the weight (its mean over what was scored)."""
-        return self.totals[name] / self.totals[WEIGHT]
+        """Per member: the extra sum ``name`` divided by the weight (its mean over what was scored)."""
+        return self.extra[name] / self.weight
 
     @property
     def per_prompt(self) -> torch.Tensor:
-        """(members, prompts): each member's mean reward on each prompt (example) of the step that ``score`` reported
-        per prompt (``PROMPT``), NaN where it has none; no columns when none was."""
-        names = sorted(name for name in self.totals if name.startswith(PROMPT) and not name.endswith("/count"))
-        columns = [self.totals[name] / self.totals[f"{name}/count"] for name in names]
-        if not columns:
-            return torch.full((self.totals[WEIGHT].numel(), 0), float("nan"), dtype=torch.float64)
-        return torch.stack(columns, dim=1)
+        """(members, prompts): each member's mean reward on each prompt of the step (in the order of the prompt ids),
+        NaN where it has none; no columns when no prompt was reported."""
+        ids = sorted(self.prompt_sums)
+        if not ids:
+            return torch.full((self.weight.numel(), 0), float("nan"), dtype=torch.float64)
+        return torch.stack([self.prompt_sums[i] / self.prompt_counts[i] for i in ids], dim=1)
+
+
+Score = Callable[[Sequence[Member]], MemberScores]
+
+# how a record's parts travel in the one all-reduce of a step: a key per tensor
+_FITNESS, _WEIGHT, _PROMPT, _COUNT, _EXTRA = "fitness", "weight", "prompt:", "count:", "extra:"
+
+
+def _columns(scores: MemberScores) -> dict[str, Sequence[float]]:
+    columns = {_FITNESS: scores.fitness, _WEIGHT: scores.weight}
+    columns |= {_PROMPT + key: values for key, values in scores.prompt_sums.items()}
+    columns |= {_COUNT + key: values for key, values in scores.prompt_counts.items()}
+    return columns | {_EXTRA + key: values for key, values in scores.extra.items()}
+
+
+def _record(totals: dict[str, torch.Tensor]) -> PopulationScores:
+    def part(prefix):
+        return {key[len(prefix):]: value for key, value in totals.items() if key.startswith(prefix)}
+
+    return PopulationScores(totals[_FITNESS], totals[_WEIGHT], part(_PROMPT), part(_COUNT), part(_EXTRA))
 
 
 def evaluate_population(
@@ -70,19 +111,19 @@ def evaluate_population(
     size = len(members)
     totals: dict[str, torch.Tensor] = {}
     for round_members in processes.rounds(members, batched, members_per_round):
-        measured = processes.together(lambda: score(round_members), f"ES step {step}, population {_members(round_members)}")
+        measured = processes.together(lambda: _columns(score(round_members)),
+                                      f"ES step {step}, population {_members(round_members)}")
         for name, values in measured.items():
             column = totals.setdefault(name, torch.zeros(size, dtype=torch.float64))
             for member, value in zip(round_members, values, strict=True):
                 column[member.index] += float(value)
 
     names = sorted(set().union(*processes.gather(sorted(totals))))
-    missing = {FITNESS, WEIGHT} - set(names)
-    if missing:
-        raise PopulationError(f"ES step {step}: score returned no {sorted(missing)} for the population.")
+    if _FITNESS not in names:
+        raise PopulationError(f"ES step {step}: score returned nothing for the population.")
     zeros = torch.zeros(size, dtype=torch.float64)
     combined = processes.sum(torch.stack([totals.get(name, zeros) for name in names]))
-    return PopulationScores(dict(zip(names, combined)))
+    return _record(dict(zip(names, combined)))
 
 
 def _members(members: Sequence[Member]) -> str:

@@ -56,15 +56,17 @@ def check_relative(relative_sigma: float, relative_learning_rate: float | None) 
 def relative_scales(perturbation) -> dict[str, torch.Tensor]:
     """Each evolved tensor's scale from its current values (the start of training), as the module docstring says.
 
-    ``perturbation`` provides the values (``master.value``; a process's slices when sharded, whose whole-tensor RMS
-    comes from ``total_squared_norm``) and each tensor's whole size (``numel``)."""
+    ``perturbation`` provides the values (``master.value``) and its ``layout`` where they live: a process's slices
+    when sharded (``real``: without the padding), whose whole-tensor RMS comes from ``total_squared_norm``, and each
+    tensor's whole size (``numel``, ``shape``)."""
+    layout = perturbation.layout
     values = {name: perturbation.master.value(name) for name in perturbation.params}
-    reals = {name: perturbation.real(name, value) for name, value in values.items()}  # without a slice's padding
+    reals = {name: layout.real(name, value) for name, value in values.items()}  # without a slice's padding
     rms = {}
     for name, real in reals.items():
-        squared = perturbation.total_squared_norm(float(torch.linalg.vector_norm(real, dtype=torch.float64) ** 2))
-        rms[name] = (squared / perturbation.numel(name)) ** 0.5
-    is_matrix = {name: len(perturbation.shape(name)) >= 2 for name in values}
+        squared = layout.total_squared_norm(float(torch.linalg.vector_norm(real, dtype=torch.float64) ** 2))
+        rms[name] = (squared / layout.numel(name)) ** 0.5
+    is_matrix = {name: len(layout.shape(name)) >= 2 for name in values}
     matrices = [r for name, r in rms.items() if is_matrix[name] and r > 0]
     fallback = statistics.median(matrices) if matrices else 0.0
     scales = {}

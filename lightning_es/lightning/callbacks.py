@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import pytorch_lightning as pl
 import torch
 
-from ..drift import DriftProbe, KLDrift, parameter_drift
+from ..drift import DriftProbe, KLDrift, parameter_drift, sharded_parameter_drift, start_point
 from ..engine import StartWeights
 
 logger = logging.getLogger(__name__)
@@ -28,7 +28,7 @@ class _StartPoint(pl.Callback):
     """Saves the start weights in checkpoints and restores them on resume.
 
     Lightning restores callback states (``load_state_dict``) before ``on_train_start``: the loaded weights wait in
-    ``_restored`` until ``on_train_start`` adopts them through ``_measure_from``.
+    ``_restored`` until ``on_train_start`` adopts them through ``_start`` (the choice itself is ``start_point``'s).
     """
 
     model_attribute: str | None
@@ -50,32 +50,26 @@ class _StartPoint(pl.Callback):
         """In ``on_train_start``: ES's start weights, the restored ones, or a copy of the current ones."""
         model = _model(pl_module, self.model_attribute)
         restored, self._restored = self._restored, None
-        es = getattr(trainer.strategy, "es", None)
-        trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        if es is not None:
-            self.start, self._shared = es.keep_start(), True
-            if restored is not None and not es.start_restored:  # saved by this callback, before ES kept them
-                self.start.load_model_state(model, restored)
-                es.start_restored = True
-            if trainer.global_step > 0 and not es.start_restored:
-                self._warn_resumed(trainer, "the strategy's checkpoint holds no start weights")
-        elif restored is not None:
-            missing = set(trainable) - set(restored)
-            if missing:
-                raise ValueError(f"{type(self).__name__} cannot measure drift from the checkpoint's start weights: they "
-                                 f"lack {len(missing)} of the model's trainable parameters, e.g. {sorted(missing)[:3]}.")
-            self.start = StartWeights(trainable, restored)
-        else:
-            if trainer.global_step > 0:
-                self._warn_resumed(trainer, f"the checkpoint {trainer.ckpt_path} holds no state for "
-                                   f"{type(self).__name__} (it was saved without this callback, or by a version that "
-                                   "did not save its start weights)" if trainer.ckpt_path else "no checkpoint was restored")
-            self.start = StartWeights(trainable)
-        return self.start
+        es, step, name = getattr(trainer.strategy, "es", None), trainer.global_step, type(self).__name__
 
-    def _warn_resumed(self, trainer, why: str) -> None:
-        logger.warning(f"{type(self).__name__}: training resumes at step {trainer.global_step} and {why}: drift is "
-                       "measured from the resumed weights, not from the weights the run started from.")
+        def own(saved):
+            trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+            missing = set() if saved is None else set(trainable) - set(saved)
+            if missing:
+                raise ValueError(f"{name} cannot measure drift from the checkpoint's start weights: they lack "
+                                 f"{len(missing)} of the model's trainable parameters, e.g. {sorted(missing)[:3]}.")
+            return StartWeights(trainable, saved)
+
+        resumed = f"training resumes at step {step} and "
+        self.start = start_point(
+            model, es, step, lambda: restored, own, logger.warning, name,
+            es_lacks=resumed + "the strategy's checkpoint holds no start weights",
+            saved_lacks=resumed + (f"the checkpoint {trainer.ckpt_path} holds no state for {name} (it was saved "
+                                   "without this callback, or by a version that did not save its start weights)"
+                                   if trainer.ckpt_path else "no checkpoint was restored"),
+        )
+        self._shared = es is not None
+        return self.start
 
 
 class KLDriftCallback(_StartPoint):
@@ -126,6 +120,10 @@ class ParameterDriftCallback(_StartPoint):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step % self.every_n_steps == 0:
-            model = _model(pl_module, self.model_attribute)
-            values = parameter_drift(model, self.start.of_model(model), self.threshold, self.start.names_in(model))
+            es = getattr(trainer.strategy, "es", None)
+            if es is not None and getattr(trainer.strategy, "sharded", False):  # ZeRO-3: the model holds placeholders
+                values = sharded_parameter_drift(es, self.threshold)
+            else:
+                model = _model(pl_module, self.model_attribute)
+                values = parameter_drift(model, self.start.of_model(model), self.threshold, self.start.names_in(model))
             pl_module.log_dict(values, on_step=True, on_epoch=False)

@@ -14,9 +14,8 @@ from contextlib import contextmanager
 import torch
 
 from ..engine import PopulationError, PopulationScores
-from ..engine.evaluation import WEIGHT
 
-PREFIX = "log/"  # keeps logged names apart from the loop's own "fitness" and "weight"
+PREFIX = "log/"  # a logged value's sum, among the scores' extra sums
 COUNT = "logged/"  # how often each name was logged for a member
 
 
@@ -56,9 +55,9 @@ class PopulationLog:
         ``scores`` holds every member's values, combined over processes already, so nothing is synced again (and an
         error here is raised on every process alike).
         """
-        names = sorted(key[len(COUNT):] for key in scores.totals if key.startswith(COUNT))
+        names = sorted(key[len(COUNT):] for key in scores.extra if key.startswith(COUNT))
         for name in names:
-            missing = torch.nonzero(scores.totals[COUNT + name] != scores.totals[WEIGHT]).flatten().tolist()
+            missing = torch.nonzero(scores.extra[COUNT + name] != scores.weight).flatten().tolist()
             if missing:
                 raise PopulationError(
                     f"ES step {step}: training_step logged {name!r} for some population members but not for members "

@@ -2,8 +2,8 @@
 
 The LightningModule's ``training_step`` returns a fitness (a scalar, higher is better) for the module's current
 weights on the batch, or one fitness per example (a 1-D tensor, whose mean is the fitness;
-``fitness_shaping="evidence_zscore"`` reads the examples). Per batch the strategy runs the engine's population loop (``engine.evaluation``): each process
-scores its share of the population (perturb, ``training_step``, restore), only fitness and logged scalars travel
+``fitness_shaping="evidence_zscore"`` reads the examples). Per batch the strategy runs the engine's iteration
+(``engine.iteration.run_iteration``) with a scoring function that calls ``training_step``: each process scores its share of the population (perturb, ``training_step``, restore), only fitness and logged scalars travel
 between processes, an error on one process (a bad fitness, differing logged names, an exception) is raised with the
 same message on all of them, and every process applies the same update:
 
@@ -16,9 +16,8 @@ Replicated layout (default): every process holds the model, sees the same batch 
 one model partitioned by DeepSpeed, score every member together, each on its own part of the batch, and perturb and
 update only their slices (``engine.perturbations.ShardedPerturbation``), so the weights follow the replicated run's.
 
-Noise and step are absolute (``sigma`` and ``learning_rate``; the ES-at-scale paper's 1e-3 and 5e-7 by default) or relative to
-each tensor's scale (``relative_sigma`` and ``relative_learning_rate``, named as in ``ESConfig``;
-``lightning_es.engine.scales``).
+The ES knobs are ``ESSettings``' fields, named and defaulted as in ``ESConfig`` (``lightning_es.engine.settings``):
+noise and step relative to each tensor's scale by default, absolute with ``sigma`` and ``learning_rate``.
 
 ``self.log`` inside ``training_step`` logs the population mean under the name and the fittest member's value under
 ``<name>/best`` (``population_log``). The strategy logs ``es/fitness_mean``, ``es/fitness_std``, ``es/fitness_max``,
@@ -29,11 +28,8 @@ Importing this module registers ``"es"`` (and ``"es_zero3"``, the sharded layout
 Lightning's strategy registry.
 """
 
-import json
 import os
 import warnings
-from collections.abc import Callable
-from pathlib import Path
 
 import torch
 from lightning_fabric.utilities.data import has_len
@@ -41,40 +37,19 @@ from pytorch_lightning.core.optimizer import _MockOptimizer
 from pytorch_lightning.strategies import DDPStrategy, StrategyRegistry
 from pytorch_lightning.trainer.states import TrainerFn
 
-from ..engine import EvolutionStrategy, Population, Processes, build_perturbation, evaluate_population, select_parameters
-from ..engine.evaluation import FITNESS, PROMPT, WEIGHT
-from ..engine.scales import DEFAULT_RELATIVE_LEARNING_RATE, check_relative
-from ..engine.shaping import get_fitness_shaping, uses_prompts
+from ..engine import EvolutionStrategy, Population, Processes
+from ..engine.build import build_evolution_strategy
+from ..engine.evaluation import MemberScores
+from ..engine.iteration import Iteration, run_iteration
+from ..engine.settings import ESSettings
+from ..engine.shaping import uses_prompts
+from ..engine.zero3 import check_zero3_config
 from .checkpoint_io import AtomicCheckpointIO
 from .population_log import PopulationLog
 from .resumable_loader import ResumableLoader
 
 ES_STATE_KEY = "es_strategy"
 ZERO3_DEFAULTS = {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1}
-
-
-def _zero3_config(deepspeed_config: dict | str | os.PathLike) -> dict:
-    if not isinstance(deepspeed_config, dict):
-        path = Path(deepspeed_config)
-        if not path.is_file():
-            raise FileNotFoundError(f"deepspeed_config {path} does not exist; pass a dict or a DeepSpeed JSON file.")
-        deepspeed_config = json.loads(path.read_text())
-    stage = deepspeed_config.get("zero_optimization", {}).get("stage")
-    if stage != 3:
-        raise ValueError(
-            f"deepspeed_config has zero_optimization.stage={stage!r}; the sharded ES layout needs stage 3 (stages 1 "
-            "and 2 shard optimizer state and gradients, which ES does not have). Set it to 3, or drop deepspeed_config "
-            "to replicate the model on every process."
-        )
-    owned = sorted({"optimizer", "scheduler"} & set(deepspeed_config))
-    if owned:
-        raise ValueError(
-            f"deepspeed_config has {' and '.join(repr(k) for k in owned)}: ES takes its own step on the weights, so "
-            "DeepSpeed would keep an fp32 copy (and optimizer state) that ES never updates and that DeepSpeed's "
-            f"checkpoints would save as the weights. Remove {' and '.join(repr(k) for k in owned)}; set ES's step with "
-            "ESStrategy(learning_rate=...)."
-        )
-    return {"train_micro_batch_size_per_gpu": 1, **deepspeed_config}
 
 
 def _fitness_values(output) -> torch.Tensor:
@@ -112,82 +87,39 @@ class ESStrategy(DDPStrategy):
 
     def __init__(
         self,
-        population_size: int = 32,
-        sigma: float | None = None,
-        learning_rate: float | None = None,
-        antithetic: bool = True,
-        fitness_shaping: str | Callable[..., torch.Tensor] = "zscore",
-        es_params: str | list[str] | None = None,
+        settings: ESSettings | None = None,
         seed: int | None = None,
-        perturbation: str = "full",
-        perturbation_rank: int = 1,
-        es_anchor_decay: float = 0.0,
-        es_master_device: str | None = None,
         deepspeed_config: dict | str | os.PathLike | None = None,
-        relative_sigma: float | None = None,
-        relative_learning_rate: float | None = None,
-        es_start_device: str = "cpu",
         **kwargs,
     ):
-        """Every ES knob has the name of ``ESConfig``'s field for it.
+        """Every ES knob is a field of ``ESSettings`` (``lightning_es.engine.settings``), under the name ``ESConfig``
+        gives it, with the same default: pass them as keyword arguments (``ESStrategy(population_size=32,
+        relative_sigma=0.05)``) or as one ``settings`` object. With an optimizer from ``configure_optimizers``, its
+        learning rate steps instead of ``learning_rate`` / ``relative_learning_rate``.
 
         Args:
-            population_size, antithetic, fitness_shaping, perturbation: as in ``lightning_es.EvolutionStrategy``.
-            sigma: absolute noise scale (default 1e-3 unless ``relative_sigma`` is set).
-            learning_rate: step size of the in-place update ``theta += learning_rate * g`` with absolute noise
-                (default 5e-7; unused when ``configure_optimizers`` returns an optimizer: its learning rate applies).
-            relative_sigma, relative_learning_rate: noise and in-place step as fractions of each tensor's scale
-                (``lightning_es.engine.scales``; ``relative_learning_rate`` defaults to
-                ``DEFAULT_RELATIVE_LEARNING_RATE``).
-            es_params: which parameters evolve (``select_parameters``): None for every trainable one, "all", "lora",
-                or regular expressions.
-            perturbation_rank: rank of ``perturbation="lowrank"``'s noise.
-            es_anchor_decay, es_master_device, es_start_device: ``EvolutionStrategy``'s ``anchor_decay`` and
-                ``start_device``, and where the fp32 master copy lives.
+            settings: an ``ESSettings`` (or ``ESConfig``) to take every ES knob from, instead of keyword arguments.
             seed: noise seed; None takes ``seed_everything``'s seed (``PL_GLOBAL_SEED``), else 0.
             deepspeed_config: a DeepSpeed config (dict or JSON path) with ZeRO stage 3 for the sharded layout.
-            kwargs: passed to ``DDPStrategy`` (``process_group_backend``, ``timeout``, ``start_method``, ...).
+            kwargs: ``ESSettings`` fields, and ``DDPStrategy``'s arguments (``process_group_backend``, ``timeout``,
+                ``start_method``, ...).
         """
         renamed = {old: new for old, new in RENAMED.items() if old in kwargs}
         if renamed:
             raise TypeError("ESStrategy's knobs have ESConfig's names: " + ", ".join(
                 f"{old}= is {new}=" for old, new in renamed.items()) + ".")
+        knobs = {name: kwargs.pop(name) for name in ESSettings.field_names() if name in kwargs}
+        if settings is not None and knobs:
+            raise TypeError(f"ESStrategy got settings and the knobs {sorted(knobs)}: set them on settings instead.")
+        self.settings = ESSettings(**knobs) if settings is None else settings
         kwargs.setdefault("checkpoint_io", AtomicCheckpointIO())
         super().__init__(**kwargs)
-        relative = relative_sigma is not None
-        if relative:
-            for name, value in (("sigma", sigma), ("learning_rate", learning_rate)):
-                if value is not None:
-                    raise ValueError(
-                        f"ESStrategy got relative_sigma={relative_sigma} (relative noise and step) and {name}={value} "
-                        "(absolute): set one of the two units (relative_sigma with relative_learning_rate, or sigma "
-                        "with learning_rate).")
-            if relative_learning_rate is None:
-                relative_learning_rate = DEFAULT_RELATIVE_LEARNING_RATE
-            check_relative(relative_sigma, relative_learning_rate)
-            sigma, learning_rate = relative_sigma, relative_learning_rate
-        elif relative_learning_rate is not None:
-            raise ValueError(f"relative_learning_rate={relative_learning_rate} is the step of relative noise: set "
-                             "relative_sigma too, or learning_rate for absolute units.")
-        else:
-            sigma = 1e-3 if sigma is None else sigma
-            learning_rate = 5e-7 if learning_rate is None else learning_rate
-        if isinstance(fitness_shaping, str):
-            get_fitness_shaping(fitness_shaping)  # an unknown name fails here, not at the first step
-        self.es_options = dict(
-            population_size=population_size, lr=learning_rate, antithetic=antithetic, fitness_shaping=fitness_shaping,
-            anchor_decay=es_anchor_decay, start_device=es_start_device,
-        )
-        self.perturbation_options = dict(kind=perturbation, sigma=sigma, rank=perturbation_rank,
-                                         master_device=es_master_device, relative=relative)
-        self.params_spec = es_params
         self.seed = seed
-        self.deepspeed_config = _zero3_config(deepspeed_config) if deepspeed_config is not None else None
-        if self.deepspeed_config is not None and perturbation != "full":
-            raise ValueError("The sharded layout (deepspeed_config) supports perturbation='full' only.")
+        self.deepspeed_config = check_zero3_config(deepspeed_config) if deepspeed_config is not None else None
+        if self.deepspeed_config is not None:
+            self.settings.check_sharded()
         self.es: EvolutionStrategy | None = None
-        self._fitness: torch.Tensor | None = None
-        self._per_prompt: torch.Tensor | None = None
+        self._iteration: Iteration | None = None
         self._engine = None
         self._hf_deepspeed_config = None
 
@@ -218,7 +150,7 @@ class ESStrategy(DDPStrategy):
 
     def _configure_launcher(self) -> None:
         # the population's split over the processes, checked here, in the launching process, before any worker starts
-        population = Population(self.es_options["population_size"], self.es_options["antithetic"])
+        population = Population(self.settings.population_size, self.settings.antithetic)
         Processes(world_size=self.world_size, sharded=self.sharded).rounds(population.members(0), batched=False)
         super()._configure_launcher()
 
@@ -288,20 +220,13 @@ class ESStrategy(DDPStrategy):
                 "The sharded layout (deepspeed_config) updates the ZeRO-3 partitions in place; configure_optimizers "
                 "must return None (a torch optimizer cannot step partitioned parameters)."
             )
-        if self.es_options["anchor_decay"] and self.has_optimizer:
-            raise ValueError(
-                f"ESStrategy(es_anchor_decay={self.es_options['anchor_decay']}) pulls the in-place ES step towards the "
-                "starting weights, but configure_optimizers returned an optimizer, which takes the step instead. Use "
-                "the optimizer's weight decay, or return None from configure_optimizers."
-            )
+        if self.has_optimizer:
+            self.settings.check_optimizer()
 
     def _build_es(self) -> EvolutionStrategy:
-        module = self.lightning_module
-        options = dict(self.perturbation_options)
-        perturbation = build_perturbation(options.pop("kind"), select_parameters(module, self.params_spec), model=module,
-                                          sharded=self.sharded, copy_all=self.has_optimizer, **options)
         seed = self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
-        return EvolutionStrategy(perturbation, seed=seed, **self.es_options)
+        return build_evolution_strategy(self.settings, self.lightning_module, seed, sharded=self.sharded,
+                                        copy_all=self.has_optimizer)
 
     # ---- one ES iteration per batch --------------------------------------------------------------------------
 
@@ -312,29 +237,31 @@ class ESStrategy(DDPStrategy):
             self.es.master.sync_from_model()  # the optimizer moved the weights since the last iteration
         logs = PopulationLog()
 
-        def score(members):
+        def score(members) -> MemberScores:
             (member,) = members  # a training_step scores one set of weights
             with (torch.no_grad(), self.precision_plugin.train_step_context(), self.es.perturbed(member),
                   logs.capture(module) as logged):
                 values = _fitness_values(module.training_step(*args, **kwargs))
             # sharded, each process holds its own examples, named apart; replicated, all see the same batch
             where = f"{self.global_rank}." if self.sharded else ""
-            examples = {} if values.dim() == 0 else {f"{PROMPT}{where}{i:06d}": [float(v)] for i, v in enumerate(values)}
-            examples |= {f"{name}/count": [1.0] for name in list(examples)}
-            return {FITNESS: [float(values.mean())], WEIGHT: [1.0], **examples,
-                    **{name: [value] for name, value in logged.items()}}
+            examples = {} if values.dim() == 0 else {f"{where}{i:06d}": [float(v)] for i, v in enumerate(values)}
+            return MemberScores(fitness=[float(values.mean())], weight=[1.0], prompt_sums=examples,
+                                prompt_counts={name: [1.0] for name in examples},
+                                extra={name: [value] for name, value in logged.items()})
 
-        scores = evaluate_population(self.es.members(step), step, score, self._processes)
-        logs.flush(module.log, scores, step)
-        self._fitness, self._per_prompt = scores.fitness, scores.per_prompt
-        if uses_prompts(self.es.shape_fitness) and self._per_prompt.shape[1] < 2:
-            raise ValueError(
-                f"fitness_shaping={self.es_options['fitness_shaping']!r} weighs the evidence per example, but "
-                f"training_step returned {'a scalar' if self._per_prompt.shape[1] == 0 else 'one example'}: return one "
-                "fitness per example (a 1-D tensor of at least two values), or choose 'zscore'.")
-        stats = None if self.has_optimizer else self.es.step(step, scores.fitness, per_prompt=self._per_prompt)
-        self._log_step(scores.fitness, stats)
-        return torch.tensor(-float(scores.fitness.mean()), device=self.root_device)
+        def check(iteration: Iteration) -> None:
+            logs.flush(module.log, iteration.scores, step)
+            examples = iteration.per_prompt.shape[1]
+            if uses_prompts(self.es.shape_fitness) and examples < 2:
+                raise ValueError(
+                    f"fitness_shaping={self.settings.fitness_shaping!r} weighs the evidence per example, but "
+                    f"training_step returned {'a scalar' if examples == 0 else 'one example'}: return one fitness per "
+                    "example (a 1-D tensor of at least two values), or choose 'zscore'.")
+
+        self._iteration = run_iteration(self.es, step, score, self._processes,
+                                        update=None if self.has_optimizer else "step", check=check)
+        self._log_step(self._iteration.fitness, self._iteration.stats)
+        return torch.tensor(-float(self._iteration.fitness.mean()), device=self.root_device)
 
     def _log_step(self, fitness: torch.Tensor, stats) -> None:
         metrics = {
@@ -344,14 +271,14 @@ class ESStrategy(DDPStrategy):
             "es/sigma": self.es.sigma,
         }
         if stats is not None:
-            metrics |= {"es/update_norm": stats.update_norm, "es/lr": self.es.lr}
+            metrics |= {"es/update_norm": stats.update_norm, "es/lr": self.es.learning_rate}
         self.lightning_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
 
     def backward(self, closure_loss, optimizer, *args, **kwargs):
         """Write ``-g`` into ``.grad`` for the optimizer (after the loop's ``zero_grad``); no autograd."""
         if self.has_optimizer:
-            self.es.write_gradients(self.lightning_module.trainer.global_step, self._fitness,
-                                    per_prompt=self._per_prompt)
+            self.es.write_gradients(self.lightning_module.trainer.global_step, self._iteration.fitness,
+                                    per_prompt=self._iteration.per_prompt)
         return closure_loss
 
     # ---- checkpoints carry the ES state ----------------------------------------------------------------------
@@ -396,7 +323,7 @@ class ESStrategy(DDPStrategy):
         )
         strategy_registry.register(
             "es_zero3", cls, description="Evolution Strategies over one DeepSpeed ZeRO-3 sharded model",
-            deepspeed_config=ZERO3_DEFAULTS,
+            deepspeed_config=ZERO3_DEFAULTS, perturbation="full",  # the sharded layout runs full-rank noise only
         )
 
 

@@ -47,7 +47,7 @@ def main():
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     pl.seed_everything(0)
-    strategy = ESStrategy(population_size=4, sigma=0.01, learning_rate=1e-3, process_group_backend="gloo",
+    strategy = ESStrategy(population_size=4, sigma=0.01, learning_rate=1e-3, perturbation="full", process_group_backend="gloo",
                           deepspeed_config={"zero_optimization": {"stage": 3}})
     trainer = pl.Trainer(strategy=strategy, accelerator="cpu", devices=2, max_steps=2, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)

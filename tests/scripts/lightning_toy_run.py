@@ -74,7 +74,8 @@ def main():
     units = (dict(relative_sigma=0.05, relative_learning_rate=args.lr) if args.relative
              else dict(sigma=0.05, learning_rate=args.lr))
     strategy = ESStrategy(
-        population_size=8, **units, seed=3, process_group_backend="gloo", es_anchor_decay=args.anchor_decay,
+        population_size=8, **units, seed=3, perturbation="full", process_group_backend="gloo",
+        es_anchor_decay=args.anchor_decay,
         deepspeed_config={"zero_optimization": {"stage": 3}} if args.sharded else None,
     )
     history = FitnessHistory()

@@ -52,9 +52,9 @@ def main():
     args = parser.parse_args()
 
     if args.unshared_deepspeed_copy:
-        import lightning_es.engine.perturbations.sharded as sharded
+        import lightning_es.engine.perturbations.zero3 as zero3
 
-        sharded.deepspeed_fp32_partitions = lambda params, optimizer: None
+        zero3.deepspeed_fp32_partitions = lambda params, optimizer: None
     tokenizer = build_tokenizer()
     model = build_model(tokenizer)  # before ESConfig: under ZeRO-3 it would turn on zero.Init, another initialisation
     if args.bf16_weights:

@@ -1,9 +1,13 @@
 """How a population member is applied to the model: the swappable part of ``EvolutionStrategy``.
 
-- ``FullRankPerturbation``: full-rank noise written into the weights, one member at a time;
-- ``LowRankPerturbation``: rank-r noise on matrices (full-rank on vectors) through forward hooks, a whole population
-  per batch;
-- ``ShardedPerturbation``: full-rank noise on DeepSpeed ZeRO-3 slices, cut from the unsharded run's noise.
+Two choices, kept apart: the noise kind (a ``Perturbation``) and where the evolved tensors live (its ``layout``).
+
+- ``FullRankPerturbation`` (``full.py``): full-rank noise written into the weights, one member at a time;
+- ``LowRankPerturbation`` (``lowrank/``): rank-r noise on matrices (full-rank on vectors) through forward hooks, a
+  whole population per batch;
+- ``ReplicatedLayout`` (``layout.py``): whole tensors on every process, the default;
+- ``Zero3Layout`` (``zero3.py``): this process's DeepSpeed ZeRO-3 slices, whose noise is cut from the unsharded run's
+  noise; ``ShardedPerturbation`` is full-rank noise on it.
 
 ``build_perturbation`` maps the integrations' configuration strings to these objects.
 """
@@ -14,9 +18,10 @@ import torch
 
 from ..scales import relative_scales
 from .base import Perturbation
-from .full import FullRankPerturbation
+from .full import FullRankPerturbation, ShardedPerturbation
+from .layout import ReplicatedLayout, TensorLayout
 from .lowrank import LowRankPerturbation, parameter_owners
-from .sharded import ShardedNoise, ShardedPerturbation, ShardLayout
+from .zero3 import ShardedNoise, ShardLayout, Zero3Layout
 
 PERTURBATIONS = ("full", "lowrank")
 
@@ -66,9 +71,12 @@ __all__ = [
     "FullRankPerturbation",
     "LowRankPerturbation",
     "Perturbation",
+    "ReplicatedLayout",
     "ShardLayout",
     "ShardedNoise",
     "ShardedPerturbation",
+    "TensorLayout",
+    "Zero3Layout",
     "build_perturbation",
     "parameter_owners",
 ]

@@ -1,11 +1,13 @@
-"""What every perturbation provides to ``EvolutionStrategy``.
+"""What every perturbation provides to ``EvolutionStrategy``: the noise kind, beside a layout that says where the
+evolved tensors live (``layout.py``).
 
-A perturbation owns the evolved tensors (``params``), their fp32 master copy (``master``), the noise scale
-(``sigma``) and, for noise relative to each tensor's size, per-tensor ``scales`` (``engine.scales``; none: absolute
-noise). It applies a member (``apply``, a context manager inside which the model behaves as ``theta + sigma *
-sign * eps_member`` and after which it is exactly ``theta`` again) and regenerates the noise of a weighted set of seeds
-(``noise_sum``), which is all the ES estimate needs. The remaining methods describe where the tensors live; the
-defaults are for one process holding whole tensors, ``ShardedPerturbation`` overrides them for ZeRO-3 slices.
+A perturbation owns the evolved tensors (``params``, those its ``layout`` holds), their fp32 master copy (``master``),
+the noise scale (``sigma``) and, for noise relative to each tensor's size, per-tensor ``scales`` (``engine.scales``;
+none: absolute noise). It applies a member (``apply``, a context manager inside which the model behaves as ``theta +
+sigma * sign * eps_member`` and after which it is exactly ``theta`` again) and regenerates the noise of a weighted set
+of seeds (``noise_sum``), which is all the ES estimate needs. Where the tensors live (whole on one process, or ZeRO-3
+slices) is the layout's business; the perturbation passes on the questions that depend on it (``real``, ``shape``,
+``numel``, ``total_squared_norm``, ``full_tensors``, ``local_tensors``, ``written``).
 """
 
 from collections.abc import Mapping, Sequence
@@ -18,6 +20,7 @@ from ..master import MasterWeights
 from ..params import require_every
 from ..noise import GaussianNoise
 from ..population import Member
+from .layout import ReplicatedLayout, TensorLayout
 
 
 RELATIVE_NOISE = ", relative to each tensor's scale"  # how noise_kind names noise relative to each tensor
@@ -25,6 +28,23 @@ RELATIVE_NOISE = ", relative to each tensor's scale"  # how noise_kind names noi
 
 class Perturbation:
     batched = False  # True: ``apply_population(members)`` runs a whole population in one batch
+    layout: TensorLayout
+    params: dict[str, torch.Tensor]
+    master: MasterWeights
+    sigma: float
+    noise: GaussianNoise
+    scales: Mapping[str, torch.Tensor] = MappingProxyType({})  # per tensor, multiplying its noise; none: 1
+
+    def __init__(self, params: Mapping[str, torch.Tensor] | TensorLayout, sigma: float,
+                 noise: GaussianNoise | None = None):
+        """``params``: the evolved tensors, whole on this process, or a ``TensorLayout`` holding them; ``noise``: the
+        noise of whole tensors (default ``GaussianNoise``), which the layout cuts to the tensors it holds."""
+        self.layout = params if isinstance(params, TensorLayout) else ReplicatedLayout(params)
+        if not self.layout.tensors:
+            raise ValueError("params is empty: ES needs at least one parameter to evolve.")
+        self.params = self.layout.tensors
+        self.sigma = sigma
+        self.noise = self.layout.noise(noise or GaussianNoise())
 
     @property
     def noise_kind(self) -> str:
@@ -34,11 +54,6 @@ class Perturbation:
     @property
     def scale_kind(self) -> str:
         return RELATIVE_NOISE if self.scales else ""
-    params: dict[str, torch.Tensor]
-    master: MasterWeights
-    sigma: float
-    noise: GaussianNoise
-    scales: Mapping[str, torch.Tensor] = MappingProxyType({})  # per tensor, multiplying its noise; none: 1
 
     def set_scales(self, scales: Mapping[str, torch.Tensor] | None) -> None:
         """Multiply each tensor's noise by its scale from now on (``engine.scales.relative_scales``); None: absolute."""
@@ -55,18 +70,6 @@ class Perturbation:
         eps = self.noise.sample(seed, draw or name, weight.shape if shape is None else shape, weight.device)
         scale = self.scales.get(name)
         return eps if scale is None else eps.mul_(scale.to(eps.device))
-
-    def real(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
-        """The elements of ``tensor`` (held like the evolved tensor ``name``) that belong to the parameter, flattened
-        (a sharded slice ends in padding)."""
-        return tensor.reshape(-1)
-
-    def shape(self, name: str) -> torch.Size:
-        """The whole tensor's shape (a sharded process holds a slice)."""
-        return self.params[name].shape
-
-    def numel(self, name: str) -> int:
-        return self.shape(name).numel()
 
     def prepare(self, members: Sequence[Member]) -> None:
         """Called with each step's population before any of it is applied (a perturbation may keep what it draws for
@@ -98,18 +101,31 @@ class Perturbation:
         self.master.add_(name, update.mul_(scale))
         return squared
 
-    def written(self) -> None:
-        """Called after the evolved tensors were written (perturbed, restored or updated)."""
+    # where the tensors live: asked of the layout (one implementation each, in ``layout.py`` and ``zero3.py``)
+
+    def real(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """``layout.real``: the elements of ``tensor`` that belong to parameter ``name``, flattened."""
+        return self.layout.real(name, tensor)
+
+    def shape(self, name: str) -> torch.Size:
+        """``layout.shape``: the whole tensor's shape."""
+        return self.layout.shape(name)
+
+    def numel(self, name: str) -> int:
+        return self.layout.numel(name)
 
     def total_squared_norm(self, local: float) -> float:
-        """The squared norm of a whole update from this process's part of it."""
-        return local
+        """``layout.total_squared_norm``: the squared norm of a whole update from this process's part of it."""
+        return self.layout.total_squared_norm(local)
 
     def full_tensors(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Checkpoint form of per-parameter state (master, anchor): whole tensors on the host. A collective when the
-        tensors are sharded; then only process 0 receives them (the others get an empty dict)."""
-        return {name: t.detach().cpu() for name, t in tensors.items()}
+        """``layout.full_tensors``: checkpoint form of per-parameter state (a collective when sharded)."""
+        return self.layout.full_tensors(tensors)
 
     def local_tensors(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The inverse of ``full_tensors``: this process's part of each saved tensor."""
-        return dict(tensors)
+        """``layout.local_tensors``: the inverse of ``full_tensors``."""
+        return self.layout.local_tensors(tensors)
+
+    def written(self) -> None:
+        """Called after the evolved tensors were written (perturbed, restored or updated): ``layout.written``."""
+        self.layout.written()

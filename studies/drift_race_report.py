@@ -13,19 +13,12 @@ import json
 import statistics
 from pathlib import Path
 
+from learning import at_seconds, seconds_to_reach
+
 from lightning_es.tasks.spread import shown
 
 SECOND_TASK = "arithmetic"
 STEADY_SHARE = 0.8
-
-
-def at_seconds(points: list[dict], seconds: float, metric: str) -> float:
-    """``metric`` at ``seconds`` of training, linearly between marks; the last mark's value past the end."""
-    for before, after in zip(points, points[1:]):
-        if after["seconds"] >= seconds:
-            share = (seconds - before["seconds"]) / max(after["seconds"] - before["seconds"], 1e-9)
-            return before[metric] + share * (after[metric] - before[metric])
-    return points[-1][metric]
 
 
 def at_budget(run: dict, metric: str) -> float:
@@ -39,8 +32,6 @@ def at_budget(run: dict, metric: str) -> float:
 def moment(run: dict, target: float) -> dict:
     """When ``run`` first reaches ``target`` held-out reward within its budget (else the budget), and its off-task KL
     then."""
-    from learning import seconds_to_reach
-
     seconds = seconds_to_reach(run["points"], target)
     reached = seconds is not None and seconds <= run["budget_seconds"]
     seconds = seconds if reached else run["budget_seconds"]
@@ -270,7 +261,7 @@ def plot(runs: list[dict], results: dict, out: Path) -> None:
 
 def markdown(runs: list[dict], results: dict, rule: dict | None = None) -> str:
     lines = ["# The race: ES against a tuned GRPO", "",
-             "Rebuilt by `python benchmarks/drift_race.py render` from `runs.jsonl` (one line per finished run).", ""]
+             "Rebuilt by `python studies/drift_race.py render` from `runs.jsonl` (one line per finished run).", ""]
     if rule:
         before, candidate = ALWAYS_RACED
         lines += ["## ESConfig's defaults: the rule", "",

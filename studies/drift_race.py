@@ -1,9 +1,9 @@
 """The race: ES against a tuned GRPO, in training seconds to a held-out reward and in off-task drift at that moment.
 
-    python benchmarks/drift_race.py tune --model SmolLM2-135M-Instruct --task gsm8k   # GRPO's lr grid, ES's candidates
-    python benchmarks/drift_race.py race --model SmolLM2-135M-Instruct --task gsm8k   # seeds 1-3 of the chosen ones
-    python benchmarks/drift_race.py diagnose --model SmolLM2-135M-Instruct            # real against random reward
-    python benchmarks/drift_race.py render                                            # report from the saved runs
+    python studies/drift_race.py tune --model SmolLM2-135M-Instruct --task gsm8k   # GRPO's lr grid, ES's candidates
+    python studies/drift_race.py race --model SmolLM2-135M-Instruct --task gsm8k   # seeds 1-3 of the chosen ones
+    python studies/drift_race.py diagnose --model SmolLM2-135M-Instruct            # real against random reward
+    python studies/drift_race.py render                                            # report from the saved runs
 
 Every run trains one method from the base model for a budget of training seconds fixed per model in advance
 (``BUDGETS``); held-out accuracy, format and reward (greedy, the same problems for every run) and the exact off-task

@@ -1,8 +1,8 @@
 """ES against GRPO from one base model, over several seeds: task reward, off-task KL drift, update geometry, linear
 mode connectivity, and a precision audit of both updates.
 
-    python recipes/compare_es_grpo.py                                   # embedded SmolLM2-135M-Instruct, GSM8K-style
-    python recipes/compare_es_grpo.py --task countdown --steps 50 --seeds 0 1 --report_dir outputs/compare-countdown
+    python studies/compare_es_grpo.py                                   # embedded SmolLM2-135M-Instruct, GSM8K-style
+    python studies/compare_es_grpo.py --task countdown --steps 50 --seeds 0 1 --report_dir outputs/compare-countdown
 
 For each seed both trainers run the same number of iterations from the same base model (ES with ESConfig's defaults,
 GRPO with AdamW), then:
@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import matplotlib
-import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 

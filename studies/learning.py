@@ -1,4 +1,4 @@
-"""Held-out learning curves for the benchmarks that compare how ES settings (and GRPO) learn on this machine.
+"""Held-out learning curves for the studies that compare how ES settings (and GRPO) learn on this machine.
 
 ``HeldOutCurve`` scores the held-out problems with greedy decoding at the start and then every ``every_steps``
 iterations, at the iterations ``at_steps``, or at the first step end past each of ``at_seconds`` seconds of training;
@@ -110,6 +110,15 @@ class HeldOutCurve(TrainerCallback):
         if over_budget:
             control.should_training_stop = True
         self._since = time.perf_counter()
+
+
+def at_seconds(points: list[dict], seconds: float, metric: str = "reward") -> float:
+    """``metric`` at ``seconds`` of training, linearly between marks; the last mark's value past the end."""
+    for before, after in zip(points, points[1:]):
+        if after["seconds"] >= seconds:
+            share = (seconds - before["seconds"]) / max(after["seconds"] - before["seconds"], 1e-9)
+            return before[metric] + share * (after[metric] - before[metric])
+    return points[-1][metric]
 
 
 def seconds_to_reach(points: list[dict], reward: float) -> float | None:

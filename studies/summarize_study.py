@@ -1,7 +1,7 @@
 """Markdown tables of the learning curves `es_study.py` writes: held-out reward after the same number of iterations
 and after the same training seconds, mean and spread over seeds, one table per task.
 
-    python benchmarks/summarize_study.py outputs/study/perturbations.jsonl
+    python studies/summarize_study.py outputs/study/perturbations.jsonl
 
 "Same iterations": the last iteration every run of the task reached. "Same seconds": the shortest mean training time
 among the task's settings, each run's reward interpolated linearly between its evaluations. "Seconds to reach":
@@ -13,7 +13,7 @@ import json
 import statistics
 from collections import defaultdict
 
-from learning import seconds_to_reach
+from learning import at_seconds, seconds_to_reach
 
 from lightning_es.tasks.spread import shown
 
@@ -35,14 +35,6 @@ def spread(values: list[float]) -> str:
 
 def at_step(points: list[dict], step: int) -> dict:
     return next(point for point in points if point["step"] == step)
-
-
-def at_seconds(points: list[dict], seconds: float) -> float:
-    for before, after in zip(points, points[1:]):
-        if after["seconds"] >= seconds:
-            share = (seconds - before["seconds"]) / (after["seconds"] - before["seconds"])
-            return before["reward"] + share * (after["reward"] - before["reward"])
-    return points[-1]["reward"]
 
 
 def reached(values: list[float | None]) -> str:

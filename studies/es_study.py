@@ -1,6 +1,6 @@
 """How well an ES setting learns on this machine: held-out reward against iterations and training seconds.
 
-    python benchmarks/es_study.py --task gsm8k --label lowrank-r1 --set perturbation=lowrank perturbation_rank=1 \
+    python studies/es_study.py --task gsm8k --label lowrank-r1 --set perturbation=lowrank perturbation_rank=1 \
         --seeds 0 1 2 --max_steps 20 --eval_every 5 --out outputs/study/study.jsonl
 
 Trains ESTrainer from the embedded SmolLM2-135M-Instruct (or --model) with the settings below plus every --set

@@ -1,7 +1,7 @@
 """How far one population member is from its base model, per noise setting and model: does a sigma mean the same on
 every model?
 
-    python benchmarks/noise_scale.py --models SmolLM2-135M-Instruct gemma-3-270m --out docs/reports/noise-scale
+    python studies/noise_scale.py --models SmolLM2-135M-Instruct gemma-3-270m --out docs/reports/noise-scale
 
 For each model and setting, ``--members`` members of ES step 0 (seeded as ESConfig seeds them) are scored against the
 unperturbed model: the exact KL(member || base) per token (nats), teacher-forced on the base model's own greedy
@@ -112,7 +112,7 @@ def report(results: list[dict]) -> str:
     lines = ["# Noise scale: one member's distance from its base model", "",
              "Exact KL(member || base) per token, teacher-forced on the base model's greedy continuation of the 24 "
              "off-task probe prompts, mean (range) over the first members of ES step 0; and member 0's greedy answer "
-             f"to {QUESTION!r}. `python benchmarks/noise_scale.py --relative_sigmas "
+             f"to {QUESTION!r}. `python studies/noise_scale.py --relative_sigmas "
              + " ".join(l.split(",")[0].split()[1] for l in labels if l.startswith("relative_sigma"))
              + " --out docs/reports/noise-scale` wrote this.", "",
              "| model | linear-weight RMS (median) | base answer | " + " | ".join(shown[l] for l in labels) + " |",

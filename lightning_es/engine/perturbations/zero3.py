@@ -1,9 +1,9 @@
-"""Full-rank ES over DeepSpeed ZeRO-3 partitions: each process holds a slice of every weight and evolves only that.
+"""The ZeRO-3 layout: each process holds a slice of every weight (DeepSpeed ZeRO-3 partitions) and evolves only that.
 
 The noise for a slice is the same slice of the full-parameter noise (``ShardedNoise``), so a sharded run perturbs
 and updates exactly as the unsharded run does, while no process ever holds more than one full tensor of noise.
 Everything here reads DeepSpeed's parameter attributes (``ds_tensor``, ``ds_shape``, ``ds_process_group``,
-``ds_status``) and never imports DeepSpeed.
+``ds_status``) and never imports DeepSpeed (but to write its fp32 copies, ``write_deepspeed_copies``).
 """
 
 from collections.abc import Mapping
@@ -12,12 +12,15 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..master import MasterWeights
 from ..noise import GaussianNoise
-from .full import FullRankPerturbation
+from .layout import TensorLayout
 
 
 @dataclass(frozen=True)
 class ShardLayout:
+    """Where one process's slice sits in its parameter."""
+
     shape: torch.Size  # of the full parameter
     start: int  # first element of the flattened parameter held by this process
     size: int  # elements held by this process, padding after the parameter's end included (zeroed by ES)
@@ -29,14 +32,15 @@ class ShardLayout:
 
 
 class ShardedNoise(GaussianNoise):
-    """Noise for the local slices, cut from the full-parameter noise that an unsharded run would draw."""
+    """Noise for the local slices, cut from the full-parameter noise that an unsharded run would draw (``whole``)."""
 
-    def __init__(self, layouts: Mapping[str, ShardLayout]):
+    def __init__(self, layouts: Mapping[str, ShardLayout], whole: GaussianNoise | None = None):
         self.layouts = dict(layouts)
+        self.whole = whole or GaussianNoise()
 
     def sample(self, member_seed: int, name: str, shape: torch.Size, device: torch.device | str) -> torch.Tensor:
         layout = self.layouts[name]
-        full = super().sample(member_seed, name, layout.shape, device).view(-1)
+        full = self.whole.sample(member_seed, name, layout.shape, device).view(-1)
         shard = torch.zeros(layout.size, device=device, dtype=torch.float32)
         shard[: layout.held] = full[layout.start : layout.start + layout.held]
         return shard.view(shape)
@@ -99,60 +103,61 @@ def release_gathered(params) -> None:
             p.partition()
 
 
-class ShardedPerturbation(FullRankPerturbation):
-    """``FullRankPerturbation`` on this process's slices (``shards``) of parameters laid out as ``layouts`` say.
+class Zero3Layout(TensorLayout):
+    """This process's slices (``shards``) of parameters laid out as ``slices`` say.
 
     ``partitioned``: the ZeRO-3 parameters the slices belong to, whose gathered copies are dropped after each write;
-    ``group``: the process group the parameters are partitioned over (None: every process).
+    ``group``: the process group the parameters are partitioned over (None: every process); ``shared_master``:
+    DeepSpeed's fp32 partitions, to serve as the master copy (``deepspeed_fp32_partitions``).
     """
 
-    def __init__(self, shards: Mapping[str, torch.Tensor], layouts: Mapping[str, ShardLayout], sigma: float,
-                 master_device: torch.device | str | None = None, partitioned=(), group=None,
-                 shared_master: Mapping[str, torch.Tensor] | None = None):
-        self.layouts = dict(layouts)
+    def __init__(self, shards: Mapping[str, torch.Tensor], slices: Mapping[str, ShardLayout], partitioned=(),
+                 group=None, shared_master: Mapping[str, torch.Tensor] | None = None):
+        self.tensors = dict(shards)
+        self.slices = dict(slices)
         self.partitioned = list(partitioned)
         self.group = group
+        self.shared_master = shared_master
         # one fp32 truth: DeepSpeed's partitions are the master (shared_master) or are kept in step with it
         self.deepspeed_copies: dict[str, torch.nn.Parameter] = {}
         with torch.no_grad():  # DeepSpeed leaves a slice's padding uninitialised: zero it, as the noise there is
-            for name, shard in shards.items():
-                shard.view(-1)[self.layouts[name].held:].zero_()
+            for name, shard in self.tensors.items():
+                shard.view(-1)[self.slices[name].held:].zero_()
                 if shared_master is not None:
-                    shared_master[name].view(-1)[self.layouts[name].held:].zero_()
-        super().__init__(shards, sigma, noise=ShardedNoise(self.layouts), master_device=master_device,
-                         shared_master=shared_master)
+                    shared_master[name].view(-1)[self.slices[name].held:].zero_()
 
     @classmethod
-    def from_zero3(cls, params: Mapping[str, torch.nn.Parameter], sigma: float,
-                   master_device: torch.device | str | None = None, optimizer=None) -> "ShardedPerturbation":
+    def from_zero3(cls, params: Mapping[str, torch.nn.Parameter], optimizer=None) -> "Zero3Layout":
         """Over the partitions of ``params``, parameters of a DeepSpeed ZeRO-3 engine; ``optimizer``: the engine's
         ZeRO-3 optimizer, whose fp32 partitions then serve as the master copy (``deepspeed_fp32_partitions``)."""
-        shards, layouts = zero3_shards(params)
+        shards, slices = zero3_shards(params)
         group = next(iter(params.values())).ds_process_group
         shared = None if optimizer is None else deepspeed_fp32_partitions(params, optimizer)
-        perturbation = cls(shards, layouts, sigma, master_device, partitioned=params.values(), group=group,
-                           shared_master=shared)
+        layout = cls(shards, slices, partitioned=params.values(), group=group, shared_master=shared)
         if shared is None and getattr(optimizer, "fp32_partitioned_groups_flat", None):
-            perturbation.deepspeed_copies = dict(params)
-        return perturbation
+            layout.deepspeed_copies = dict(params)
+        return layout
 
-    def write_deepspeed_copies(self) -> None:
+    def write_deepspeed_copies(self, master: MasterWeights) -> None:
         """Where DeepSpeed keeps an fp32 copy that could not serve as the master (swapped out to NVMe), write the
         master into it before DeepSpeed checkpoints it, so that its checkpoint and ``zero_to_fp32.py`` hold the
         current weights rather than the step-0 ones."""
         from deepspeed.utils import safe_set_local_fp32_param
 
         for name, p in self.deepspeed_copies.items():
-            safe_set_local_fp32_param(p, self.master[name])
+            safe_set_local_fp32_param(p, master[name])
+
+    def noise(self, whole: GaussianNoise) -> GaussianNoise:
+        return ShardedNoise(self.slices, whole)
 
     def written(self) -> None:
         release_gathered(self.partitioned)
 
     def shape(self, name: str) -> torch.Size:
-        return self.layouts[name].shape
+        return self.slices[name].shape
 
     def real(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.reshape(-1)[: self.layouts[name].held]
+        return tensor.reshape(-1)[: self.slices[name].held]
 
     def total_squared_norm(self, local: float) -> float:
         if not dist.is_initialized():
@@ -177,18 +182,10 @@ class ShardedPerturbation(FullRankPerturbation):
                 full[name] = self._unpadded(name, torch.cat(pieces).cpu())
         return full
 
-    @property
-    def _device(self) -> torch.device:
-        return next(iter(self.params.values())).device
-
-    def _unpadded(self, name: str, flat: torch.Tensor) -> torch.Tensor:
-        shape = self.layouts[name].shape
-        return flat.reshape(-1)[: shape.numel()].view(shape)
-
     def local_tensors(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         slices = {}
         for name, saved in tensors.items():
-            layout = self.layouts[name]
+            layout = self.slices[name]
             if tuple(saved.shape) != tuple(layout.shape):
                 raise ValueError(f"{name}: the saved tensor has shape {tuple(saved.shape)}, the model {tuple(layout.shape)}.")
             shard = torch.zeros(layout.size, dtype=saved.dtype)
@@ -196,3 +193,10 @@ class ShardedPerturbation(FullRankPerturbation):
             slices[name] = shard
         return slices
 
+    @property
+    def _device(self) -> torch.device:
+        return next(iter(self.tensors.values())).device
+
+    def _unpadded(self, name: str, flat: torch.Tensor) -> torch.Tensor:
+        shape = self.slices[name].shape
+        return flat.reshape(-1)[: shape.numel()].view(shape)

@@ -1,0 +1,64 @@
+"""One ES iteration, the loop both integrations run: members, rounds over processes, fitness, shaping, the update.
+
+An integration supplies only what it knows: ``score`` (how its framework makes the model answer and rewards it, as a
+``MemberScores``), optionally ``fitness`` (a transform of the combined scores, e.g. TRL's KL penalty), and which update
+it wants: ``"step"`` (the in-place ES step), ``"gradients"`` (``-g`` into ``.grad`` for a torch optimizer) or ``None``
+(the integration writes the gradients later, as Lightning's ``backward`` does).
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .es import EvolutionStrategy, StepStats
+from .evaluation import PopulationScores, Score, evaluate_population
+from .processes import Processes
+
+Fitness = Callable[[PopulationScores], tuple[torch.Tensor, torch.Tensor]]  # -> (fitness, per_prompt)
+UPDATES = ("step", "gradients", None)
+
+
+@dataclass
+class Iteration:
+    scores: PopulationScores  # every member's sums, combined over processes
+    fitness: torch.Tensor  # per member, what was shaped (NaN for a member left out)
+    per_prompt: torch.Tensor  # (members, prompts) mean rewards, for a shaping that reads them
+    scored: torch.Tensor  # which members take part
+    stats: StepStats | None  # of the update, when one was taken
+
+    def shaped(self, es: EvolutionStrategy) -> torch.Tensor:
+        return es.shaped(self.fitness, self.scored, self.per_prompt)
+
+
+def _plain(scores: PopulationScores) -> tuple[torch.Tensor, torch.Tensor]:
+    return scores.fitness, scores.per_prompt
+
+
+def run_iteration(
+    es: EvolutionStrategy,
+    step: int,
+    score: Score,
+    processes: Processes,
+    update: str | None = "step",
+    learning_rate: float | None = None,
+    fitness: Fitness = _plain,
+    batched: bool = False,
+    members_per_round: int | None = None,
+    check: Callable[[Iteration], None] | None = None,
+) -> Iteration:
+    """Score every member of step ``step`` over ``processes`` and apply ``update`` with ``learning_rate`` (default:
+    the strategy's). ``check`` sees the iteration before the update (e.g. to refuse scores a shaping cannot read)."""
+    if update not in UPDATES:
+        raise ValueError(f"update must be one of {UPDATES}, got {update!r}.")
+    scores = evaluate_population(es.members(step), step, score, processes, batched=batched,
+                                 members_per_round=members_per_round)
+    member_fitness, per_prompt = fitness(scores)
+    iteration = Iteration(scores, member_fitness, per_prompt, scores.scored, None)
+    if check is not None:
+        check(iteration)
+    if update == "step":
+        iteration.stats = es.step(step, member_fitness, lr=learning_rate, scored=iteration.scored, per_prompt=per_prompt)
+    elif update == "gradients":
+        iteration.stats = es.write_gradients(step, member_fitness, scored=iteration.scored, per_prompt=per_prompt)
+    return iteration

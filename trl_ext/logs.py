@@ -1,0 +1,104 @@
+"""What ESTrainer logs: TRL's reward and completion metrics over every member's rows, and the ES ones (``es/``)."""
+
+from collections import defaultdict
+
+import torch
+from accelerate.utils import gather_object
+from transformers import TrainerCallback
+
+from .scoring import ScoredRows, weighted_rewards
+
+
+class ESLogging:
+    """Mixin of ``ESTrainer``: fills TRL's metric buffers (``TRLScoring.trl_metrics``) as GRPO would."""
+
+    def _log_rewards(self, mode: str, scored: list[ScoredRows]) -> torch.Tensor:
+        """TRL's reward metrics, and what the reward functions gave ``log_metric`` (averaged as GRPO does)."""
+        rewards_per_func = torch.cat([rows.rewards for rows in scored])
+        metrics = self.trl_metrics(mode)
+        for i, name in enumerate(self.reward_func_names):
+            column = rewards_per_func[:, i]
+            metrics[f"rewards/{name}/mean"].append(column.nanmean().item())
+            metrics[f"rewards/{name}/std"].append(column[~column.isnan()].std(unbiased=False).item())
+        rewards = weighted_rewards(rewards_per_func, self.reward_weights.cpu())
+        valid = rewards[~rewards.isnan()]
+        metrics["reward"].append(valid.mean().item())
+        metrics["reward_std"].append(valid.std(unbiased=False).item())
+        logged = defaultdict(list)
+        for rows in scored:
+            for name, values in rows.metrics.items():
+                logged[name] += values
+        for name, values in logged.items():
+            metrics[name].append(sum(values) / len(values))
+        return valid
+
+    def _log_completions(self, scored: list[ScoredRows], shaped_fitness: torch.Tensor) -> None:
+        """GRPO's completion table (``log_completions``) with every member's rows: the advantage column holds the
+        member's shaped fitness, and a ``member`` column says whose rows they are."""
+        logs = self.trl_completion_logs
+        for rows in scored:
+            logs["prompt"].extend(rows.prompts)
+            logs["completion"].extend(rows.completions)
+            for i, name in enumerate(self.reward_func_names):
+                logs["rewards"][name].extend(rows.rewards[:, i].tolist())
+            logs["advantages"].extend([float(shaped_fitness[rows.member])] * len(rows.prompts))
+            logs["extra"]["member"].extend([rows.member] * len(rows.prompts))
+            for column in {name for other in scored for name in other.extra}:
+                logs["extra"][column].extend(rows.extra.get(column, [None] * len(rows.prompts)))
+
+    def _log_step(self, scored: list[ScoredRows], stats, lr: float, shaped_fitness: torch.Tensor,
+                  seconds: float) -> None:
+        """TRL's reward and completion metrics over every row any process scored in this step, and the ES ones."""
+        everything = [rows for share in gather_object([scored]) for rows in share]
+        self._log_rewards("train", everything)
+        if self.log_completions:
+            self._log_completions(everything, shaped_fitness)
+        lengths = torch.tensor([n for rows in everything for n in rows.completion_lengths], dtype=torch.float64)
+        truncated = torch.tensor([t for rows in everything for t in rows.truncated])
+        self.state.num_input_tokens_seen += int(lengths.sum()) + sum(sum(rows.prompt_lengths) for rows in everything)
+        metrics = self.trl_metrics("train")
+        metrics["num_tokens"] = [self.state.num_input_tokens_seen]
+        metrics["completions/mean_length"].append(lengths.mean().item())
+        metrics["completions/min_length"].append(lengths.min().item())
+        metrics["completions/max_length"].append(lengths.max().item())
+        metrics["completions/clipped_ratio"].append(truncated.double().mean().item())
+        terminated = lengths[~truncated] if (~truncated).any() else torch.zeros(1, dtype=torch.float64)
+        metrics["completions/mean_terminated_length"].append(terminated.mean().item())
+        metrics["completions/min_terminated_length"].append(terminated.min().item())
+        metrics["completions/max_terminated_length"].append(terminated.max().item())
+        metrics["es/unscored_members"].append(stats.left_out)
+        metrics["es/fitness_mean"].append(stats.fitness_mean)
+        metrics["es/fitness_std"].append(stats.fitness_std)
+        metrics["es/fitness_max"].append(stats.fitness_max)
+        if self.args.es_optimizer == "sgd":
+            metrics["es/update_norm"].append(stats.update_norm)
+        metrics["es/sigma"].append(self.es.sigma)
+        metrics["es/lr"].append(lr)
+        metrics["step_time"].append(seconds)
+
+    def _get_learning_rate(self):
+        """The step ES takes, as logged under ``learning_rate`` (relative_learning_rate under relative noise)."""
+        return self.args.step_size(super()._get_learning_rate())
+
+    def _maybe_log_save_evaluate(self, tr_loss, grad_norm, *args, **kwargs):
+        """TRL's ``grad_norm`` is the norm of the gradient its step used; ES's step uses the estimate ``g``, whose
+        norm is logged under that name (with es_optimizer="trainer" the Trainer measures it in ``.grad`` itself)."""
+        if self.args.es_optimizer == "sgd" and self._gradient_norm is not None:
+            grad_norm = self._gradient_norm
+        return super()._maybe_log_save_evaluate(tr_loss, grad_norm, *args, **kwargs)
+
+
+class _AppliedUpdateNorm(TrainerCallback):
+    """With ``es_optimizer="trainer"`` the Trainer's optimizer takes the step after ``training_step``: log the norm of
+    the change it made as ``es/update_norm`` (the applied step, as under "sgd"), and adopt it into the fp32 master."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        es = self.trainer.es
+        squared = 0.0
+        for name, p in es.params.items():
+            squared += float((p.detach().double() - es.master.value(name).double()).pow(2).sum())
+        es.master.sync_from_model()
+        self.trainer.trl_metrics("train")["es/update_norm"].append(es.perturbation.total_squared_norm(squared) ** 0.5)
