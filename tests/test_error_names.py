@@ -299,7 +299,9 @@ def scopes() -> dict[str, set[str]]:
     strategy = _parameters(ESStrategy.__init__)
     if _takes_kwargs(ESStrategy.__init__):  # its **kwargs: the engine settings' fields, the rest to DDPStrategy
         strategy |= _settings_fields() | _parameters(DDPStrategy.__init__)
-    return {"ESConfig": {field.name for field in dataclasses.fields(ESConfig)}, "ESStrategy": strategy}
+    # ESConfig's fields, and its public attributes (a renamed helper's warning names the old one, which still exists)
+    config = {field.name for field in dataclasses.fields(ESConfig)} | {n for n in dir(ESConfig) if not n.startswith("_")}
+    return {"ESConfig": config, "ESStrategy": strategy}
 
 
 def known_names() -> set[str]:

@@ -107,3 +107,38 @@ def test_the_default_low_rank_noise_refuses_a_module_it_cannot_hook_naming_the_f
                       logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     full.fit(Convolutional())
     assert full.global_step == 1
+
+
+def test_esstrategy_refuses_what_it_cannot_take_by_name():
+    with pytest.raises(TypeError, match=r"first argument is settings.*ESStrategy\(population_size=32\)"):
+        ESStrategy(8)
+    with pytest.raises(TypeError, match=r"\['es_optimizer', 'num_generations'\]: these are ESConfig's"):
+        ESStrategy(es_optimizer="trainer", num_generations=2)
+    unset = ESStrategy(learning_rate=None, sigma=None)  # None is unset, as an argparse default passes it
+    assert unset.settings == ESStrategy().settings
+    with pytest.raises(ValueError, match="ESConfig takes a shaping's name"):
+        config(fitness_shaping=lambda fitness: fitness)
+
+
+def test_a_checkpoint_resumes_only_with_the_population_it_was_trained_with():
+    import torch
+
+    from lightning_es import EvolutionStrategy, FullRankPerturbation
+
+    def es(size):
+        return EvolutionStrategy(FullRankPerturbation({"w": torch.nn.Parameter(torch.zeros(3))}, 0.1),
+                                 population_size=size, learning_rate=0.01)
+
+    es(16).load_state_dict(es(16).state_dict())
+    with pytest.raises(ValueError, match="trained with population_size=32, this run has 16"):
+        es(16).load_state_dict(es(32).state_dict())
+
+
+def test_esconfigs_renamed_helpers_keep_their_old_names_for_one_release_with_a_future_warning():
+    args = config(sigma=0.02, learning_rate=1e-3, es_params=["all"])
+    with pytest.warns(FutureWarning, match="es_sigma is renamed noise_sigma"):
+        assert args.es_sigma == args.noise_sigma == 0.02
+    with pytest.warns(FutureWarning, match=r"es_learning_rate\(\) is renamed step_size\(\)"):
+        assert args.es_learning_rate(5e-4) == args.step_size(5e-4) == 5e-4
+    with pytest.warns(FutureWarning, match="es_param_spec is renamed param_spec"):
+        assert args.es_param_spec == args.param_spec == "all"

@@ -185,7 +185,8 @@ class ParameterDriftCallback(_TrainerDriftCallback):
         es = getattr(self.trainer, "es", None)
         if es is not None and es.master.copies and self.due(state.global_step + 1):  # else nothing to compare
             weights = es.params if self._sharded_es is not None else dict(self.model.named_parameters())
-            self.before_step = ({n: p.detach().to("cpu", torch.float32, copy=True) for n, p in weights.items()},
+            # the evolved tensors with a master copy only: a frozen base (PEFT) is never read here
+            self.before_step = ({n: weights[n].detach().to("cpu", torch.float32, copy=True) for n in es.master.copies},
                                 {n: es.master.copies[n].cpu().clone() for n in es.master.copies})
 
     def on_step_end(self, args, state, control, **kwargs):

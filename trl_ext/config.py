@@ -4,6 +4,7 @@ has (how members decode, which optimizer steps, how many rows one ``generate`` c
 import dataclasses
 import logging
 import os
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -56,6 +57,12 @@ class ESConfig(ESSettings, GRPOConfig):
     num_generations: int = field(
         default=1,
         metadata={"help": "Completions per prompt and per population member (1: one greedy completion, as ES-at-scale)."},
+    )
+    max_grad_norm: float = field(
+        default=0.0,
+        metadata={"help": "Clips the ES estimate handed to the Trainer's optimizer (es_optimizer='trainer'); 0: none. "
+                  "The estimate is not a loss gradient: its norm grows with the parameter count over sigma (about 1e4 "
+                  "on a 135M model), so TrainingArguments' 1.0 would shrink every step 10^4-fold."},
     )
     gradient_checkpointing: bool = field(
         default=False, metadata={"help": "ES never calls backward, so checkpointing would only slow generation."}
@@ -149,6 +156,11 @@ class ESConfig(ESSettings, GRPOConfig):
             )
 
     def _check_es_fields(self) -> None:
+        if not isinstance(self.fitness_shaping, str):
+            raise ValueError(
+                f"ESConfig(fitness_shaping={self.fitness_shaping!r}): ESConfig takes a shaping's name (it is saved "
+                "with checkpoints as JSON), one of 'zscore', 'centered_rank', 'evidence_zscore'; a callable is "
+                "ESStrategy's only.")
         if self.es_optimizer not in ES_OPTIMIZERS:
             raise ValueError(f"es_optimizer must be one of {ES_OPTIMIZERS}, got {self.es_optimizer!r}.")
         self.check(optimizer_steps=self.es_optimizer == "trainer")
@@ -171,6 +183,21 @@ class ESConfig(ESSettings, GRPOConfig):
                 f"{2 * self.num_generations}, or choose fitness_shaping='zscore'.")
         if self.num_generations < 1:
             raise ValueError(f"num_generations must be at least 1, got {self.num_generations}.")
+
+    # renamed to ESSettings' names; the old ones work until the next release
+    @property
+    def es_sigma(self) -> float:
+        warnings.warn("ESConfig.es_sigma is renamed noise_sigma.", FutureWarning, stacklevel=2)
+        return self.noise_sigma
+
+    def es_learning_rate(self, scheduled: float) -> float:
+        warnings.warn("ESConfig.es_learning_rate() is renamed step_size().", FutureWarning, stacklevel=2)
+        return self.step_size(scheduled)
+
+    @property
+    def es_param_spec(self):
+        warnings.warn("ESConfig.es_param_spec is renamed param_spec.", FutureWarning, stacklevel=2)
+        return self.param_spec
 
     @property
     def prompts_per_step(self) -> int:

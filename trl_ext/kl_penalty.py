@@ -25,7 +25,7 @@ class KLPenalty:
     def _completion_kl(self, members: list[Member], group: ScoredRows, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Per row of ``group`` (the completions of ``members``, grouped by member): the KL to the reference summed
         over its completion tokens, and their number. Rows are taken in chunks that bound the logits held at once
-        (one chunk when sharded, where every process must run the same passes); without beta (the first step's
+        (sharded, every process runs as many passes as the process with the most); without beta (the first step's
         check) only the first row of each member and its first CHECK_TOKENS tokens: the passes cost about a prefill
         of the rows each."""
         per_member = len(group.completion_ids) // len(members)
@@ -39,19 +39,23 @@ class KLPenalty:
         positions = max(1, max(len(ids) for ids in completion_ids))
         config = self.accelerator.unwrap_model(self.model).config
         vocabulary = getattr(config.get_text_config(), "vocab_size", None) or 1
-        spans = [(0, rows)] if self.sharded else chunks(rows, per_member, positions, vocabulary)
+        spans: list[tuple[int, int] | None] = chunks(rows, per_member, positions, vocabulary)
+        if self.sharded:  # each pass gathers the parameters: every process runs as many as the one with the most
+            spans += [None] * (max(self.processes.gather(len(spans))) - len(spans))
         sums = torch.zeros(len(group.completion_ids), dtype=torch.float64)
         tokens = torch.zeros_like(sums)
-        for start, stop in spans:
+        for span in spans:
+            start, stop = span or (rows - 1, rows)  # None: a stand-in pass over the last row, its result unused
             batch = CompletionBatch.build(prompt_ids[start:stop], completion_ids[start:stop],
                                           self.pad_token_id, self.accelerator.device)
             with self._member_weights(members[start // per_member:(stop - 1) // per_member + 1]):
                 member_logits = self._completion_logits(batch)
             with self._reference_policy(step):
                 reference_logits = self._completion_logits(batch)
-            rows_here = measured[start:stop]
-            sums[rows_here], tokens[rows_here] = row_kl_sums(member_logits, reference_logits, batch,
-                                                             self.args.greedy, self.temperature)
+            if span is not None:
+                rows_here = measured[start:stop]
+                sums[rows_here], tokens[rows_here] = row_kl_sums(member_logits, reference_logits, batch,
+                                                                 self.args.greedy, self.temperature)
             del member_logits, reference_logits
         return sums, tokens
 

@@ -112,7 +112,7 @@ class ESTrainer(ESCheckpoints, ESLogging, KLPenalty, TRLScoring, RuntimeChecks, 
         self.sharded = self._check_deepspeed()
         if args.torch_compile:
             self._compile_decoding()
-        self.processes = Processes.current(sharded=self.sharded, device=self.accelerator.device)
+        self.processes = Processes.current(sharded=self.sharded)
         if self.sharded:
             # built over the ZeRO-3 partitions once DeepSpeed has created them: on resume, or as training begins,
             # before any other callback (the drift callbacks measure from its start weights)
@@ -130,6 +130,14 @@ class ESTrainer(ESCheckpoints, ESLogging, KLPenalty, TRLScoring, RuntimeChecks, 
             self.add_callback(_AppliedUpdateNorm(self))
         self.resize_completion_logs(args.population_size * args.per_device_train_batch_size * (
             self.accelerator.num_processes if self.sharded else 1))
+
+    def create_optimizer(self, model=None):
+        """ES scales no loss. accelerate's GradScaler (fp16 mixed precision on an accelerator) would find no scaled
+        gradient and refuse the optimizer's step (es_optimizer="sgd"), or divide the ES estimate by its scale before
+        the step ("trainer"); the optimizer is prepared with a disabled one instead. fp16 autocast is unchanged."""
+        if self.accelerator.scaler is not None:
+            self.accelerator.scaler = torch.amp.GradScaler(self.accelerator.device.type, enabled=False)
+        return super().create_optimizer(model)
 
     def _prepare_models_for_evaluation(self) -> None:
         """Have accelerate place the policy as it places models for evaluation: without DDP, whose reducer would

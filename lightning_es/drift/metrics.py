@@ -9,11 +9,13 @@ Two per-token estimators feed it (both estimate KL(p_current || p_reference), av
   position of teacher-forced probe text; exact, never negative, costs a vocabulary-sized softmax per token.
 
 The metric keeps two sums (KL and token count) reduced by summation, so ``compute()`` is the token-weighted mean over
-every process.
+every process; it syncs through ``engine.collectives``, which moves them to the process group's device.
 """
 
 import torch
 from torchmetrics import Metric
+
+from ..engine import collectives
 
 
 def sampled_token_kl(current_logprobs: torch.Tensor, reference_logprobs: torch.Tensor) -> torch.Tensor:
@@ -32,7 +34,8 @@ class KLDrift(Metric):
     full_state_update = False
 
     def __init__(self, **kwargs):
-        super().__init__(**kwargs)
+        # synced through the library's collectives: its states live on the host, which NCCL refuses
+        super().__init__(**{"dist_sync_fn": collectives.all_gather, **kwargs})
         self.add_state("kl_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("tokens", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
 

@@ -96,10 +96,11 @@ class DriftProbe:
             yield
 
     def _batches(self, device):
-        self.tokenizer.padding_side = "left"
         for start in range(0, len(self.prompts), self.batch_size):
             chunk = self.prompts[start : start + self.batch_size]
-            yield self.tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            # left padding for this call only: the caller's tokenizer keeps its padding side
+            yield self.tokenizer(chunk, return_tensors="pt", padding=True, padding_side="left",
+                                 add_special_tokens=False).to(device)
 
     @staticmethod
     def _logits(model, ids, mask):

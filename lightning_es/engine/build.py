@@ -15,8 +15,17 @@ def build_evolution_strategy(settings: ESSettings, model: torch.nn.Module, seed:
     fp32 master copy of every evolved weight, for a torch optimizer's step."""
     if sharded:
         settings.check_sharded()
+    params = select_parameters(model, settings.param_spec)
+    rounded = sorted({str(p.dtype).removeprefix("torch.") for p in params.values() if p.dtype != torch.float32})
+    if copy_all and rounded:
+        raise ValueError(
+            f"an optimizer takes the step (es_optimizer='trainer' in ESConfig, or an optimizer from "
+            f"configure_optimizers under ESStrategy) on weights stored as {', '.join(rounded)}: it steps the weights "
+            "themselves, so a step smaller than their rounding is lost, and ES's steps mostly are. Keep the weights "
+            "in fp32 (bf16=True or fp16=True autocasts the forwards), or let ES step its fp32 master copy "
+            "(es_optimizer='sgd'; no optimizer from configure_optimizers).")
     perturbation = build_perturbation(
-        settings.perturbation, select_parameters(model, settings.param_spec), settings.noise_sigma, model=model,
+        settings.perturbation, params, settings.noise_sigma, model=model,
         rank=settings.perturbation_rank, master_device=settings.es_master_device, sharded=sharded, copy_all=copy_all,
         relative=settings.relative_noise, zero3_optimizer=zero3_optimizer,
     )

@@ -237,7 +237,8 @@ class EvolutionStrategy:
         """What a checkpoint needs beyond the model's weights: the noise seed, for weights stored below fp32 the exact
         fp32 master copy, the start weights when kept, and relative noise's scales; whole tensors (a collective when
         sharded, after which only process 0 holds them)."""
-        state = {"seed": self.population.seed, "noise": self.perturbation.noise_kind}
+        state = {"seed": self.population.seed, "noise": self.perturbation.noise_kind,
+                 "population_size": self.population_size}
         if any(p.dtype != torch.float32 for p in self.params.values()):
             state["master"] = self.perturbation.full_tensors(self.master.copies)
         if self.start is not None:
@@ -257,6 +258,10 @@ class EvolutionStrategy:
                 f"the checkpoint was trained with ES seed {state['seed']}, this run has {self.population.seed}: resume "
                 "with the seed it was trained with (ESConfig.seed; ESStrategy(seed=...) or seed_everything)."
             )
+        if state.get("population_size", self.population_size) != self.population_size:
+            raise ValueError(
+                f"the checkpoint was trained with population_size={state['population_size']}, this run has "
+                f"{self.population_size}: resume with the population it was trained with, or start a new run.")
         noise = self.perturbation.noise_kind
         if "noise" not in state:
             warnings.warn(
@@ -271,7 +276,8 @@ class EvolutionStrategy:
                     f"the checkpoint was trained with absolute noise ({state['noise']!r}), this run uses noise relative "
                     "to each tensor's scale (the default since relative units): resume with sigma and learning_rate set "
                     "as it was trained (ESConfig's defaults then: sigma=1e-2, learning_rate=1e-4; ESStrategy's: "
-                    "sigma=1e-3, learning_rate=5e-7).")
+                    "population_size=32, perturbation='full', sigma=1e-3, learning_rate=5e-7; checkpoints of then do "
+                    "not record their population: set it too).")
             if state["noise"] == noise + RELATIVE_NOISE:
                 raise ValueError(
                     f"the checkpoint was trained with noise relative to each tensor's scale ({state['noise']!r}), this "

@@ -16,12 +16,13 @@ waiting inside it. gloo then fails fast on every process; NCCL waits for its tim
 """
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 
+from . import collectives
 from .population import Member
 
 T = TypeVar("T")
@@ -39,13 +40,12 @@ class Processes:
     rank: int = 0
     world_size: int = 1
     sharded: bool = False
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @classmethod
-    def current(cls, sharded: bool = False, device: torch.device | str = "cpu") -> "Processes":
+    def current(cls, sharded: bool = False) -> "Processes":
         if dist.is_available() and dist.is_initialized():
-            return cls(dist.get_rank(), dist.get_world_size(), sharded, torch.device(device))
-        return cls(sharded=sharded, device=torch.device(device))
+            return cls(dist.get_rank(), dist.get_world_size(), sharded)
+        return cls(sharded=sharded)
 
     @property
     def distributed(self) -> bool:
@@ -89,46 +89,29 @@ class Processes:
             if failure is not None:
                 raise failure
             return
-        flags = torch.zeros(self.world_size, device=self.device)
+        flags = torch.zeros(self.world_size)
         if failure is not None:
             flags[self.rank] = 1
-        dist.all_reduce(flags)
-        failed = torch.nonzero(flags).flatten().tolist()
+        failed = torch.nonzero(collectives.all_reduce(flags)).flatten().tolist()
         if not failed:
             return
-        message = [str(failure) if self.rank == failed[0] else None]
-        dist.broadcast_object_list(message, src=failed[0], device=self._object_device)
-        raise PopulationError(message[0]) from failure
+        message = collectives.broadcast_object(str(failure) if self.rank == failed[0] else None, src=failed[0])
+        raise PopulationError(message) from failure
 
     def sum(self, table: torch.Tensor) -> torch.Tensor:
-        if self.distributed:
-            table = table.to(self.device)
-            dist.all_reduce(table)
-        return table.cpu()
+        return collectives.all_reduce(table).cpu() if self.distributed else table.cpu()
 
     def gather(self, value) -> list:
         """``value`` of every process (picklable objects), in rank order."""
-        if not self.distributed:
-            return [value]
-        gathered = [None] * self.world_size
-        dist.all_gather_object(gathered, value)
-        return gathered
+        return collectives.all_gather_object(value) if self.distributed else [value]
 
     def broadcast(self, value):
         """Process 0's ``value`` (a picklable object), on every process."""
-        if not self.distributed:
-            return value
-        message = [value]
-        dist.broadcast_object_list(message, src=0, device=self._object_device)
-        return message[0]
+        return collectives.broadcast_object(value) if self.distributed else value
 
     def synchronize(self, tensors) -> None:
         """Give every process process 0's values of ``tensors`` (in place), as DDP does when it wraps a model: every
         process must start from the same weights, or the same update would move different models."""
         if self.distributed:
             for tensor in tensors:
-                dist.broadcast(tensor.data, src=0)
-
-    @property
-    def _object_device(self) -> torch.device | None:
-        return self.device if self.device.type == "cuda" else None
+                collectives.broadcast_(tensor)

@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .perturbations import PERTURBATIONS
+from .perturbations import PERTURBATIONS, refuse_on_zero3
 from .scales import DEFAULT_RELATIVE_LEARNING_RATE, DEFAULT_RELATIVE_SIGMA, check_relative
-from .shaping import FITNESS_SHAPING, uses_prompts
+from .shaping import FITNESS_SHAPING
 
 logger = logging.getLogger(__name__)
 
@@ -124,8 +124,8 @@ class ESSettings:
             # a script written for absolute units (all there were before relative_sigma) sets only the step
             self.sigma = ABSOLUTE_SIGMA
             logger.warning(
-                "learning_rate=%g is an absolute step, so the noise is absolute too: sigma=%g (the default before "
-                "relative units). Set sigma to choose it, or relative_learning_rate (without learning_rate) for noise "
+                "learning_rate=%g is an absolute step, so the noise is absolute too: sigma=%g (ESConfig's default "
+                "before relative units). Set sigma to choose it, or relative_learning_rate (without learning_rate) for noise "
                 "and step relative to each tensor's scale.", self.learning_rate, ABSOLUTE_SIGMA)
         if self.sigma is not None:
             if not (self.sigma > 0 and math.isfinite(self.sigma)):
@@ -161,26 +161,13 @@ class ESSettings:
         if self.es_anchor_decay:
             raise ValueError(
                 f"es_anchor_decay={self.es_anchor_decay} pulls the in-place ES step towards the starting weights, but "
-                "an optimizer takes the step instead (es_optimizer='trainer', or configure_optimizers returned an "
-                "optimizer). Use the optimizer's weight_decay, or the in-place step (es_optimizer='sgd'; no optimizer "
-                "from configure_optimizers).")
+                "an optimizer takes the step instead (ESConfig: es_optimizer='trainer'; ESStrategy: configure_optimizers "
+                "returned an optimizer). Use the optimizer's weight_decay, or the in-place step (ESConfig: "
+                "es_optimizer='sgd'; ESStrategy: return None from configure_optimizers).")
 
     def check_sharded(self) -> None:
         """Refuse what the sharded layout (DeepSpeed ZeRO-3) cannot run."""
-        if self.perturbation != "full":
-            raise ValueError(
-                f"perturbation={self.perturbation!r} does not run on DeepSpeed ZeRO-3 partitions: the sharded layout "
-                "evolves each process's slices with full-rank noise. Set perturbation='full' (the default is "
-                "'lowrank'), or drop ZeRO-3.")
-
-    def check_prompts(self, prompts: int, source: str) -> None:
-        """A shaping that weighs the evidence per prompt needs at least two of them per step (``source`` says where
-        they come from, naming the fields that set it)."""
-        if uses_prompts(self.shaping) and prompts < 2:
-            raise ValueError(
-                f"fitness_shaping={self.fitness_shaping!r} weighs each member's lead prompt by prompt, which needs at "
-                f"least 2 prompts (examples) per step; {source} gives {prompts}. Give it more, or choose "
-                "fitness_shaping='zscore'.")
+        refuse_on_zero3(self.perturbation)
 
     # ---- what the engine reads -----------------------------------------------------------------------------------
 

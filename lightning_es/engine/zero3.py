@@ -27,7 +27,7 @@ def check_zero3_config(deepspeed_config: dict | str | os.PathLike) -> dict:
             f"the DeepSpeed config has {sections}: ES takes its own step on the weights, so DeepSpeed would keep an "
             "fp32 copy (and optimizer state) that ES never updates and that DeepSpeed's checkpoints would save as the "
             "weights, and its scheduler advances only inside engine.step(), which ES never calls. Remove "
-            f"{sections}; set ES's step with learning_rate (relative_learning_rate) and its schedule with "
-            "lr_scheduler_type."
+            f"{sections}; set ES's step with learning_rate (relative_learning_rate), and under ESTrainer its schedule "
+            "with lr_scheduler_type."
         )
     return {"train_micro_batch_size_per_gpu": 1, **deepspeed_config}

@@ -76,7 +76,8 @@ class KLDriftCallback(_StartPoint):
     """KL(current || starting weights) on off-task probe prompts every ``every_n_steps`` training steps.
 
     ``model_attribute`` names the module's attribute holding the causal LM (``None``: the LightningModule itself).
-    The processes split the probes; the metric reduces over all of them. The starting weights are kept in checkpoints.
+    Replicated processes split the probes; under ZeRO-3 each forward gathers the parameters from every process, so
+    every process probes them all. The metric reduces over all processes. The starting weights are kept in checkpoints.
     """
 
     def __init__(self, probe_prompts: Sequence[str], tokenizer, every_n_steps: int = 10, estimator: str = "sampled",
@@ -93,7 +94,10 @@ class KLDriftCallback(_StartPoint):
         self.probe = None
 
     def on_train_start(self, trainer, pl_module):
-        share = self.probe_prompts[trainer.global_rank :: trainer.world_size] or self.probe_prompts[:1]
+        if getattr(trainer.strategy, "sharded", False):  # ZeRO-3: every forward is every process's, so all probe all
+            share = self.probe_prompts
+        else:
+            share = self.probe_prompts[trainer.global_rank :: trainer.world_size] or self.probe_prompts[:1]
         self.probe = DriftProbe(_model(pl_module, self.model_attribute), self.tokenizer, share, **self.options,
                                 reference=self._start(trainer, pl_module))
 

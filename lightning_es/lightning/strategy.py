@@ -52,6 +52,16 @@ ES_STATE_KEY = "es_strategy"
 ZERO3_DEFAULTS = {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1}
 
 
+def _parameters_by_module(module: torch.nn.Module):
+    """``(prefix, [(name, parameter), ...])`` for each submodule holding parameters of its own: what a ZeRO-3 save or
+    load gathers at once, so that no process holds more than one module's whole parameters (tied ones appear under
+    each module that holds them, as in ``state_dict``)."""
+    for prefix, submodule in module.named_modules():
+        owned = list(submodule.named_parameters(recurse=False))
+        if owned:
+            yield (f"{prefix}." if prefix else ""), owned
+
+
 def _fitness_values(output) -> torch.Tensor:
     """The fitness ``training_step`` returned: a scalar, or one value per example (1-D)."""
     if output is None:
@@ -77,6 +87,8 @@ def _fitness_values(output) -> torch.Tensor:
     return value
 
 
+# ESConfig's knobs that only a TRL run has
+TRL_ONLY = {"es_greedy", "es_optimizer", "es_max_generation_rows", "beta", "num_generations"}
 # the names ESStrategy's knobs had before they took ESConfig's
 RENAMED = {"lr": "learning_rate", "params": "es_params", "rank": "perturbation_rank", "anchor_decay": "es_anchor_decay",
            "master_device": "es_master_device", "start_device": "es_start_device"}
@@ -108,7 +120,17 @@ class ESStrategy(DDPStrategy):
         if renamed:
             raise TypeError("ESStrategy's knobs have ESConfig's names: " + ", ".join(
                 f"{old}= is {new}=" for old, new in renamed.items()) + ".")
+        if settings is not None and not isinstance(settings, ESSettings):
+            raise TypeError(f"ESStrategy's first argument is settings (an ESSettings or ESConfig), got {settings!r}: "
+                            "pass the ES knobs by name, e.g. ESStrategy(population_size=32).")
+        trl_only = sorted(TRL_ONLY & set(kwargs))
+        if trl_only:
+            raise TypeError(f"ESStrategy got {trl_only}: these are ESConfig's (TRL's decoding, optimizer and "
+                            "generation), with no counterpart here. training_step decides decoding; return an optimizer "
+                            "from configure_optimizers to have it step.")
+        # None is "unset" for every knob (learning_rate's unset is its default)
         knobs = {name: kwargs.pop(name) for name in ESSettings.field_names() if name in kwargs}
+        knobs = {name: value for name, value in knobs.items() if value is not None}
         if settings is not None and knobs:
             raise TypeError(f"ESStrategy got settings and the knobs {sorted(knobs)}: set them on settings instead.")
         self.settings = ESSettings(**knobs) if settings is None else settings
@@ -194,7 +216,7 @@ class ESStrategy(DDPStrategy):
 
     @property
     def _processes(self) -> Processes:
-        return Processes(self.global_rank, self.world_size, self.sharded, self.root_device)
+        return Processes(self.global_rank, self.world_size, self.sharded)
 
     def _check_trainer(self, trainer) -> None:
         if trainer.accumulate_grad_batches != 1:
@@ -289,10 +311,15 @@ class ESStrategy(DDPStrategy):
         import deepspeed
 
         module = self.lightning_module
-        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-            if self.global_rank != 0:
-                return {}  # only process 0 writes checkpoints: the others keep no host copy
-            return {name: t.detach().cpu().clone() for name, t in module.state_dict().items()}
+        gathered = {}
+        for prefix, owned in _parameters_by_module(module):  # one module's parameters gathered at a time
+            with deepspeed.zero.GatheredParameters([p for _, p in owned], modifier_rank=None):
+                if self.global_rank == 0:  # only process 0 writes checkpoints: the others keep no host copy
+                    gathered |= {prefix + name: p.detach().cpu().clone() for name, p in owned}
+        if self.global_rank != 0:
+            return {}
+        # in state_dict's order; its parameters are ZeRO-3 placeholders, its buffers whole
+        return {name: gathered.get(name, t.detach().cpu().clone()) for name, t in module.state_dict().items()}
 
     def save_checkpoint(self, checkpoint, filepath, storage_options=None) -> None:
         if self.es is not None:
@@ -305,9 +332,16 @@ class ESStrategy(DDPStrategy):
 
             module = self.lightning_module
             saved = checkpoint["state_dict"]
-            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=0):
-                if self.global_rank == 0:  # DeepSpeed re-partitions rank 0's values on exit
-                    module.load_state_dict(saved, strict=strict)
+            expected = set(module.state_dict())
+            if strict and set(saved) != expected:
+                raise RuntimeError(f"the checkpoint's state_dict does not match the module: missing "
+                                   f"{sorted(expected - set(saved))[:5]}, unexpected {sorted(set(saved) - expected)[:5]}.")
+            for prefix, owned in _parameters_by_module(module):  # one module's parameters gathered at a time
+                with deepspeed.zero.GatheredParameters([p for _, p in owned], modifier_rank=0), torch.no_grad():
+                    if self.global_rank == 0:  # DeepSpeed re-partitions rank 0's values on exit
+                        for name, p in owned:
+                            if prefix + name in saved:
+                                p.copy_(saved[prefix + name])
             parameters = dict(module.named_parameters())
             module.load_state_dict({k: v for k, v in saved.items() if k not in parameters}, strict=False)  # buffers
         else:

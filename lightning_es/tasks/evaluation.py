@@ -28,7 +28,6 @@ def greedy_scores(
             indices = list(local)
     was_training = model.training
     model.eval()
-    tokenizer.padding_side = "left"
     device = next(model.parameters()).device
     scores = {name: [] for name in rewards}
     for start in range(0, len(indices), batch_size):
@@ -37,7 +36,8 @@ def greedy_scores(
         text = render_prompts(tokenizer, prompts)
         # a chat template writes the special tokens itself; a plain-text prompt gets them as TRL tokenizes it
         specials = isinstance(prompts[0], str)
-        inputs = tokenizer(text, return_tensors="pt", padding=True, add_special_tokens=specials).to(device)
+        inputs = tokenizer(text, return_tensors="pt", padding=True, padding_side="left",
+                           add_special_tokens=specials).to(device)
         output = model.generate(
             **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
             temperature=None, top_p=None, top_k=None,

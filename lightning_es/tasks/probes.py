@@ -49,9 +49,8 @@ def answered(model, tokenizer, prompts: list[str] = OFF_TASK_PROMPTS, max_new_to
     """Each probe followed by ``model``'s own greedy answer: text on which the exact KL estimator measures, token by
     token, how far a later model's next-token distributions moved from this one's where this one was sure."""
     texts = render(tokenizer, prompts)
-    tokenizer.padding_side = "left"
     device = next(model.parameters()).device
-    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    batch = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False).to(device)
     was_training = model.training
     model.eval()
     output = model.generate(**batch, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,

@@ -2,8 +2,9 @@
 
 Its MLP weights (32 x 4096) are above DeepSpeed's default stage3_param_persistence_threshold (1e5 elements), so every
 forward gathers them from both processes; process k generates 2 + 4k tokens, as when one process's sequences reach
-EOS before the other's. Writes <out> with the step reached, the last mean fitness, and whether transformers still
-believes ZeRO-3 is on after fit.
+EOS before the other's. The drift callbacks measure every step, the KL on 3 probes one at a time (an uneven split
+over 2 processes would leave one process a forward short). Writes <out> with the step reached, the last mean fitness,
+whether transformers still believes ZeRO-3 is on after fit, and the last drift/kl and drift/relative_norm.
 """
 
 import argparse
@@ -16,9 +17,13 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from leave import leave  # noqa: E402
+from collective_guard import install as guard_collectives  # noqa: E402
+
+guard_collectives()  # a collective the library calls on a host tensor fails here as under NCCL
 from tiny import build_model, build_tokenizer  # noqa: E402
 
 from lightning_es import ESStrategy  # noqa: E402
+from lightning_es.lightning.callbacks import KLDriftCallback, ParameterDriftCallback  # noqa: E402
 
 
 class GeneratingPolicy(pl.LightningModule):
@@ -49,14 +54,19 @@ def main():
     pl.seed_everything(0)
     strategy = ESStrategy(population_size=4, sigma=0.01, learning_rate=1e-3, perturbation="full", process_group_backend="gloo",
                           deepspeed_config={"zero_optimization": {"stage": 3}})
-    trainer = pl.Trainer(strategy=strategy, accelerator="cpu", devices=2, max_steps=2, logger=False,
+    policy = GeneratingPolicy()
+    drift = [KLDriftCallback(["the quick", "what is 12", "count the"], policy.tokenizer, every_n_steps=1,
+                             estimator="exact", batch_size=1), ParameterDriftCallback(every_n_steps=1)]
+    trainer = pl.Trainer(strategy=strategy, accelerator="cpu", devices=2, max_steps=2, logger=False, callbacks=drift,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
-    trainer.fit(GeneratingPolicy())
+    trainer.fit(policy)
     from transformers.integrations import is_deepspeed_zero3_enabled
 
     if trainer.is_global_zero:  # after fit, models made in this process are plain ones again
-        Path(args.out).write_text(f"{trainer.global_step} {float(trainer.callback_metrics['es/fitness_mean'])} "
-                                  f"{is_deepspeed_zero3_enabled()}")
+        metrics = trainer.callback_metrics
+        Path(args.out).write_text(f"{trainer.global_step} {float(metrics['es/fitness_mean'])} "
+                                  f"{is_deepspeed_zero3_enabled()} {float(metrics['drift/kl'])} "
+                                  f"{float(metrics['drift/relative_norm'])}")
     trainer.strategy.barrier()
     leave()
 

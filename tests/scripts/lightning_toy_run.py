@@ -15,6 +15,9 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from leave import leave  # noqa: E402
+from collective_guard import install as guard_collectives  # noqa: E402
+
+guard_collectives()  # a collective the library calls on a host tensor fails here as under NCCL
 from lightning_toy import Regression  # noqa: E402
 
 from lightning_es import ESStrategy  # noqa: E402
@@ -51,11 +54,26 @@ class FailingOnOneRank(Regression):
         return fitness * float("nan")
 
 
+def record_gathers() -> list[int]:
+    """The element counts of every ``GatheredParameters`` (the checkpoint saves and loads), as they happen."""
+    import deepspeed
+
+    counts, gathered = [0], deepspeed.zero.GatheredParameters
+
+    def recording(params, *args, **kwargs):
+        counts.append(sum(getattr(p, "ds_numel", p.numel()) for p in params))
+        return gathered(params, *args, **kwargs)
+
+    deepspeed.zero.GatheredParameters = recording
+    return counts
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--devices", type=int, default=1)
     parser.add_argument("--sharded", action="store_true")
+    parser.add_argument("--perturbation", default="full", help="'lowrank': ESStrategy's default")
     parser.add_argument("--optimizer", default=None)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch_size", type=int, default=16)
@@ -74,7 +92,7 @@ def main():
     units = (dict(relative_sigma=0.05, relative_learning_rate=args.lr) if args.relative
              else dict(sigma=0.05, learning_rate=args.lr))
     strategy = ESStrategy(
-        population_size=8, **units, seed=3, perturbation="full", process_group_backend="gloo",
+        population_size=8, **units, seed=3, perturbation=args.perturbation, process_group_backend="gloo",
         es_anchor_decay=args.anchor_decay,
         deepspeed_config={"zero_optimization": {"stage": 3}} if args.sharded else None,
     )
@@ -97,6 +115,7 @@ def main():
         with torch.no_grad():
             for p in module.parameters():
                 p.add_(torch.randn_like(p))
+    largest_gather = record_gathers() if args.sharded else [0]
     trainer.fit(module, ckpt_path=args.resume)
     weights = trainer.strategy.lightning_module_state_dict()
     es_state = trainer.strategy.es.state_dict()  # a collective when sharded
@@ -110,7 +129,7 @@ def main():
     if trainer.is_global_zero:
         torch.save({"weights": weights, "fitness": history.fitness, "world_size": trainer.world_size,
                     "val_mse": float(trainer.callback_metrics["val_mse"]), "global_step": trainer.global_step,
-                    "es_state_held": everyone}, args.out)
+                    "es_state_held": everyone, "largest_gather": max(largest_gather)}, args.out)
     trainer.strategy.barrier()
     leave()
 

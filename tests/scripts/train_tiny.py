@@ -20,6 +20,9 @@ from datasets import Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from leave import leave  # noqa: E402
+from collective_guard import install as guard_collectives  # noqa: E402
+
+guard_collectives()  # a collective the library calls on a host tensor fails here as under NCCL
 from tiny import build_model, build_tokenizer  # noqa: E402
 
 from trl_ext import ESConfig, ESTrainer  # noqa: E402

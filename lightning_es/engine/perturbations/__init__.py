@@ -48,16 +48,20 @@ def build_perturbation(
     return perturbation
 
 
+def refuse_on_zero3(kind: str) -> None:
+    """The sharded layout (DeepSpeed ZeRO-3 partitions) runs full-rank noise only."""
+    if kind != "full":
+        raise ValueError(
+            f"perturbation={kind!r} does not run on DeepSpeed ZeRO-3 partitions: the sharded layout evolves each "
+            "process's slices with full-rank noise. Set perturbation='full' (the default is 'lowrank'), or drop "
+            "ZeRO-3.")
+
+
 def _build(kind, params, sigma, model, rank, master_device, sharded, copy_all, zero3_optimizer) -> Perturbation:
     if kind not in PERTURBATIONS:
         raise ValueError(f"perturbation must be one of {PERTURBATIONS}, got {kind!r}.")
     if sharded:
-        if kind != "full":
-            raise ValueError(
-                f"perturbation={kind!r} does not run on DeepSpeed ZeRO-3 partitions: the sharded layout evolves each "
-                "process's slices with full-rank noise. Set perturbation='full' (ESConfig's default is 'lowrank'), "
-                "or drop ZeRO-3."
-            )
+        refuse_on_zero3(kind)
         return ShardedPerturbation.from_zero3(params, sigma, master_device, optimizer=zero3_optimizer)
     if kind == "full":
         return FullRankPerturbation(params, sigma, master_device=master_device)

@@ -13,6 +13,7 @@ The noise kind (``Perturbation`` subclasses) never asks where a tensor lives; th
 from collections.abc import Mapping
 
 import torch
+import torch.distributed as dist
 
 from ..noise import GaussianNoise
 
@@ -42,8 +43,8 @@ class TensorLayout:
         raise NotImplementedError
 
     def full_tensors(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Checkpoint form of per-parameter state (master, anchor): whole tensors on the host. A collective when the
-        tensors are sharded; then only process 0 receives them (the others get an empty dict)."""
+        """Checkpoint form of per-parameter state (master, anchor): whole tensors on the host, on process 0 only, which
+        writes checkpoints (the others get an empty dict). A collective when the tensors are sharded."""
         raise NotImplementedError
 
     def local_tensors(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -71,6 +72,8 @@ class ReplicatedLayout(TensorLayout):
         return local
 
     def full_tensors(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+            return {}  # every process holds the same tensors: a host copy per process would only cost memory
         return {name: t.detach().cpu() for name, t in tensors.items()}
 
     def local_tensors(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

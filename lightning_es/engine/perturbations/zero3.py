@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .. import collectives
 from ..master import MasterWeights
 from ..noise import GaussianNoise
 from .layout import TensorLayout
@@ -162,24 +163,19 @@ class Zero3Layout(TensorLayout):
     def total_squared_norm(self, local: float) -> float:
         if not dist.is_initialized():
             return local
-        squared = torch.tensor(local, dtype=torch.float64, device=self._device)
-        dist.all_reduce(squared, group=self.group)
-        return float(squared)
+        return float(collectives.all_reduce(torch.tensor(local, dtype=torch.float64), group=self.group))
 
     def full_tensors(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Gather the slices into whole host tensors on the group's first process only: one process holds the
         checkpoint copy (the others get an empty dict)."""
         if not dist.is_initialized():
             return {name: self._unpadded(name, t.detach().cpu()) for name, t in tensors.items()}
-        rank, world = dist.get_rank(self.group), dist.get_world_size(self.group)
         first = dist.get_global_rank(self.group, 0) if self.group is not None else 0
         full = {}
         for name, tensor in tensors.items():
-            shard = tensor.detach().to(self._device).contiguous()  # the backend's device, wherever the master lives
-            pieces = [torch.empty_like(shard) for _ in range(world)] if rank == 0 else None
-            dist.gather(shard, pieces, dst=first, group=self.group)
-            if rank == 0:
-                full[name] = self._unpadded(name, torch.cat(pieces).cpu())
+            pieces = collectives.gather(tensor, dst=first, group=self.group)
+            if pieces is not None:
+                full[name] = self._unpadded(name, torch.cat(pieces))
         return full
 
     def local_tensors(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -192,10 +188,6 @@ class Zero3Layout(TensorLayout):
             shard[: layout.held] = saved.reshape(-1)[layout.start : layout.start + layout.held]
             slices[name] = shard
         return slices
-
-    @property
-    def _device(self) -> torch.device:
-        return next(iter(self.tensors.values())).device
 
     def _unpadded(self, name: str, flat: torch.Tensor) -> torch.Tensor:
         shape = self.slices[name].shape
