@@ -22,8 +22,9 @@ def build_evolution_strategy(settings: ESSettings, model: torch.nn.Module, seed:
             f"an optimizer takes the step (es_optimizer='trainer' in ESConfig, or an optimizer from "
             f"configure_optimizers under ESStrategy) on weights stored as {', '.join(rounded)}: it steps the weights "
             "themselves, so a step smaller than their rounding is lost, and ES's steps mostly are. Keep the weights "
-            "in fp32 (bf16=True or fp16=True autocasts the forwards), or let ES step its fp32 master copy "
-            "(es_optimizer='sgd'; no optimizer from configure_optimizers).")
+            "in fp32 (ESConfig: model_init_kwargs={'dtype': 'float32'}, with bf16=True or fp16=True to autocast the "
+            "forwards; ESStrategy: precision='bf16-mixed'), or let ES step its fp32 master copy (es_optimizer='sgd'; "
+            "no optimizer from configure_optimizers).")
     perturbation = build_perturbation(
         settings.perturbation, params, settings.noise_sigma, model=model,
         rank=settings.perturbation_rank, master_device=settings.es_master_device, sharded=sharded, copy_all=copy_all,

@@ -56,8 +56,8 @@ def _parameters_by_module(module: torch.nn.Module):
     """``(prefix, [(name, parameter), ...])`` for each submodule holding parameters of its own: what a ZeRO-3 save or
     load gathers at once, so that no process holds more than one module's whole parameters (tied ones appear under
     each module that holds them, as in ``state_dict``)."""
-    for prefix, submodule in module.named_modules():
-        owned = list(submodule.named_parameters(recurse=False))
+    for prefix, submodule in module.named_modules(remove_duplicate=False):  # a shared module under each of its names
+        owned = list(submodule.named_parameters(recurse=False, remove_duplicate=False))
         if owned:
             yield (f"{prefix}." if prefix else ""), owned
 
@@ -318,8 +318,9 @@ class ESStrategy(DDPStrategy):
                     gathered |= {prefix + name: p.detach().cpu().clone() for name, p in owned}
         if self.global_rank != 0:
             return {}
-        # in state_dict's order; its parameters are ZeRO-3 placeholders, its buffers whole
-        return {name: gathered.get(name, t.detach().cpu().clone()) for name, t in module.state_dict().items()}
+        # in state_dict's order; its parameters are ZeRO-3 placeholders, its buffers (and extra states) whole
+        return {name: gathered[name] if name in gathered else (t.detach().cpu().clone() if torch.is_tensor(t) else t)
+                for name, t in module.state_dict().items()}
 
     def save_checkpoint(self, checkpoint, filepath, storage_options=None) -> None:
         if self.es is not None:
@@ -336,13 +337,14 @@ class ESStrategy(DDPStrategy):
             if strict and set(saved) != expected:
                 raise RuntimeError(f"the checkpoint's state_dict does not match the module: missing "
                                    f"{sorted(expected - set(saved))[:5]}, unexpected {sorted(set(saved) - expected)[:5]}.")
+            parameters = set()  # every name a parameter goes by (tied ones under each)
             for prefix, owned in _parameters_by_module(module):  # one module's parameters gathered at a time
+                parameters |= {prefix + name for name, _ in owned}
                 with deepspeed.zero.GatheredParameters([p for _, p in owned], modifier_rank=0), torch.no_grad():
                     if self.global_rank == 0:  # DeepSpeed re-partitions rank 0's values on exit
                         for name, p in owned:
                             if prefix + name in saved:
                                 p.copy_(saved[prefix + name])
-            parameters = dict(module.named_parameters())
             module.load_state_dict({k: v for k, v in saved.items() if k not in parameters}, strict=False)  # buffers
         else:
             super().load_model_state_dict(checkpoint, strict)

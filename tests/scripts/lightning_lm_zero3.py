@@ -24,13 +24,14 @@ from tiny import build_model, build_tokenizer  # noqa: E402
 
 from lightning_es import ESStrategy  # noqa: E402
 from lightning_es.lightning.callbacks import KLDriftCallback, ParameterDriftCallback  # noqa: E402
+from lightning_es.lightning.strategy import ES_STATE_KEY  # noqa: E402
 
 
 class GeneratingPolicy(pl.LightningModule):
     def __init__(self):
         super().__init__()
         self.tokenizer = build_tokenizer()
-        self.model = build_model(self.tokenizer, intermediate_size=4096)
+        self.model = build_model(self.tokenizer, intermediate_size=4096, tie=True)  # tied, as SmolLM2's
 
     def training_step(self, batch, batch_idx):
         new_tokens = 2 + 4 * self.global_rank
@@ -62,11 +63,25 @@ def main():
     trainer.fit(policy)
     from transformers.integrations import is_deepspeed_zero3_enabled
 
+    # a checkpoint's round trip, one module gathered at a time: the tied output layer is saved whole under both names
+    # and loaded back (outside a gather, a ZeRO-3 parameter is an empty placeholder); every process reads process 0's
+    # file, as Lightning's resume does
+    checkpoint = {"state_dict": trainer.strategy.lightning_module_state_dict(),
+                  ES_STATE_KEY: trainer.strategy.es.state_dict()}
+    path = Path(args.out).with_suffix(".ckpt")
+    if trainer.is_global_zero:
+        torch.save(checkpoint, path)
+    trainer.strategy.barrier()
+    trainer.strategy.load_model_state_dict(torch.load(path, weights_only=False))
+    saved = checkpoint["state_dict"]
+    tied = trainer.is_global_zero and torch.equal(saved["model.lm_head.weight"], saved["model.model.embed_tokens.weight"])
+    whole = trainer.is_global_zero and all(t.numel() > 0 for t in saved.values())
+
     if trainer.is_global_zero:  # after fit, models made in this process are plain ones again
         metrics = trainer.callback_metrics
         Path(args.out).write_text(f"{trainer.global_step} {float(metrics['es/fitness_mean'])} "
                                   f"{is_deepspeed_zero3_enabled()} {float(metrics['drift/kl'])} "
-                                  f"{float(metrics['drift/relative_norm'])}")
+                                  f"{float(metrics['drift/relative_norm'])} {tied} {whole}")
     trainer.strategy.barrier()
     leave()
 

@@ -12,6 +12,8 @@ The noise kind (``Perturbation`` subclasses) never asks where a tensor lives; th
 
 from collections.abc import Mapping
 
+import os
+
 import torch
 import torch.distributed as dist
 
@@ -43,8 +45,8 @@ class TensorLayout:
         raise NotImplementedError
 
     def full_tensors(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Checkpoint form of per-parameter state (master, anchor): whole tensors on the host, on process 0 only, which
-        writes checkpoints (the others get an empty dict). A collective when the tensors are sharded."""
+        """Checkpoint form of per-parameter state (master, anchor): whole tensors on the host, on the processes that
+        write checkpoints only (the others get an empty dict). A collective when the tensors are sharded."""
         raise NotImplementedError
 
     def local_tensors(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -72,8 +74,10 @@ class ReplicatedLayout(TensorLayout):
         return local
 
     def full_tensors(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
-            return {}  # every process holds the same tensors: a host copy per process would only cost memory
+        if dist.is_available() and dist.is_initialized() and int(os.environ.get("LOCAL_RANK", dist.get_rank())) != 0:
+            # every process holds the same tensors: one host copy per node (where checkpoints are written: process 0,
+            # or each node's first with TRL's save_on_each_node), not one per process
+            return {}
         return {name: t.detach().cpu() for name, t in tensors.items()}
 
     def local_tensors(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
