@@ -340,3 +340,33 @@ def test_layers_reading_one_input_project_it_together_and_every_population_compu
     alone = strategy(grouped=False)
     torch.testing.assert_close(logits(alone, 0), first, rtol=1e-5, atol=1e-6)
     alone.perturbation.close()
+
+
+def test_a_tied_output_layer_beside_a_linear_of_the_same_width_is_perturbed_exactly():
+    """A tied output layer grouped with a same-width sibling read a factor buffer the embedding's lookup never fills
+    (KeyError '<weight>#B'): a weight an embedding also looks up keeps its own factors."""
+
+    class TiedBesideSibling(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.embed = torch.nn.Embedding(10, 4)
+            self.head = torch.nn.Linear(4, 10, bias=False)
+            self.head.weight = self.embed.weight
+            self.other = torch.nn.Linear(4, 10)
+
+        def forward(self, x):
+            hidden = self.embed(x)
+            return self.head(hidden) + self.other(hidden)
+
+    model = TiedBesideSibling()
+    es = EvolutionStrategy(LowRankPerturbation(model, select_parameters(model), sigma=0.1, rank=2),
+                           population_size=4, learning_rate=5e-7, seed=1)
+    members = es.members(0)
+    inputs = torch.randint(0, 10, (2, 3))
+    with torch.no_grad(), es.perturbation.apply_population(members):
+        batched = model(inputs.repeat(len(members), 1))
+    for m, member in enumerate(members):
+        with torch.no_grad():
+            expected = explicitly_perturbed(model, es, member)(inputs)
+        torch.testing.assert_close(batched[m * 2:(m + 1) * 2], expected, rtol=1e-4, atol=5e-5)

@@ -87,11 +87,13 @@ class InputGroups:
     included, computes alike (a resumed run as the uninterrupted one)."""
 
     def __init__(self, model: nn.Module, owners: Mapping[nn.Module, Mapping[str, str]], rank: int):
+        # a weight an embedding also looks up (a tied output layer) keeps its own factors: the lookup reads them
+        looked_up = {held["weight"] for module, held in owners.items() if is_lookup(module) and "weight" in held}
         siblings = defaultdict(list)  # (parent, input width, layout): the into keys of its evolved linear layers
         for parent in model.modules():
             for module in parent.children():
                 weight = owners.get(module, {}).get("weight")
-                if weight is None or not (is_plain_linear(module) or is_transposed_linear(module)):
+                if weight is None or weight in looked_up or not (is_plain_linear(module) or is_transposed_linear(module)):
                     continue
                 transposed = is_transposed_linear(module)
                 width = module.weight.shape[0] if transposed else module.weight.shape[1]
