@@ -1,6 +1,6 @@
 """ESTrainer's adapter to TRL's GRPOTrainer: the members' completions and rewards through TRL's generation and reward
-functions, and the metric buffers TRL logs from. Every private TRL name ESTrainer uses is here (``PRIVATE_NAMES``),
-so that a TRL release that renames one breaks this file only.
+functions, and the metric buffers TRL logs from. Every private TRL name ESTrainer uses is here, so that a TRL release
+that renames one breaks this file only.
 """
 
 from collections import defaultdict, deque
@@ -16,11 +16,6 @@ from lightning_es.engine.evaluation import joined
 from lightning_es.engine.noise import derive_seed
 
 from .scoring import ScoredRows, member_sums, nothing
-
-# GRPOTrainer's private attributes and methods, and the module global, that ESTrainer reads, calls or replaces
-PRIVATE_NAMES = ("_generate", "_calculate_rewards", "_metrics", "_logs", "_pending_extra_logs", "_pending_metrics",
-                 "_tokenizer", "grpo_trainer.gather")
-
 
 class TRLScoring:
     """Mixin of ``ESTrainer`` (a ``GRPOTrainer``): scores population members with TRL's generation and rewards."""

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .population import Member
-from .processes import PopulationError, Processes
+from .processes import Processes
 
 
 @dataclass
@@ -119,8 +119,6 @@ def evaluate_population(
                 column[member.index] += float(value)
 
     names = sorted(set().union(*processes.gather(sorted(totals))))
-    if _FITNESS not in names:
-        raise PopulationError(f"ES step {step}: score returned nothing for the population.")
     zeros = torch.zeros(size, dtype=torch.float64)
     combined = processes.sum(torch.stack([totals.get(name, zeros) for name in names]))
     return _record(dict(zip(names, combined)))

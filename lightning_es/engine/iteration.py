@@ -24,8 +24,12 @@ class Iteration:
     scores: PopulationScores  # every member's sums, combined over processes
     fitness: torch.Tensor  # per member, what was shaped (NaN for a member left out)
     per_prompt: torch.Tensor  # (members, prompts) mean rewards, for a shaping that reads them
-    scored: torch.Tensor  # which members take part
     stats: StepStats | None  # of the update, when one was taken
+
+    @property
+    def scored(self) -> torch.Tensor:
+        """Which members take part: those something was scored for."""
+        return self.scores.scored
 
     def shaped(self, es: EvolutionStrategy) -> torch.Tensor:
         return es.shaped(self.fitness, self.scored, self.per_prompt)
@@ -54,7 +58,7 @@ def run_iteration(
     scores = evaluate_population(es.members(step), step, score, processes, batched=batched,
                                  members_per_round=members_per_round)
     member_fitness, per_prompt = fitness(scores)
-    iteration = Iteration(scores, member_fitness, per_prompt, scores.scored, None)
+    iteration = Iteration(scores, member_fitness, per_prompt, None)
     if check is not None:
         check(iteration)
     if update == "step":
