@@ -75,7 +75,7 @@ def main(script_args, training_args, model_args):
         peft_config=get_peft_config(model_args),
     )
     rewards = {"accuracy": gsm8k.correctness_reward, "answer format": gsm8k.format_reward}
-    return train_and_report(trainer, prompts_for(tokenizer, eval_dataset, shown), rewards, "GSM8K")
+    return train_and_report(trainer, prompts_for(tokenizer, eval_dataset, shown), rewards, gsm8k.task_name(eval_dataset))
 
 
 if __name__ == "__main__":

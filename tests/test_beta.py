@@ -138,7 +138,7 @@ def test_the_kl_in_chunks_equals_the_kl_in_one_pass(tmp_path, tokenizer, prompt_
 
 def test_completions_masked_out_of_the_fitness_leave_the_kl_too(tmp_path, tokenizer, prompt_dataset, monkeypatch):
     """As in GRPO's loss: with mask_truncated_completions, truncated completions count neither in the reward nor in
-    the KL; ``learning_rate`` is logged as the step ES takes."""
+    the KL; the step ES takes is logged as ``learning_rate``; ``loss`` is beta times the KL."""
     calls = recorded(monkeypatch)
     args = args_for(tmp_path, beta=0.1, max_steps=1, mask_truncated_completions=True, max_completion_length=3)
     trainer = ESTrainer(build_model(tokenizer, init_range=0.2), token_rate, args=args, train_dataset=prompt_dataset,
@@ -149,7 +149,9 @@ def test_completions_masked_out_of_the_fitness_leave_the_kl_too(tmp_path, tokeni
     truncated = logged["completions/clipped_ratio"]
     assert 0 < truncated < 1  # some completions ended within 3 tokens, others were cut
     assert logged["kl"] != pytest.approx(float(sums.sum() / tokens.sum()))  # the cut ones left the KL
-    assert logged["learning_rate"] == logged["es/lr"] == args.relative_learning_rate
+    # the step in the units of the noise (relative): the value that, passed as learning_rate, runs the same step
+    assert logged["learning_rate"] == args.relative_learning_rate == args.learning_rate
+    assert logged["loss"] == pytest.approx(0.1 * logged["kl"], rel=1e-5)  # GRPO's loss at its on-policy step
 
 
 def test_beta_measures_from_the_start_not_from_the_current_weights(tmp_path, tokenizer, prompt_dataset, monkeypatch):
@@ -172,7 +174,7 @@ def test_one_copy_of_the_start_weights_whatever_options_are_on(tmp_path, tokeniz
     args = args_for(tmp_path, beta=0.1, es_anchor_decay=1.0)
     trainer = ESTrainer(build_model(tokenizer), token_rate, args=args, train_dataset=prompt_dataset,
                         processing_class=tokenizer)
-    kl_drift = KLDriftCallback(trainer, ["the lazy dog", "count the"], every_n_steps=1, max_new_tokens=3)
+    kl_drift = KLDriftCallback(trainer, ["the lazy dog", "count the"], every_n_steps=1)
     parameter_drift = ParameterDriftCallback(trainer, every_n_steps=1)
     trainer.add_callback(kl_drift), trainer.add_callback(parameter_drift)
     trainer.train()

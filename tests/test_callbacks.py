@@ -47,7 +47,7 @@ def language_model(pl, model, evolved: bool):
 
 
 def attach(trainer):
-    trainer.add_callback(KLDriftCallback(trainer, PROBES, every_n_steps=1, max_new_tokens=4))
+    trainer.add_callback(KLDriftCallback(trainer, PROBES, every_n_steps=1, estimator="sampled", max_new_tokens=4))
     trainer.add_callback(ParameterDriftCallback(trainer, every_n_steps=1))
     trainer.train()
     return [entry for entry in trainer.state.log_history if "drift/kl" in entry]
@@ -97,6 +97,36 @@ def test_layer_types():
         "attention", "mlp", "embedding", "norm", "lm_head", "other"]
 
 
+def test_the_trl_and_lightning_drift_callbacks_take_the_same_arguments():
+    """Same names, order, annotations and defaults, less what each framework needs to find the model: the TRL
+    callbacks' leading ``trainer`` and the Lightning callbacks' keyword-only ``model_attribute``."""
+    import inspect
+
+    pytest.importorskip("pytorch_lightning")
+    from lightning_es.lightning import callbacks as lightning
+
+    def shared(callback, drop):
+        return [p for p in inspect.signature(callback).parameters.values() if p.name != drop]
+
+    for trl_callback, lightning_callback in [(KLDriftCallback, lightning.KLDriftCallback),
+                                             (ParameterDriftCallback, lightning.ParameterDriftCallback)]:
+        trl_params = list(inspect.signature(trl_callback).parameters.values())
+        assert trl_params[0].name == "trainer"
+        assert shared(trl_callback, "trainer") == shared(lightning_callback, "model_attribute")
+        model_attribute = inspect.signature(lightning_callback).parameters["model_attribute"]
+        assert model_attribute.kind is inspect.Parameter.KEYWORD_ONLY
+    for callback in (KLDriftCallback, lightning.KLDriftCallback):
+        assert inspect.signature(callback).parameters["estimator"].default == "exact"  # "sampled" can read negative
+
+
+def test_trl_kl_drift_refuses_every_n_steps_in_the_tokenizer_place(tmp_path, tiny_model, tokenizer, prompt_dataset):
+    trainer = ESTrainer(tiny_model, token_rate, args=ESConfig(population_size=4, **common(tmp_path)),
+                        train_dataset=prompt_dataset, processing_class=tokenizer)
+    with pytest.raises(TypeError, match="third argument is tokenizer.*every_n_steps=5 by name"):
+        KLDriftCallback(trainer, PROBES, 5)
+    assert KLDriftCallback(trainer, PROBES, tokenizer, every_n_steps=5).probe.estimator == "exact"
+
+
 def test_lightning_drift_callbacks_log_the_same_names(tmp_path, tiny_model, tokenizer):
     pl = pytest.importorskip("pytorch_lightning")
     import torch
@@ -111,7 +141,7 @@ def test_lightning_drift_callbacks_log_the_same_names(tmp_path, tiny_model, toke
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             logged.append({k: float(v) for k, v in trainer.logged_metrics.items()})
 
-    callbacks = [LightningKLDrift(["the lazy dog", "count the apples"], tokenizer, every_n_steps=1, max_new_tokens=4),
+    callbacks = [LightningKLDrift(["the lazy dog", "count the apples"], tokenizer, every_n_steps=1),
                  LightningParameterDrift(every_n_steps=1, model_attribute="model"), Capture()]
     trainer = pl.Trainer(max_steps=2, accelerator="cpu", devices=1, callbacks=callbacks, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, default_root_dir=tmp_path)
@@ -119,6 +149,25 @@ def test_lightning_drift_callbacks_log_the_same_names(tmp_path, tiny_model, toke
     assert {"drift/kl", "drift/update_norm", "drift/relative_norm", "drift/moved_fraction",
             "drift/norm/attention"} <= set(logged[-1])
     assert logged[-1]["drift/update_norm"] > 0 and logged[-1]["drift/kl"] > 0
+
+
+def test_lightning_kl_drift_measures_before_and_after_fit_with_the_module_tokenizer(tmp_path, tiny_model, tokenizer):
+    pl = pytest.importorskip("pytorch_lightning")
+    from lightning_es import ESStrategy
+    from lightning_es.lightning.callbacks import KLDriftCallback as LightningKLDrift
+
+    module = language_model(pl, tiny_model, evolved=True)
+    module.tokenizer = tokenizer  # no tokenizer given: the module's; conversational probes use its chat template
+    drift = LightningKLDrift(PROBES, every_n_steps=1)
+    data = torch.utils.data.DataLoader(torch.randint(0, len(tokenizer), (8, 6)), batch_size=4)
+    trainer = pl.Trainer(strategy=ESStrategy(population_size=4, relative_sigma=0.1, relative_learning_rate=0.05),
+                         max_steps=2, accelerator="cpu", devices=1, callbacks=[drift], logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, default_root_dir=tmp_path)
+    assert drift.measure(trainer, module) == 0.0  # before fit: the current weights are the start
+    trainer.fit(module, data)
+    assert drift.probe.reference is trainer.strategy.es.start  # fit measures from ES's copy of the start
+    after = drift.measure(trainer, module)
+    assert after > 0 and after == pytest.approx(float(trainer.callback_metrics["drift/kl"]), rel=1e-6)
 
 
 # ---- drift is measured from the start of the run, across resumes ------------------------------------------------
@@ -133,7 +182,7 @@ def es_resumable_args(output_dir, max_steps=4):
 def train_es_with_drift(model, output_dir, tokenizer, dataset, resume=None, max_steps=4):
     trainer = ESTrainer(model, token_rate, args=es_resumable_args(output_dir, max_steps), train_dataset=dataset,
                         processing_class=tokenizer)
-    trainer.add_callback(KLDriftCallback(trainer, PROBES, every_n_steps=1, max_new_tokens=4))
+    trainer.add_callback(KLDriftCallback(trainer, PROBES, every_n_steps=1, estimator="sampled", max_new_tokens=4))
     trainer.add_callback(ParameterDriftCallback(trainer, every_n_steps=1))
     trainer.train(resume_from_checkpoint=resume)
     return trainer, {entry["step"]: entry for entry in trainer.state.log_history if "drift/kl" in entry}
@@ -252,7 +301,8 @@ def test_lightning_drift_after_resume_is_measured_from_the_start_of_the_run(tmp_
     def fit(ckpt_path=None):
         pl.seed_everything(0)
         capture = Capture()
-        callbacks = [LightningKLDrift(["the lazy dog", "count the apples"], tokenizer, every_n_steps=1, max_new_tokens=4),
+        callbacks = [LightningKLDrift(["the lazy dog", "count the apples"], tokenizer, every_n_steps=1,
+                                      estimator="sampled", max_new_tokens=4),
                      LightningParameterDrift(every_n_steps=1, model_attribute="model"), capture,
                      pl.callbacks.ModelCheckpoint(tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)]
         trainer = pl.Trainer(strategy=ESStrategy(population_size=4, sigma=0.02, learning_rate=1e-3, seed=1), accelerator="cpu",

@@ -309,11 +309,15 @@ def known_names() -> set[str]:
     from pytorch_lightning.strategies import DDPStrategy
 
     import lightning_es.engine as engine
+    import lightning_es.lightning.callbacks as lightning_callbacks
+    import trl_ext.callbacks as trl_callbacks
     from trl_ext import ESTrainer
 
     names = set().union(*scopes().values())
     names |= _parameters(DDPStrategy.__init__) | _parameters(pytorch_lightning.Trainer.__init__)
     names |= _parameters(ESTrainer.__init__)
+    for callbacks in (trl_callbacks, lightning_callbacks):  # the drift callbacks' messages name their arguments
+        names |= _parameters(callbacks.KLDriftCallback.__init__) | _parameters(callbacks.ParameterDriftCallback.__init__)
     names |= {"ESConfig", "ESStrategy", "ESTrainer", *engine.__all__}
     for public in engine.__all__:
         value = getattr(engine, public)

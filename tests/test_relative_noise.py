@@ -201,12 +201,23 @@ def test_relative_units_are_the_default_and_absolute_ones_are_kept_for_scripts_t
     assert absolute.relative_sigma is None and absolute.relative_learning_rate is None
 
 
-def test_a_script_that_sets_only_learning_rate_keeps_absolute_units_and_is_told(caplog):
-    """Scripts written before relative units set learning_rate alone, in absolute units with sigma 1e-2."""
-    with caplog.at_level("WARNING"):
-        args = config(learning_rate=1e-2)
-    assert not args.relative_noise and (args.sigma, args.step_size(1e-2)) == (1e-2, 1e-2)
-    assert "learning_rate=0.01 is an absolute step, so the noise is absolute too: sigma=0.01" in caplog.text
+def test_learning_rate_is_the_step_in_the_units_of_the_noise_whatever_its_value():
+    """Units follow from which noise field is set, never from a value (learning_rate alone once switched to absolute
+    units with sigma 1e-2, except at exactly its default): without sigma, learning_rate is the relative step, so a
+    logged step copied into learning_rate runs the same step."""
+    for value in (1e-2, 1.5e-3, 1e-4, 1e-5):
+        args = config(learning_rate=value)
+        assert args.relative_noise and args.relative_sigma == DEFAULT_RELATIVE_SIGMA
+        assert args.relative_learning_rate == value == args.step_size(value)
+    assert config(relative_learning_rate=1e-3).step_size() == 1e-3  # the explicit name, the same step
+    with pytest.raises(ValueError, match=r"learning_rate=0.002 and relative_learning_rate=0.001 are two values of one"):
+        config(learning_rate=2e-3, relative_learning_rate=1e-3)
+    with pytest.raises(ValueError, match=r"learning_rate=0.1 with relative_sigma=0.03 moves each tensor"):
+        config(learning_rate=0.1)
+    with pytest.raises(ValueError, match=r"sigma=0.001 makes the noise absolute.*set learning_rate with sigma"):
+        config(sigma=1e-3)  # the default step is a relative one
+    absolute = config(sigma=1e-2, learning_rate=1e-2)
+    assert not absolute.relative_noise and absolute.step_size() == 1e-2
 
 
 @pytest.mark.parametrize(("fields", "message"), [
@@ -215,7 +226,6 @@ def test_a_script_that_sets_only_learning_rate_keeps_absolute_units_and_is_told(
     (dict(relative_learning_rate=0.1), r"relative_learning_rate=0.1 with relative_sigma=0.03 moves each tensor by 3.3"),
     (dict(relative_learning_rate=-1.0), "relative_learning_rate must be a non-negative finite number"),
     (dict(sigma=1e-3, relative_sigma=0.05), r"sigma=0.001 .* and relative_sigma=0.05 .* set one of the two units"),
-    (dict(learning_rate=5e-7, relative_sigma=0.05), r"learning_rate=5e-07 is an absolute step.*Set one pair"),
     (dict(es_optimizer="trainer", relative_learning_rate=1e-3), "with es_optimizer='trainer' the Trainer's optimizer"),
     (dict(beta=-0.5), r"beta must be non-negative, got -0.5"),
     (dict(fitness_shaping="evidence_zscore", per_device_train_batch_size=1),

@@ -65,12 +65,16 @@ def config_error(**fields) -> str:
     return str(error.value)
 
 
-@pytest.mark.parametrize("absolute", [{"sigma": 1e-3}, {"learning_rate": 1e-3}, {"sigma": 1e-3, "learning_rate": 1e-3}])
-def test_relative_sigma_with_an_absolute_sigma_or_lr_is_refused_naming_both(absolute):
+@pytest.mark.parametrize("absolute", [{"sigma": 1e-3}, {"sigma": 1e-3, "learning_rate": 1e-3}])
+def test_relative_sigma_with_an_absolute_sigma_is_refused_naming_both(absolute):
     name = next(iter(absolute))
     with pytest.raises(ValueError, match=rf"{name}={absolute[name]} .*relative_sigma") as error:
         ESStrategy(relative_sigma=0.05, **absolute)
     assert str(error.value) == config_error(relative_sigma=0.05, **absolute)
+
+
+def test_learning_rate_beside_relative_sigma_is_the_relative_step():
+    assert ESStrategy(relative_sigma=0.05, learning_rate=1e-3).settings.step_size() == 1e-3
 
 
 def test_knobs_named_as_before_they_took_esconfigs_names_are_refused_naming_the_new_ones():

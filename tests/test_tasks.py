@@ -61,6 +61,7 @@ def test_gsm8k_local_copy_and_missing_path(tmp_path):
     train, test = gsm8k.load_splits(dataset_path=str(tmp_path / "gsm8k"), train_size=2, eval_size=3)
     assert len(train) == 2 and test["answer"] == ["2", "4", "6"]
     assert test["prompt"][0][0]["content"].startswith("1+1?")
+    assert gsm8k.task_name(test) == "GSM8K"
     with pytest.raises(FileNotFoundError, match="dataset_path .* does not exist"):
         gsm8k.load_splits(dataset_path=str(tmp_path / "missing"))
 
@@ -70,6 +71,7 @@ def test_gsm8k_offline_generation_has_exact_answers(monkeypatch, capsys):
     train, test = gsm8k.load_splits(train_size=3, eval_size=2, seed=1)
     assert "generated offline" in capsys.readouterr().out
     assert len(train) == 3 and len(test) == 2
+    assert gsm8k.task_name(test) == "GSM8K-style (reasoning-gym)"  # what the recipes print: not "GSM8K"
     assert set(train["prompt"][0][0]["content"].split()) != set(test["prompt"][0][0]["content"].split())
     assert all(gsm8k.parse_number(a) is not None for a in train["answer"])
 

@@ -14,6 +14,7 @@ from trl_ext import ESConfig, ESTrainer
 from lightning_es.engine.scales import DEFAULT_RELATIVE_LEARNING_RATE, DEFAULT_RELATIVE_SIGMA
 from lightning_es import PopulationError
 from trl_ext.checkpoints import why_not_resumable
+from trl_ext.grpo_fields import SwapWarning
 
 
 
@@ -63,13 +64,13 @@ def test_one_line_swap_turns_a_grpo_script_into_an_es_run(tmp_path, tiny_dir, mo
 
 
 def test_grpo_config_keeps_what_the_user_changed_and_takes_es_defaults(tmp_path, tiny_model, tokenizer,
-                                                                        prompt_dataset, caplog):
+                                                                        prompt_dataset):
     grpo = GRPOConfig(
         output_dir=str(tmp_path / "grpo"), learning_rate=3e-6, max_steps=3, seed=5, per_device_train_batch_size=4,
         num_generations=2, max_completion_length=3, report_to="none", bf16=False, use_cpu=True, logging_steps=7,
     )
     assert (grpo.lr_scheduler_type, grpo.disable_dropout, grpo.gradient_checkpointing) == ("linear", False, True)
-    with caplog.at_level(logging.WARNING):
+    with pytest.warns(SwapWarning) as caught:
         trainer = ESTrainer(tiny_model, token_rate, args=grpo, train_dataset=prompt_dataset, processing_class=tokenizer)
     args = trainer.args
     assert isinstance(args, ESConfig)
@@ -81,24 +82,27 @@ def test_grpo_config_keeps_what_the_user_changed_and_takes_es_defaults(tmp_path,
     assert args.population_size == 16 and args.sigma is None
     assert (args.relative_sigma, args.relative_learning_rate) == (DEFAULT_RELATIVE_SIGMA, DEFAULT_RELATIVE_LEARNING_RATE)
     assert args.prompts_per_step == 2 and not args.greedy  # GRPO's batch of 4 completions: 2 prompts x 2 samples
-    assert "learning_rate (3e-06, tuned for Adam on true gradients) is not used: ES steps by relative_learning_rate 0.0015" in caplog.text
+    (swap,) = [str(w.message) for w in caught if issubclass(w.category, SwapWarning)]  # one block
+    assert "learning_rate=3e-06 (tuned for Adam on true gradients) is not used: ES steps by relative_learning_rate 0.0015" in swap
+    assert "lr_scheduler_type: 'linear' -> 'constant'" in swap and "num_generations" not in swap  # kept: not listed
 
 
-def test_a_default_grpo_config_gets_es_defaults(tmp_path, tiny_model, tokenizer, prompt_dataset, caplog):
+def test_a_default_grpo_config_gets_es_defaults_and_says_so_in_one_warning(tmp_path, tiny_model, tokenizer,
+                                                                           prompt_dataset):
     grpo = GRPOConfig(output_dir=str(tmp_path / "grpo"), use_cpu=True)
-    with caplog.at_level(logging.WARNING):
+    with pytest.warns(SwapWarning) as caught:
         args = ESTrainer(tiny_model, token_rate, args=grpo, train_dataset=prompt_dataset, processing_class=tokenizer).args
     defaults = ESConfig(output_dir=str(tmp_path / "es"), use_cpu=True)
     for name in ("learning_rate", "lr_scheduler_type", "num_generations", "disable_dropout", "gradient_checkpointing",
                  "population_size", "sigma", "perturbation", "logging_steps"):
         assert getattr(args, name) == getattr(defaults, name), name
     assert args.per_device_train_batch_size == 8  # always kept: with num_generations it sets the prompts per step
-    assert args.greedy and caplog.text == ""  # nothing the user set was dropped: no warning
-    with caplog.at_level(logging.INFO):
-        ESTrainer(tiny_model, token_rate, args=grpo, train_dataset=prompt_dataset, processing_class=tokenizer)
-    assert "fields left at TRL's defaults take ES's: " in caplog.text  # but what changed is said
-    assert "learning_rate 1e-06 -> 0.0001" in caplog.text and "num_generations 8 -> 1" in caplog.text
-    assert "per_device_train_batch_size" not in caplog.text
+    assert args.greedy
+    swap = [str(w.message) for w in caught if issubclass(w.category, SwapWarning)]
+    assert len(swap) == 1  # every change in one block, visible without a logging handler
+    assert "num_generations: 8 -> 1" in swap[0] and "learning_rate=1e-06 (tuned for Adam" in swap[0]
+    assert "per_device_train_batch_size=8 with num_generations 1: 8 prompts per iteration" in swap[0]
+    assert "GRPOTrainer: 1 prompt(s) x 8 sampled completions" in swap[0]
     grouped = GRPOConfig(output_dir=str(tmp_path / "grouped"), use_cpu=True, num_generations=4)
     args = ESTrainer(tiny_model, token_rate, args=grouped, train_dataset=prompt_dataset, processing_class=tokenizer).args
     assert (args.per_device_train_batch_size, args.num_generations, args.prompts_per_step) == (8, 4, 2)
@@ -317,7 +321,7 @@ def test_callbacks_logging_evaluate_and_save_model(tmp_path, tiny_model, tokeniz
     trainer = ESTrainer(tiny_model, token_rate, args=args, train_dataset=prompt_dataset, eval_dataset=prompt_dataset,
                         processing_class=tokenizer, callbacks=[Recorder()])
     trainer.train()
-    assert [log["es/lr"] for log in seen if "es/lr" in log] == [1e-3, 1e-3]
+    assert [log["learning_rate"] for log in seen if "es/fitness_mean" in log] == [1e-3, 1e-3]  # absolute units
     metrics = trainer.evaluate()
     assert 0.0 <= metrics["eval_reward"] <= 1.0 and "eval_rewards/token_rate/mean" in metrics
     assert metrics["eval_loss"] == pytest.approx(-metrics["eval_reward"])
@@ -485,22 +489,23 @@ def test_a_save_over_an_older_checkpoint_is_incomplete_until_it_ends(tmp_path, m
     assert "trainer_state.json is missing" in why_not_resumable(str(tmp_path / "out" / "checkpoint-3"))
 
 
-def test_save_only_model_warns_that_checkpoints_cannot_resume(tmp_path, caplog):
-    with caplog.at_level(logging.WARNING):
+def test_save_only_model_warns_that_checkpoints_cannot_resume(tmp_path):
+    with pytest.warns(SwapWarning, match=r"save_only_model=True.*cannot resume"):
         es_args(tmp_path, save_only_model=True)
-    assert "save_only_model=True" in caplog.text and "cannot resume" in caplog.text
 
 
 @pytest.mark.parametrize("es_optimizer", ["sgd", "trainer"])
-def test_grad_norm_is_the_norm_of_the_es_estimate(tmp_path, tiny_model, tokenizer, prompt_dataset, es_optimizer):
-    """TRL's grad_norm names the norm of the gradient a step used; under ES that is the estimate g, never a 0 left by
-    gradients nobody computed."""
+def test_grad_norm_is_left_out_without_a_gradient(tmp_path, tiny_model, tokenizer, prompt_dataset, es_optimizer):
+    """transformers leaves grad_norm out when there is none: under the in-place step there is no loss gradient, and
+    the ES estimate's norm (which grows with the parameter count over sigma) is es/grad_estimate_norm; with the
+    Trainer's optimizer grad_norm is the norm of the .grad it steps on, -g."""
     args = es_args(tmp_path, max_steps=1, es_optimizer=es_optimizer, max_grad_norm=0.0, learning_rate=1e-3)
     trainer = ESTrainer(tiny_model, token_rate, args=args, train_dataset=prompt_dataset, processing_class=tokenizer)
     trainer.train()
     logged = trainer.state.log_history[0]
-    assert logged["grad_norm"] > 0
+    assert logged["es/grad_estimate_norm"] > 0
     if es_optimizer == "sgd":  # the applied step is lr * g
-        assert logged["es/update_norm"] == pytest.approx(1e-3 * logged["grad_norm"], rel=1e-4)
+        assert "grad_norm" not in logged
+        assert logged["es/update_norm"] == pytest.approx(1e-3 * logged["es/grad_estimate_norm"], rel=1e-4)
     else:
-        assert logged["grad_norm"] == pytest.approx(trainer._gradient_norm, rel=1e-4)
+        assert logged["grad_norm"] == pytest.approx(logged["es/grad_estimate_norm"], rel=1e-4)

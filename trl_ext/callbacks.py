@@ -20,6 +20,7 @@ weights.
 
 import logging
 import os
+from collections.abc import Sequence
 
 import torch
 from transformers import TrainerCallback
@@ -133,15 +134,26 @@ class _TrainerDriftCallback(TrainerCallback):
 class KLDriftCallback(_TrainerDriftCallback):
     """KL(current || starting policy) on off-task probe prompts, every ``every_n_steps`` steps.
 
-    ``estimator="sampled"`` samples continuations at temperature 1 and averages the log-probability difference of the
-    sampled tokens (the ES-vs-GRPO paper's estimate); ``"exact"`` takes the full next-token KL on the probe text.
-    Conversational probes (lists of messages) are rendered with the chat template. The processes split the probes.
+    The arguments after ``trainer`` are those of the Lightning ``KLDriftCallback``, with the same defaults:
+
+    - ``probe_prompts``: probe texts, or conversations (lists of messages) rendered with the chat template;
+    - ``tokenizer``: None takes the trainer's ``processing_class`` (its tokenizer, for a processor);
+    - ``estimator``: ``"exact"`` (the default) takes the full next-token KL at every position of the probe text, never
+      negative; ``"sampled"`` samples ``max_new_tokens`` tokens at temperature 1 and averages the log-probability
+      difference of the sampled tokens (the ES-vs-GRPO paper's estimate, a Monte Carlo one that can read negative);
+    - ``batch_size``: probes per forward pass.
+
+    The processes split the probes (under ZeRO-3 every process probes them all).
     """
 
-    def __init__(self, trainer, probe_prompts, every_n_steps: int = 10, estimator: str = "sampled",
-                 max_new_tokens: int = 32, batch_size: int = 8):
+    def __init__(self, trainer, probe_prompts: Sequence[str | list[dict]], tokenizer=None, every_n_steps: int = 10,
+                 estimator: str = "exact", max_new_tokens: int = 32, batch_size: int = 8):
+        if isinstance(tokenizer, int):  # KLDriftCallback(trainer, prompts, 10): every_n_steps was third before
+            raise TypeError(f"KLDriftCallback's third argument is tokenizer, got {tokenizer!r}: pass every_n_steps="
+                            f"{tokenizer} by name.")
         super().__init__(trainer, every_n_steps)
-        tokenizer = getattr(trainer.processing_class, "tokenizer", trainer.processing_class)
+        if tokenizer is None:
+            tokenizer = getattr(trainer.processing_class, "tokenizer", trainer.processing_class)
         prompts = [
             p if isinstance(p, str) else tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
             for p in probe_prompts
@@ -168,7 +180,8 @@ class KLDriftCallback(_TrainerDriftCallback):
 class ParameterDriftCallback(_TrainerDriftCallback):
     """How far the weights moved from the start: L2 norm, norm relative to the start, per layer type, the fraction
     of weights moved beyond ``threshold``, and for ESTrainer the fraction of the last step realised in the model's
-    dtype (projection of the realised change on the intended fp32 change; 1.0 = fully realised)."""
+    dtype (projection of the realised change on the intended fp32 change; 1.0 = fully realised). The arguments after
+    ``trainer`` are those of the Lightning ``ParameterDriftCallback``, with the same defaults."""
 
     def __init__(self, trainer, every_n_steps: int = 10, threshold: float = 1e-6):
         super().__init__(trainer, every_n_steps)

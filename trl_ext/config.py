@@ -2,7 +2,6 @@
 has (how members decode, which optimizer steps, how many rows one ``generate`` call holds)."""
 
 import dataclasses
-import logging
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -14,9 +13,7 @@ from trl import GRPOConfig
 from lightning_es.engine.scales import DEFAULT_RELATIVE_LEARNING_RATE
 from lightning_es.engine.settings import ESSettings
 
-from .grpo_fields import apply_audit, default
-
-logger = logging.getLogger(__name__)
+from .grpo_fields import SwapWarning, apply_audit, default, warn_changes
 
 ES_OPTIMIZERS = ("sgd", "trainer")
 
@@ -95,12 +92,13 @@ class ESConfig(ESSettings, GRPOConfig):
     def __post_init__(self):
         self._check_es_fields()
         self._refuse_fsdp()
-        apply_audit(self)
+        changes = apply_audit(self)
         self.use_vllm = False  # warned: ES generates its population itself
         self._check_batch()
         if self.es_greedy and self._sampling_requested():
-            logger.warning("es_greedy=True: members decode greedily; the sampling settings (temperature, top_p, top_k, "
-                           "min_p, generation_kwargs) are ignored.")
+            changes.append("es_greedy=True: members decode greedily; the sampling settings (temperature, top_p, "
+                           "top_k, min_p, generation_kwargs) are ignored")
+        warn_changes(f"ESConfig: {len(changes)} field(s) set are not used as GRPOTrainer would use them:", changes)
         self._use_gloo_without_accelerator()
         self.gradient_accumulation_steps = 1  # one update per iteration (the audit warned if it was set)
         self.generation_batch_size = self.steps_per_generation = None  # ignored (warned if set)
@@ -223,10 +221,11 @@ def to_es_config(args: GRPOConfig) -> ESConfig:
 
     A field left at TRL's default (or set to it explicitly: the two cannot be told apart) takes ES's default, e.g.
     ``num_generations`` 8 becomes 1, ``lr_scheduler_type`` "linear" becomes "constant", ``gradient_checkpointing``
-    True becomes False; an info line lists every such field. ``per_device_train_batch_size`` is always kept: with
+    True becomes False. ``per_device_train_batch_size`` is always kept: with
     ``num_generations`` it decides the prompts per step, and ES's smaller default would break (or silently shrink) a
-    script that set only ``num_generations``. ``learning_rate`` is tuned for Adam on true gradients, so it is replaced by the ES step, with
-    a warning. Fields without an ES counterpart are then warned about or refused by `ESConfig` (trl_ext.grpo_fields).
+    script that set only ``num_generations``. ``learning_rate`` is tuned for Adam on true gradients, so the ES step
+    replaces it. Fields without an ES counterpart are refused, or ignored, by `ESConfig` (trl_ext.grpo_fields). Every
+    such change is listed in one ``SwapWarning``.
     """
     if isinstance(args, ESConfig):
         return args
@@ -239,17 +238,34 @@ def to_es_config(args: GRPOConfig) -> ESConfig:
     if args.steps_per_generation != args.gradient_accumulation_steps:  # set by the user: ESConfig warns
         changed["steps_per_generation"] = args.steps_per_generation
     replaced = [
-        f"{f.name} {default(GRPOConfig, f.name)!r} -> {default(ESConfig, f.name)!r}"
+        f"{f.name}: {default(GRPOConfig, f.name)!r} -> {default(ESConfig, f.name)!r} ({_reason(f.name)})"
         for f in dataclasses.fields(GRPOConfig)
-        if f.init and f.name not in changed and f.name not in DERIVED
+        if f.init and f.name not in changed and f.name not in DERIVED | {"learning_rate"}
         and default(GRPOConfig, f.name) != default(ESConfig, f.name)
     ]
-    if "learning_rate" in changed:
-        logger.warning(
-            "ESTrainer got a GRPOConfig: its learning_rate (%g, tuned for Adam on true gradients) is not used: ES steps "
-            "by relative_learning_rate %g (a fraction of each tensor's scale); pass an ESConfig to choose it.",
-            changed.pop("learning_rate"), DEFAULT_RELATIVE_LEARNING_RATE,
-        )
-    if replaced:
-        logger.info("ESTrainer got a GRPOConfig: fields left at TRL's defaults take ES's: %s.", ", ".join(replaced))
-    return ESConfig(**changed)
+    if "num_generations" not in changed:
+        replaced.append(f"per_device_train_batch_size={args.per_device_train_batch_size} with num_generations 1: "
+                        f"{args.per_device_train_batch_size} prompts per iteration, each answered once by every member "
+                        f"(GRPOTrainer: {args.per_device_train_batch_size // args.num_generations} prompt(s) x "
+                        f"{args.num_generations} sampled completions)")
+    learning_rate = changed.pop("learning_rate", args.learning_rate)
+    replaced.append(f"learning_rate={learning_rate:g} (tuned for Adam on true gradients) is not used: ES steps by "
+                    f"relative_learning_rate {DEFAULT_RELATIVE_LEARNING_RATE:g}, a fraction of each tensor's scale")
+    with warnings.catch_warnings(record=True) as caught:  # the audit's lines join this one block
+        warnings.simplefilter("always", SwapWarning)
+        config = ESConfig(**changed)
+    for warning in caught:
+        if issubclass(warning.category, SwapWarning):
+            replaced += str(warning.message).split("\n  - ")[1:]
+        else:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    warn_changes(
+        f"ESTrainer got a GRPOConfig; {len(replaced)} field(s) take other values or meanings than under GRPOTrainer "
+        "(an ESConfig with the field set chooses it):", replaced)
+    return config
+
+
+def _reason(name: str) -> str:
+    """The first sentence of the ES field's help: why ES's default differs."""
+    text = ESConfig.__dataclass_fields__[name].metadata.get("help", "ES's default")
+    return text.split(". ")[0].rstrip(".")

@@ -12,13 +12,21 @@
 """
 
 import dataclasses
-import logging
+import warnings
 from dataclasses import dataclass
 from enum import Enum
 
 from trl import GRPOConfig
 
-logger = logging.getLogger(__name__)
+
+class SwapWarning(UserWarning):
+    """What ESTrainer does differently from GRPOTrainer with the fields a script set: one warning, listing them all."""
+
+
+def warn_changes(header: str, changes: list[str], stacklevel: int = 4) -> None:
+    """One warning for every change (a warnings.warn, not a log line: it shows whether or not logging is set up)."""
+    if changes:
+        warnings.warn("\n  - ".join([header, *changes]), SwapWarning, stacklevel=stacklevel)
 
 
 class Meaning(Enum):
@@ -144,11 +152,10 @@ FIELDS: dict[str, Row] = {
     "log_multimodal": Row(SAME, "logs images with completions", "the same"),
     "log_completions_hub_repo": Row(SAME, "uploads the completion tables", "the same"),
     # ---- TrainingArguments a GRPO script sets ---------------------------------------------------------------------
-    "learning_rate": Row(ES, "AdamW step size on the policy gradient", "lr in theta += lr * g in absolute units "
-                         "(es_optimizer='sgd'; under relative noise, the default, the step is relative_learning_rate: "
-                         "an ESConfig that sets learning_rate alone keeps absolute units with sigma=1e-2, with a "
-                         "warning), or the optimizer's (es_optimizer='trainer'); a GRPOConfig's value, tuned for Adam "
-                         "on true gradients, is not used, with a warning"),
+    "learning_rate": Row(ES, "AdamW step size on the policy gradient", "the ES step lr in theta += lr * g, in the units "
+                         "of the noise: a fraction of each tensor's scale under relative noise (the default), absolute "
+                         "with sigma (es_optimizer='sgd'); or the optimizer's (es_optimizer='trainer'); a GRPOConfig's "
+                         "value, tuned for Adam on true gradients, is not used, which the swap's warning says"),
     "lr_scheduler_type": Row(ES, "schedule of the learning rate", "schedule of the ES step (ES default 'constant')"),
     "lr_scheduler_kwargs": Row(ES, "arguments of the schedule", "the same, for the ES step"),
     "warmup_steps": Row(ES, "warm-up of the learning rate", "warm-up of the ES step"),
@@ -205,9 +212,11 @@ def default(config_class, name: str):
     return field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
 
 
-def apply_audit(config) -> None:
-    """Warn about, or refuse, what ``config`` sets (to other than its class's default) that has no ES counterpart.
-    Call it before ``__post_init__`` of the dataclasses above normalises the values."""
+def apply_audit(config) -> list[str]:
+    """Refuse what ``config`` sets (to other than its class's default) that ES cannot honour, and return one line for
+    each such field ES ignores or treats otherwise (the caller warns them in one block). Call it before
+    ``__post_init__`` of the dataclasses above normalises the values."""
+    changes = []
     for name, row in FIELDS.items():
         value = getattr(config, name)
         if row.meaning not in (WARNED, REFUSED, OPTIMIZER) or value == default(type(config), name):
@@ -217,16 +226,15 @@ def apply_audit(config) -> None:
         companions = [f"{other}={getattr(config, other)!r}" for other in row.companions
                       if getattr(config, other) != default(type(config), other)]
         if companions:
-            logger.warning("ESTrainer: %s=%r (with %s) %s.", name, value, ", ".join(companions), row.es)
-            continue
-        if row.meaning is OPTIMIZER:
-            if config.es_optimizer == "trainer":
-                continue
-            logger.warning(
-                "%s=%r is ignored: es_optimizer='sgd' applies the plain ES step theta += lr * g without the Trainer's "
-                "optimizer; set es_optimizer='trainer' to have it step on the ES estimate.", name, value)
-            continue
-        logger.warning("ESTrainer: %s=%r %s.", name, value, row.es)
+            changes.append(f"{name}={value!r} (with {', '.join(companions)}) {row.es}")
+        elif row.meaning is OPTIMIZER:
+            if config.es_optimizer != "trainer":
+                changes.append(f"{name}={value!r} is ignored: es_optimizer='sgd' applies the plain ES step theta += "
+                               "lr * g without the Trainer's optimizer; set es_optimizer='trainer' to have it step on "
+                               "the ES estimate")
+        else:
+            changes.append(f"{name}={value!r} {row.es}")
+    return changes
 
 
 def audit_table(es_config_class) -> str:

@@ -6,6 +6,8 @@ import torch
 from accelerate.utils import gather_object
 from transformers import TrainerCallback
 
+from lightning_es.engine.step_metrics import step_metrics
+
 from .scoring import ScoredRows, weighted_rewards
 
 
@@ -46,13 +48,12 @@ class ESLogging:
             for column in {name for other in scored for name in other.extra}:
                 logs["extra"][column].extend(rows.extra.get(column, [None] * len(rows.prompts)))
 
-    def _log_step(self, scored: list[ScoredRows], stats, lr: float, shaped_fitness: torch.Tensor,
-                  seconds: float) -> None:
+    def _log_step(self, scored: list[ScoredRows], iteration, lr: float, seconds: float) -> None:
         """TRL's reward and completion metrics over every row any process scored in this step, and the ES ones."""
         everything = [rows for share in gather_object([scored]) for rows in share]
         self._log_rewards("train", everything)
         if self.log_completions:
-            self._log_completions(everything, shaped_fitness)
+            self._log_completions(everything, iteration.shaped(self.es))
         lengths = torch.tensor([n for rows in everything for n in rows.completion_lengths], dtype=torch.float64)
         truncated = torch.tensor([t for rows in everything for t in rows.truncated])
         self.state.num_input_tokens_seen += int(lengths.sum()) + sum(sum(rows.prompt_lengths) for rows in everything)
@@ -66,25 +67,23 @@ class ESLogging:
         metrics["completions/mean_terminated_length"].append(terminated.mean().item())
         metrics["completions/min_terminated_length"].append(terminated.min().item())
         metrics["completions/max_terminated_length"].append(terminated.max().item())
-        metrics["es/unscored_members"].append(stats.left_out)
-        metrics["es/fitness_mean"].append(stats.fitness_mean)
-        metrics["es/fitness_std"].append(stats.fitness_std)
-        metrics["es/fitness_max"].append(stats.fitness_max)
-        if self.args.es_optimizer == "sgd":
-            metrics["es/update_norm"].append(stats.update_norm)
-        metrics["es/sigma"].append(self.es.sigma)
-        metrics["es/lr"].append(lr)
+        in_place = self.args.es_optimizer == "sgd"
+        for name, value in step_metrics(iteration, self.es, self.args, lr if in_place else None).items():
+            if name == "es/learning_rate":
+                continue  # transformers logs it as learning_rate
+            metrics[name].append(value)
         metrics["step_time"].append(seconds)
 
     def _get_learning_rate(self):
-        """The step ES takes, as logged under ``learning_rate`` (relative_learning_rate under relative noise)."""
+        """The step ES takes, in the units of the noise (the value that, as ``learning_rate``, runs the same step)."""
         return self.args.step_size(super()._get_learning_rate())
 
     def _maybe_log_save_evaluate(self, tr_loss, grad_norm, *args, **kwargs):
-        """TRL's ``grad_norm`` is the norm of the gradient its step used; ES's step uses the estimate ``g``, whose
-        norm is logged under that name (with es_optimizer="trainer" the Trainer measures it in ``.grad`` itself)."""
-        if self.args.es_optimizer == "sgd" and self._gradient_norm is not None:
-            grad_norm = self._gradient_norm
+        """``grad_norm`` is left out under the in-place step, as transformers leaves out a None: there is no loss
+        gradient, and the ES estimate's norm (``es/grad_estimate_norm``) reads as divergence beside a GRPO run's. With
+        es_optimizer="trainer" the Trainer measures the ``.grad`` its optimizer steps on, as usual."""
+        if self.args.es_optimizer == "sgd":
+            grad_norm = None
         return super()._maybe_log_save_evaluate(tr_loss, grad_norm, *args, **kwargs)
 
 

@@ -124,7 +124,6 @@ class ESTrainer(ESCheckpoints, ESLogging, KLPenalty, TRLScoring, RuntimeChecks, 
             self.es = self._build_es()
             self.processes.rounds(self.es.members(0), self.es.perturbation.batched)  # checks the population split
             self._prepare_models_for_evaluation()
-        self._gradient_norm = None
         self.resumed_checkpoint = None  # the checkpoint train() resumed from, where callbacks find their saved state
         if args.es_optimizer == "trainer":
             self.add_callback(_AppliedUpdateNorm(self))
@@ -219,12 +218,13 @@ class ESTrainer(ESCheckpoints, ESLogging, KLPenalty, TRLScoring, RuntimeChecks, 
             self.es, step, score, self.processes, update="step" if self.args.es_optimizer == "sgd" else "gradients",
             learning_rate=lr, fitness=self._fitness, batched=self.es.perturbation.batched,
             members_per_round=None if limit is None else max(1, limit // rows), check=checked)
-        self._gradient_norm = iteration.stats.gradient_norm
+        kl = 0.0
         if self.beta > 0:
-            tokens = iteration.scores.extra[KL_TOKENS].sum().clamp(min=1)
-            self.trl_metrics("train")["kl"].append(float(iteration.scores.extra[KL].sum() / tokens))
-        self._log_step(scored, iteration.stats, lr, iteration.shaped(self.es), time.perf_counter() - started)
-        return torch.tensor(-iteration.stats.fitness_mean, device=self.args.device)
+            kl = float(iteration.scores.extra[KL].sum() / iteration.scores.extra[KL_TOKENS].sum().clamp(min=1))
+            self.trl_metrics("train")["kl"].append(kl)
+        self._log_step(scored, iteration, lr, time.perf_counter() - started)
+        # ``loss``: what GRPO's loss reads at its on-policy step, where the advantages sum to zero: beta times the KL
+        return torch.tensor(self.beta * kl, device=self.args.device)
 
     def _fitness(self, scores: PopulationScores) -> tuple[torch.Tensor, torch.Tensor]:
         """GRPO's reward arithmetic over the combined scores (``multi_objective_aggregation``), then its per-token KL

@@ -31,6 +31,18 @@ class Iteration:
         """Which members take part: those something was scored for."""
         return self.scores.scored
 
+    @property
+    def frac_prompts_tied(self) -> float | None:
+        """Share of the step's prompts on which every member that took part scored the same mean reward: prompts that
+        tell no member from another (TRL's ``frac_reward_zero_std``, across members). None when no prompts were
+        reported (a scalar fitness)."""
+        table = self.per_prompt[self.scored]
+        if table.shape[1] == 0 or table.shape[0] == 0:
+            return None
+        first = table[:1]
+        tied = ((table == first) | (table.isnan() & first.isnan())).all(dim=0)
+        return float(tied.double().mean())
+
     def shaped(self, es: EvolutionStrategy) -> torch.Tensor:
         return es.shaped(self.fitness, self.scored, self.per_prompt)
 

@@ -33,8 +33,10 @@ MAX_RELATIVE_SIGMA = 0.5
 MAX_RELATIVE_ALPHA = 0.5  # relative_learning_rate / relative_sigma
 
 
-def check_relative(relative_sigma: float, relative_learning_rate: float | None) -> None:
-    """Refuse relative units outside a sensible range, naming the field and the fix (both integrations' fields)."""
+def check_relative(relative_sigma: float, relative_learning_rate: float | None,
+                   step_name: str = "relative_learning_rate") -> None:
+    """Refuse relative units outside a sensible range, naming the field (``step_name``: the one the step was set by)
+    and the fix."""
     if not 0 < relative_sigma <= MAX_RELATIVE_SIGMA:
         raise ValueError(
             f"relative_sigma must be in (0, {MAX_RELATIVE_SIGMA}], got {relative_sigma}: it is the noise as a fraction "
@@ -43,12 +45,12 @@ def check_relative(relative_sigma: float, relative_learning_rate: float | None) 
     if relative_learning_rate is None:
         return
     if not (relative_learning_rate >= 0 and math.isfinite(relative_learning_rate)):
-        raise ValueError(f"relative_learning_rate must be a non-negative finite number, got {relative_learning_rate}.")
+        raise ValueError(f"{step_name} must be a non-negative finite number, got {relative_learning_rate}.")
     alpha = relative_learning_rate / relative_sigma
     if alpha > MAX_RELATIVE_ALPHA:
         raise ValueError(
-            f"relative_learning_rate={relative_learning_rate} with relative_sigma={relative_sigma} moves each tensor by "
-            f"{alpha:g} of its scale times the mean shaped noise per step (relative_learning_rate / relative_sigma > "
+            f"{step_name}={relative_learning_rate} with relative_sigma={relative_sigma} moves each tensor by "
+            f"{alpha:g} of its scale times the mean shaped noise per step ({step_name} / relative_sigma > "
             f"{MAX_RELATIVE_ALPHA}): the weights would be replaced, not tuned. Lower it, e.g. to "
             f"{DEFAULT_RELATIVE_LEARNING_RATE / DEFAULT_RELATIVE_SIGMA * relative_sigma:g}.")
 

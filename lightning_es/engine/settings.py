@@ -13,12 +13,13 @@ TRL or transformers setting of the same kind carries ``es_``, so that a GRPO use
 
 Units: relative (the default): ``relative_sigma`` and ``relative_learning_rate`` are fractions of each tensor's own
 scale (``engine.scales``); absolute: ``sigma``, with ``learning_rate`` as the step, as the ES papers write them.
-``learning_rate`` set alone (to other than its default) keeps the rule scripts written before relative units relied
-on: it is an absolute step, and the noise becomes ``sigma = ABSOLUTE_SIGMA``, with a warning.
+``learning_rate`` is always the step, in the units of the noise: a fraction of each tensor's scale under relative noise
+(``relative_learning_rate`` is the same step under its explicit name), absolute beside ``sigma``; with an optimizer
+taking the step, that optimizer's learning rate. The units follow from which noise field is set, never from a value, so
+a logged step copied into ``learning_rate`` runs the same step.
 """
 
 import dataclasses
-import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -29,10 +30,7 @@ from .perturbations import PERTURBATIONS, refuse_on_zero3
 from .scales import DEFAULT_RELATIVE_LEARNING_RATE, DEFAULT_RELATIVE_SIGMA, check_relative
 from .shaping import FITNESS_SHAPING
 
-logger = logging.getLogger(__name__)
-
-ABSOLUTE_SIGMA = 1e-2  # with a learning_rate set alone: the sigma all ESConfig scripts ran with before relative units
-DEFAULT_LEARNING_RATE = 1e-4
+DEFAULT_LEARNING_RATE = DEFAULT_RELATIVE_LEARNING_RATE  # in relative units, the default ones
 
 
 def _help(text: str) -> dict:
@@ -50,15 +48,17 @@ class ESSettings:
         "Absolute noise: the standard deviation of the weight perturbations (learning_rate is then the step). Unset: "
         "relative noise (relative_sigma)."))
     learning_rate: float = field(default=DEFAULT_LEARNING_RATE, metadata=_help(
-        "The absolute step lr in theta += lr * g (the ES-at-scale paper's alpha times sigma), with sigma; set alone, "
-        f"it implies sigma={ABSOLUTE_SIGMA} with a warning. Under relative noise the step is relative_learning_rate."))
+        "The ES step lr in theta += lr * g, in the units of the noise: a fraction of each tensor's scale under relative "
+        "noise (the default), absolute beside sigma (the ES-at-scale paper's alpha times sigma, e.g. 5e-7 with sigma "
+        "1e-3). With an optimizer taking the step (ESConfig's es_optimizer='trainer', or configure_optimizers), that "
+        "optimizer's learning rate."))
     relative_sigma: float | None = field(default=None, metadata=_help(
         "Noise as a fraction of each tensor's scale (RMS of a matrix, magnitude of a vector's entries, at the start). "
         f"Unset: {DEFAULT_RELATIVE_SIGMA} unless sigma is set."))
     relative_learning_rate: float | None = field(default=None, metadata=_help(
-        "The step lr in the units of relative_sigma (lr / relative_sigma is the ES-at-scale paper's alpha as a "
-        f"fraction of each tensor's scale). Unset: {DEFAULT_RELATIVE_LEARNING_RATE} with relative noise. Follows the "
-        "learning-rate schedule as learning_rate would."))
+        "learning_rate under its explicit name, for relative noise only (lr / relative_sigma is the ES-at-scale "
+        "paper's alpha as a fraction of each tensor's scale). Unset: learning_rate. Follows the learning-rate "
+        "schedule as learning_rate does."))
     antithetic: bool = field(default=True, metadata=_help(
         "Evaluate mirrored pairs theta +- sigma*eps (population_size must be even)."))
     fitness_shaping: str = field(default="zscore", metadata=_help(
@@ -118,15 +118,6 @@ class ESSettings:
                 raise ValueError(f"{name}={value!r} is not a device ({error}); use e.g. 'cpu' or 'cuda'.") from None
 
     def _resolve_units(self, optimizer_steps: bool) -> None:
-        relative_set = self.relative_sigma is not None or self.relative_learning_rate is not None
-        if (self.sigma is None and not relative_set and not optimizer_steps
-                and self.learning_rate != DEFAULT_LEARNING_RATE):
-            # a script written for absolute units (all there were before relative_sigma) sets only the step
-            self.sigma = ABSOLUTE_SIGMA
-            logger.warning(
-                "learning_rate=%g is an absolute step, so the noise is absolute too: sigma=%g (ESConfig's default "
-                "before relative units). Set sigma to choose it, or relative_learning_rate (without learning_rate) for noise "
-                "and step relative to each tensor's scale.", self.learning_rate, ABSOLUTE_SIGMA)
         if self.sigma is not None:
             if not (self.sigma > 0 and math.isfinite(self.sigma)):
                 raise ValueError(f"sigma must be positive and finite, got {self.sigma}.")
@@ -137,6 +128,11 @@ class ESSettings:
                     raise ValueError(
                         f"sigma={self.sigma} (absolute noise, with learning_rate as the step) and {name}="
                         f"{getattr(self, name)} (relative noise) were both set: set one of the two units.")
+            if not optimizer_steps and self.learning_rate == DEFAULT_LEARNING_RATE:
+                raise ValueError(
+                    f"sigma={self.sigma} makes the noise absolute, so learning_rate is an absolute step too, and its "
+                    f"default ({DEFAULT_LEARNING_RATE:g}) is a relative one: set learning_rate with sigma (the ES-at-scale "
+                    "paper: sigma=1e-3, learning_rate=5e-7), or leave sigma unset for relative noise.")
             return
         if self.relative_sigma is None:
             self.relative_sigma = DEFAULT_RELATIVE_SIGMA
@@ -148,13 +144,14 @@ class ESSettings:
             check_relative(self.relative_sigma, None)
             return
         if self.relative_learning_rate is None:
-            self.relative_learning_rate = DEFAULT_RELATIVE_LEARNING_RATE
-        check_relative(self.relative_sigma, self.relative_learning_rate)
-        if self.learning_rate != DEFAULT_LEARNING_RATE:
+            self.relative_learning_rate = self.learning_rate
+            check_relative(self.relative_sigma, self.relative_learning_rate, step_name="learning_rate")
+            return
+        if self.learning_rate not in (DEFAULT_LEARNING_RATE, self.relative_learning_rate):
             raise ValueError(
-                f"learning_rate={self.learning_rate} is an absolute step, which goes with an absolute sigma; with "
-                f"relative noise (relative_sigma={self.relative_sigma}) the step is relative_learning_rate. Set one "
-                "pair: sigma and learning_rate, or relative_sigma and relative_learning_rate.")
+                f"learning_rate={self.learning_rate} and relative_learning_rate={self.relative_learning_rate} are two "
+                "values of one step (under relative noise learning_rate is relative too): set one of them.")
+        check_relative(self.relative_sigma, self.relative_learning_rate)
 
     def check_optimizer(self) -> None:
         """Refuse what a torch optimizer taking the step (instead of the in-place ES step) cannot honour."""

@@ -75,13 +75,24 @@ class _StartPoint(pl.Callback):
 class KLDriftCallback(_StartPoint):
     """KL(current || starting weights) on off-task probe prompts every ``every_n_steps`` training steps.
 
-    ``model_attribute`` names the module's attribute holding the causal LM (``None``: the LightningModule itself).
-    Replicated processes split the probes; under ZeRO-3 each forward gathers the parameters from every process, so
-    every process probes them all. The metric reduces over all processes. The starting weights are kept in checkpoints.
+    The arguments are those of the TRL ``KLDriftCallback`` (less its ``trainer``), with the same defaults:
+
+    - ``probe_prompts``: probe texts, or conversations (lists of messages) rendered with the chat template;
+    - ``tokenizer``: None takes the LightningModule's ``tokenizer`` attribute;
+    - ``estimator``: ``"exact"`` (the default) takes the full next-token KL at every position of the probe text, never
+      negative; ``"sampled"`` samples ``max_new_tokens`` tokens at temperature 1 and averages the log-probability
+      difference of the sampled tokens (the ES-vs-GRPO paper's estimate, a Monte Carlo one that can read negative);
+    - ``batch_size``: probes per forward pass;
+
+    and, keyword-only, where Lightning needs it: ``model_attribute`` names the module's attribute holding the causal LM
+    (``None``: the LightningModule itself). Replicated processes split the probes; under ZeRO-3 each forward gathers
+    the parameters from every process, so every process probes them all. The metric reduces over all processes. The
+    starting weights are kept in checkpoints. ``measure`` reads the KL on demand (before and after ``fit``).
     """
 
-    def __init__(self, probe_prompts: Sequence[str], tokenizer, every_n_steps: int = 10, estimator: str = "sampled",
-                 max_new_tokens: int = 32, batch_size: int = 8, model_attribute: str | None = "model"):
+    def __init__(self, probe_prompts: Sequence[str | list[dict]], tokenizer=None, every_n_steps: int = 10,
+                 estimator: str = "exact", max_new_tokens: int = 32, batch_size: int = 8, *,
+                 model_attribute: str | None = "model"):
         if every_n_steps < 1:
             raise ValueError(f"every_n_steps must be at least 1, got {every_n_steps}.")
         if not probe_prompts:
@@ -93,13 +104,33 @@ class KLDriftCallback(_StartPoint):
         self.model_attribute = model_attribute
         self.probe = None
 
-    def on_train_start(self, trainer, pl_module):
+    def _build_probe(self, trainer, pl_module) -> None:
+        tokenizer = self.tokenizer if self.tokenizer is not None else getattr(pl_module, "tokenizer", None)
+        if tokenizer is None:
+            raise ValueError(f"KLDriftCallback was given no tokenizer and {type(pl_module).__name__} has no `tokenizer` "
+                             "attribute: pass KLDriftCallback(probe_prompts, tokenizer).")
+        prompts = [
+            p if isinstance(p, str) else tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
+            for p in self.probe_prompts
+        ]
         if getattr(trainer.strategy, "sharded", False):  # ZeRO-3: every forward is every process's, so all probe all
-            share = self.probe_prompts
+            share = prompts
         else:
-            share = self.probe_prompts[trainer.global_rank :: trainer.world_size] or self.probe_prompts[:1]
-        self.probe = DriftProbe(_model(pl_module, self.model_attribute), self.tokenizer, share, **self.options,
+            share = prompts[trainer.global_rank :: trainer.world_size] or prompts[:1]
+        self.probe = DriftProbe(_model(pl_module, self.model_attribute), tokenizer, share, **self.options,
                                 reference=self._start(trainer, pl_module))
+
+    def on_train_start(self, trainer, pl_module):
+        self._build_probe(trainer, pl_module)
+
+    def measure(self, trainer, pl_module) -> float:
+        """The off-task KL of the module's model from the start weights now, reduced over the processes (every process
+        calls it). Before ``fit`` the start weights are the current ones (a host copy, which ``fit`` replaces with the
+        start it picks), so it reads 0; after ``fit``, the drift of the run."""
+        if self.probe is None:
+            self._build_probe(trainer, pl_module)
+        return float(self.probe.measure(_model(pl_module, self.model_attribute), KLDrift(),
+                                        step=trainer.global_step).compute())
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step
@@ -109,10 +140,12 @@ class KLDriftCallback(_StartPoint):
 
 
 class ParameterDriftCallback(_StartPoint):
-    """L2 norm of the update from the start, relative norm, per layer type, and fraction of weights moved. The start
-    weights are kept in checkpoints."""
+    """L2 norm of the update from the start, relative norm, per layer type, and fraction of weights moved beyond
+    ``threshold``. The arguments are those of the TRL ``ParameterDriftCallback`` (less its ``trainer``), with the same
+    defaults, and keyword-only ``model_attribute``: the module's attribute holding the model to measure (``None``, the
+    default: the LightningModule itself). The start weights are kept in checkpoints."""
 
-    def __init__(self, every_n_steps: int = 10, threshold: float = 1e-6, model_attribute: str | None = None):
+    def __init__(self, every_n_steps: int = 10, threshold: float = 1e-6, *, model_attribute: str | None = None):
         if every_n_steps < 1:
             raise ValueError(f"every_n_steps must be at least 1, got {every_n_steps}.")
         self.every_n_steps = every_n_steps

@@ -2,7 +2,9 @@
 
 The LightningModule's ``training_step`` returns a fitness (a scalar, higher is better) for the module's current
 weights on the batch, or one fitness per example (a 1-D tensor, whose mean is the fitness;
-``fitness_shaping="evidence_zscore"`` reads the examples). Per batch the strategy runs the engine's iteration
+``fitness_shaping="evidence_zscore"`` reads the examples). With ``ESStrategy(mode="min")`` it returns a loss instead
+(lower is better, e.g. a ``training_step`` ported from a module trained by gradient descent) and the fitness is the
+negated loss. Per batch the strategy runs the engine's iteration
 (``engine.iteration.run_iteration``) with a scoring function that calls ``training_step``: each process scores its share of the population (perturb, ``training_step``, restore), only fitness and logged scalars travel
 between processes, an error on one process (a bad fitness, differing logged names, an exception) is raised with the
 same message on all of them, and every process applies the same update:
@@ -20,12 +22,14 @@ The ES knobs are ``ESSettings``' fields, named and defaulted as in ``ESConfig`` 
 noise and step relative to each tensor's scale by default, absolute with ``sigma`` and ``learning_rate``.
 
 ``self.log`` inside ``training_step`` logs the population mean under the name and the fittest member's value under
-``<name>/best`` (``population_log``). The strategy logs ``es/fitness_mean``, ``es/fitness_std``, ``es/fitness_max``,
-``es/sigma``, and with the in-place update ``es/lr`` and ``es/update_norm``; the returned loss is
-``-es/fitness_mean``.
+``<name>/best`` (``population_log``). The strategy logs the ``es/`` metrics both integrations log
+(``engine.step_metrics``, docs/logged_metrics.md); the returned loss is ``-es/fitness_mean``. The fitness is always
+what ES maximises: with ``mode="min"``, ``es/fitness_*`` are of the negated losses (``es/fitness_max`` is minus the
+lowest loss) and the returned loss is the population's mean loss.
 
 Importing this module registers ``"es"`` (and ``"es_zero3"``, the sharded layout with a minimal ZeRO-3 config) in
-Lightning's strategy registry.
+``pytorch_lightning``'s strategy registry. ``lightning_es.unified`` builds this module on ``lightning.pytorch`` (for
+``import lightning as L``), and importing it registers them in that package's registry.
 """
 
 import os
@@ -41,6 +45,7 @@ from ..engine import EvolutionStrategy, Population, Processes
 from ..engine.build import build_evolution_strategy
 from ..engine.evaluation import MemberScores
 from ..engine.iteration import Iteration, run_iteration
+from ..engine.step_metrics import step_metrics
 from ..engine.settings import ESSettings
 from ..engine.shaping import uses_prompts
 from ..engine.zero3 import check_zero3_config
@@ -50,6 +55,7 @@ from .resumable_loader import ResumableLoader
 
 ES_STATE_KEY = "es_strategy"
 ZERO3_DEFAULTS = {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1}
+MODES = ("max", "min")  # what training_step returns: a fitness to maximise, or a loss to minimise
 
 
 def _parameters_by_module(module: torch.nn.Module):
@@ -102,6 +108,7 @@ class ESStrategy(DDPStrategy):
         settings: ESSettings | None = None,
         seed: int | None = None,
         deepspeed_config: dict | str | os.PathLike | None = None,
+        mode: str = "max",
         **kwargs,
     ):
         """Every ES knob is a field of ``ESSettings`` (``lightning_es.engine.settings``), under the name ``ESConfig``
@@ -113,9 +120,14 @@ class ESStrategy(DDPStrategy):
             settings: an ``ESSettings`` (or ``ESConfig``) to take every ES knob from, instead of keyword arguments.
             seed: noise seed; None takes ``seed_everything``'s seed (``PL_GLOBAL_SEED``), else 0.
             deepspeed_config: a DeepSpeed config (dict or JSON path) with ZeRO stage 3 for the sharded layout.
+            mode: ``"max"``: ``training_step`` returns a fitness, which ES raises; ``"min"``: it returns a loss, which
+                ES lowers (the fitness, and ``es/fitness_*``, are the negated loss).
             kwargs: ``ESSettings`` fields, and ``DDPStrategy``'s arguments (``process_group_backend``, ``timeout``,
                 ``start_method``, ...).
         """
+        if mode not in MODES:
+            raise ValueError(f"ESStrategy(mode={mode!r}): mode is 'max' (training_step returns a fitness, higher is "
+                             "better) or 'min' (it returns a loss, lower is better).")
         renamed = {old: new for old, new in RENAMED.items() if old in kwargs}
         if renamed:
             raise TypeError("ESStrategy's knobs have ESConfig's names: " + ", ".join(
@@ -137,6 +149,7 @@ class ESStrategy(DDPStrategy):
         kwargs.setdefault("checkpoint_io", AtomicCheckpointIO())
         super().__init__(**kwargs)
         self.seed = seed
+        self.mode = mode
         self.deepspeed_config = check_zero3_config(deepspeed_config) if deepspeed_config is not None else None
         if self.deepspeed_config is not None:
             self.settings.check_sharded()
@@ -264,6 +277,8 @@ class ESStrategy(DDPStrategy):
             with (torch.no_grad(), self.precision_plugin.train_step_context(), self.es.perturbed(member),
                   logs.capture(module) as logged):
                 values = _fitness_values(module.training_step(*args, **kwargs))
+            if self.mode == "min":  # a loss: ES maximises its negation
+                values = -values
             # sharded, each process holds its own examples, named apart; replicated, all see the same batch
             where = f"{self.global_rank}." if self.sharded else ""
             examples = {} if values.dim() == 0 else {f"{where}{i:06d}": [float(v)] for i, v in enumerate(values)}
@@ -282,18 +297,12 @@ class ESStrategy(DDPStrategy):
 
         self._iteration = run_iteration(self.es, step, score, self._processes,
                                         update=None if self.has_optimizer else "step", check=check)
-        self._log_step(self._iteration.fitness, self._iteration.stats)
+        self._log_step(self._iteration)
         return torch.tensor(-float(self._iteration.fitness.mean()), device=self.root_device)
 
-    def _log_step(self, fitness: torch.Tensor, stats) -> None:
-        metrics = {
-            "es/fitness_mean": float(fitness.mean()),
-            "es/fitness_std": float(fitness.std(unbiased=False)),
-            "es/fitness_max": float(fitness.max()),
-            "es/sigma": self.es.sigma,
-        }
-        if stats is not None:
-            metrics |= {"es/update_norm": stats.update_norm, "es/lr": self.es.learning_rate}
+    def _log_step(self, iteration: Iteration) -> None:
+        step_size = None if self.has_optimizer else self.es.learning_rate
+        metrics = step_metrics(iteration, self.es, self.settings, step_size)
         self.lightning_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
 
     def backward(self, closure_loss, optimizer, *args, **kwargs):

@@ -21,6 +21,7 @@ _SHOWN = (
 NUMBER = r"-?\$?\s*\d[\d,]*(?:\.\d+)?"
 _FINAL = re.compile(r"####\s*(" + NUMBER + ")")
 _ANY_NUMBER = re.compile(NUMBER)
+OFFLINE = "GSM8K-style problems generated offline by reasoning-gym's gsm_symbolic"
 
 
 def parse_number(text: str) -> Fraction | None:
@@ -92,7 +93,14 @@ def generate_offline(size: int, seed: int, style: str = "step_by_step") -> Datas
     import reasoning_gym
 
     problems = reasoning_gym.create_dataset("gsm_symbolic", size=size, seed=seed)
-    return to_prompts([p["question"] for p in problems], [p["answer"] for p in problems], style)
+    dataset = to_prompts([p["question"] for p in problems], [p["answer"] for p in problems], style)
+    dataset.info.description = OFFLINE
+    return dataset
+
+
+def task_name(dataset: Dataset) -> str:
+    """What a recipe calls the problems it reports on: GSM8K, or the offline stand-in when the hub was unreachable."""
+    return "GSM8K-style (reasoning-gym)" if dataset.info.description == OFFLINE else "GSM8K"
 
 
 def load_splits(
