@@ -170,3 +170,22 @@ def test_the_unified_build_imports_neither_pytorch_lightning_nor_lightning_fabri
             "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_a_checkpoint_records_its_mode_and_resuming_under_the_other_is_refused(tmp_path):
+    import pytorch_lightning as pl
+
+    import lightning_es.lightning as es
+
+    module = quadratic_module(pl)
+    trainer_of(pl, max_steps=1, strategy=es.ESStrategy(population_size=4, mode="min"),
+               default_root_dir=tmp_path).fit(module)
+    checkpoint = tmp_path / "min.ckpt"
+    module.trainer.save_checkpoint(checkpoint)
+    with pytest.raises(ValueError, match=r"trained with ESStrategy\(mode='min'\), this run has mode='max'"):
+        trainer_of(pl, max_steps=2, strategy=es.ESStrategy(population_size=4, mode="max")).fit(
+            quadratic_module(pl), ckpt_path=str(checkpoint))
+    resumed = quadratic_module(pl)
+    trainer_of(pl, max_steps=2, strategy=es.ESStrategy(population_size=4, mode="min")).fit(
+        resumed, ckpt_path=str(checkpoint))
+    assert resumed.trainer.global_step == 2

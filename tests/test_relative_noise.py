@@ -214,7 +214,7 @@ def test_learning_rate_is_the_step_in_the_units_of_the_noise_whatever_its_value(
         config(learning_rate=2e-3, relative_learning_rate=1e-3)
     with pytest.raises(ValueError, match=r"learning_rate=0.1 with relative_sigma=0.03 moves each tensor"):
         config(learning_rate=0.1)
-    with pytest.raises(ValueError, match=r"sigma=0.001 makes the noise absolute.*set learning_rate with sigma"):
+    with pytest.raises(ValueError, match=r"sigma=0.001 makes the noise absolute.*set learning_rate with it"):
         config(sigma=1e-3)  # the default step is a relative one
     absolute = config(sigma=1e-2, learning_rate=1e-2)
     assert not absolute.relative_noise and absolute.step_size() == 1e-2

@@ -87,6 +87,19 @@ def test_generation_batching_fields_warn(tmp_path):
     assert args.steps_per_generation == 1
 
 
+def test_a_grpo_configs_generation_batch_is_named_as_the_user_set_it():
+    """GRPOConfig derives steps_per_generation from generation_batch_size: the swap's warning names the one set."""
+    from trl_ext.config import to_es_config
+
+    grpo = GRPOConfig(output_dir="unused", use_cpu=True, per_device_train_batch_size=8, generation_batch_size=16)
+    with pytest.warns(SwapWarning) as caught:
+        args = to_es_config(grpo)
+    (swap,) = [str(w.message) for w in caught if issubclass(w.category, SwapWarning)]
+    assert "generation_batch_size=16 (steps_per_generation=2) ignored" in swap
+    assert "\n  - steps_per_generation=2 ignored" not in swap  # not as if the user had set it
+    assert args.steps_per_generation == 1 and args.generation_batch_size == 8
+
+
 @pytest.mark.parametrize(("name", "value"), [
     ("sync_ref_model", True), ("use_transformers_continuous_batching", True),
     ("auto_find_batch_size", True),

@@ -83,7 +83,7 @@ def test_grpo_config_keeps_what_the_user_changed_and_takes_es_defaults(tmp_path,
     assert (args.relative_sigma, args.relative_learning_rate) == (DEFAULT_RELATIVE_SIGMA, DEFAULT_RELATIVE_LEARNING_RATE)
     assert args.prompts_per_step == 2 and not args.greedy  # GRPO's batch of 4 completions: 2 prompts x 2 samples
     (swap,) = [str(w.message) for w in caught if issubclass(w.category, SwapWarning)]  # one block
-    assert "learning_rate=3e-06 (tuned for Adam on true gradients) is not used: ES steps by relative_learning_rate 0.0015" in swap
+    assert "learning_rate=3e-06 (tuned for Adam on true gradients) is not used: ES steps by its default learning_rate 0.0015" in swap
     assert "lr_scheduler_type: 'linear' -> 'constant'" in swap and "num_generations" not in swap  # kept: not listed
 
 
@@ -352,6 +352,33 @@ def test_resume_from_checkpoint_continues_exactly(tmp_path, tokenizer, prompt_da
             assert torch.equal(master, resumed.es.master.copies[name])
     rewards = lambda t: [h["reward"] for h in t.state.log_history if "reward" in h]  # noqa: E731
     assert rewards(resumed)[2:] == rewards(uninterrupted)[2:]  # steps 3 and 4 replayed exactly
+
+
+def test_a_scheduler_saved_with_another_base_rate_resumes_with_the_settings_step(tmp_path, tokenizer, prompt_dataset):
+    """0.1.0's checkpoints hold a scheduler (and optimizer) at its default learning_rate 1e-4, which relative noise
+    never used as its step: the resumed step is the settings' step times the schedule's factor, as before."""
+    def run(output_dir, resume=None):
+        args = ESConfig(output_dir=str(output_dir), max_steps=2, per_device_train_batch_size=2, population_size=4,
+                        max_completion_length=4, report_to="none", use_cpu=True, save_strategy="steps", save_steps=1,
+                        logging_steps=1, disable_tqdm=True)
+        trainer = ESTrainer(build_model(tokenizer), token_rate, args=args, train_dataset=prompt_dataset,
+                            processing_class=tokenizer)
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer
+
+    uninterrupted = run(tmp_path / "a")
+    checkpoint = tmp_path / "a" / "checkpoint-1"
+    scheduler = torch.load(checkpoint / "scheduler.pt", weights_only=False)
+    scheduler["base_lrs"] = scheduler["_last_lr"] = [1e-4] * len(scheduler["base_lrs"])
+    torch.save(scheduler, checkpoint / "scheduler.pt")
+    optimizer = torch.load(checkpoint / "optimizer.pt", weights_only=False)
+    for group in optimizer["param_groups"]:
+        group["lr"] = group["initial_lr"] = 1e-4
+    torch.save(optimizer, checkpoint / "optimizer.pt")
+    resumed = run(tmp_path / "b", resume=str(checkpoint))
+    assert [h["learning_rate"] for h in resumed.state.log_history if h.get("step") == 2 and "loss" in h] == [1.5e-3]
+    for (name, p), q in zip(uninterrupted.model.named_parameters(), resumed.model.parameters()):
+        assert torch.equal(p, q), name
 
 
 def test_resume_refuses_a_checkpoint_without_es_state(tmp_path, tiny_model, tokenizer, prompt_dataset):

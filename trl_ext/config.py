@@ -10,10 +10,9 @@ import torch
 from transformers.trainer_utils import SchedulerType
 from trl import GRPOConfig
 
-from lightning_es.engine.scales import DEFAULT_RELATIVE_LEARNING_RATE
-from lightning_es.engine.settings import ESSettings
+from lightning_es.engine.settings import DEFAULT_LEARNING_RATE, ESSettings
 
-from .grpo_fields import SwapWarning, apply_audit, default, warn_changes
+from .grpo_fields import FIELDS, SwapWarning, apply_audit, default, warn_changes
 
 ES_OPTIMIZERS = ("sgd", "trainer")
 
@@ -157,7 +156,7 @@ class ESConfig(ESSettings, GRPOConfig):
         if not isinstance(self.fitness_shaping, str):
             raise ValueError(
                 f"ESConfig(fitness_shaping={self.fitness_shaping!r}): ESConfig takes a shaping's name (it is saved "
-                "with checkpoints as JSON), one of 'zscore', 'centered_rank', 'evidence_zscore'; a callable is "
+                "with checkpoints as JSON), one of 'zscore', 'centered_rank', 'evidence_zscore', 'prompt_zscore'; a callable is "
                 "ESStrategy's only.")
         if self.es_optimizer not in ES_OPTIMIZERS:
             raise ValueError(f"es_optimizer must be one of {ES_OPTIMIZERS}, got {self.es_optimizer!r}.")
@@ -235,8 +234,10 @@ def to_es_config(args: GRPOConfig) -> ESConfig:
         if f.init and f.name not in DERIVED and getattr(args, f.name) != default(GRPOConfig, f.name)
     }
     changed["per_device_train_batch_size"] = args.per_device_train_batch_size
-    if args.steps_per_generation != args.gradient_accumulation_steps:  # set by the user: ESConfig warns
-        changed["steps_per_generation"] = args.steps_per_generation
+    batching = []
+    if args.steps_per_generation != args.gradient_accumulation_steps:  # the user set one of the two, which derives
+        batching.append(f"generation_batch_size={args.generation_batch_size} (steps_per_generation="  # the other
+                        f"{args.steps_per_generation}) {FIELDS['steps_per_generation'].es}")
     replaced = [
         f"{f.name}: {default(GRPOConfig, f.name)!r} -> {default(ESConfig, f.name)!r} ({_reason(f.name)})"
         for f in dataclasses.fields(GRPOConfig)
@@ -249,8 +250,9 @@ def to_es_config(args: GRPOConfig) -> ESConfig:
                         f"(GRPOTrainer: {args.per_device_train_batch_size // args.num_generations} prompt(s) x "
                         f"{args.num_generations} sampled completions)")
     learning_rate = changed.pop("learning_rate", args.learning_rate)
-    replaced.append(f"learning_rate={learning_rate:g} (tuned for Adam on true gradients) is not used: ES steps by "
-                    f"relative_learning_rate {DEFAULT_RELATIVE_LEARNING_RATE:g}, a fraction of each tensor's scale")
+    replaced.append(f"learning_rate={learning_rate:g} (tuned for Adam on true gradients) is not used: ES steps by its "
+                    f"default learning_rate {DEFAULT_LEARNING_RATE:g}, a fraction of each tensor's scale")
+    replaced += batching
     with warnings.catch_warnings(record=True) as caught:  # the audit's lines join this one block
         warnings.simplefilter("always", SwapWarning)
         config = ESConfig(**changed)

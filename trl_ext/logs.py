@@ -74,9 +74,22 @@ class ESLogging:
             metrics[name].append(value)
         metrics["step_time"].append(seconds)
 
+    def scheduled_step(self) -> float:
+        """The ES step now: the settings' step times the schedule's factor (its current rate over its base rate).
+        The factor, not the rate: a resumed scheduler keeps the base rate its checkpoint was written with (0.1.0's
+        default learning_rate was 1e-4, a value the step never used under relative noise)."""
+        if self.lr_scheduler is None:
+            return self.args.step_size()
+        base = self.lr_scheduler.base_lrs[0]
+        factor = self.lr_scheduler.get_last_lr()[0] / base if base else 1.0
+        return self.args.step_size(self.args.learning_rate * factor)
+
     def _get_learning_rate(self):
-        """The step ES takes, in the units of the noise (the value that, as ``learning_rate``, runs the same step)."""
-        return self.args.step_size(super()._get_learning_rate())
+        """The step ES takes, in the units of the noise (the value that, as ``learning_rate``, runs the same step);
+        with es_optimizer="trainer" the optimizer's own rate."""
+        if self.args.es_optimizer == "trainer":
+            return super()._get_learning_rate()
+        return self.scheduled_step()
 
     def _maybe_log_save_evaluate(self, tr_loss, grad_norm, *args, **kwargs):
         """``grad_norm`` is left out under the in-place step, as transformers leaves out a None: there is no loss

@@ -200,8 +200,7 @@ class ESTrainer(ESCheckpoints, ESLogging, KLPenalty, TRLScoring, RuntimeChecks, 
         # the members' KL to the reference: for beta, and at the first step to check that the noise separates the
         # members from the start weights without destroying them (there the reference is the current weights)
         score, scored, rows = self.population_score(inputs, step, measure_kl=self.beta > 0 or step == 0)
-        scheduled = self.lr_scheduler.get_last_lr()[0] if self.lr_scheduler is not None else self.args.learning_rate
-        lr = self.args.step_size(scheduled)
+        lr = self.scheduled_step()
         limit = self.args.es_max_generation_rows
 
         def checked(iteration: Iteration) -> None:

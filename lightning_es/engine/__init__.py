@@ -19,7 +19,7 @@ from .population import Member, Population
 from .processes import PopulationError, Processes
 from .scales import relative_scales
 from .settings import ESSettings
-from .shaping import FITNESS_SHAPING, centered_rank, evidence_zscore, zscore
+from .shaping import FITNESS_SHAPING, centered_rank, evidence_zscore, prompt_zscore, zscore
 from .start import StartWeights
 
 __all__ = [
@@ -48,6 +48,7 @@ __all__ = [
     "derive_seed",
     "evaluate_population",
     "evidence_zscore",
+    "prompt_zscore",
     "relative_scales",
     "run_iteration",
     "select_parameters",

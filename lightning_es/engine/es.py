@@ -39,11 +39,7 @@ from .start import StartWeights
 @dataclass
 class StepStats:
     update_norm: float  # of the step applied to the weights
-    fitness_mean: float  # over the members that took part
-    fitness_std: float
-    fitness_max: float
     gradient_norm: float = math.nan  # of the estimate g
-    left_out: int = 0  # members without a fitness, which took no part in the step
 
 
 def noise_coefficients(members: Sequence[Member], shaped_fitness: torch.Tensor) -> dict[int, float]:
@@ -216,7 +212,7 @@ class EvolutionStrategy:
             gradient_norm = math.sqrt(self.perturbation.total_squared_norm(gradient_squared))
             update_norm = math.sqrt(self.perturbation.total_squared_norm(update_squared))
         self.perturbation.written()
-        return self._stats(fitness, scored, update_norm, gradient_norm)
+        return StepStats(update_norm=update_norm, gradient_norm=gradient_norm)
 
     def write_gradients(self, step: int, fitness: torch.Tensor, scored: torch.Tensor | None = None,
                         per_prompt: torch.Tensor | None = None) -> StepStats:
@@ -231,7 +227,7 @@ class EvolutionStrategy:
             p = self.params[name]
             p.grad = gradient.neg_().to(p.dtype)
         norm = math.sqrt(self.perturbation.total_squared_norm(squared_norm))
-        return self._stats(fitness, scored, norm, norm)
+        return StepStats(update_norm=norm, gradient_norm=norm)
 
     def state_dict(self) -> dict:
         """What a checkpoint needs beyond the model's weights: the noise seed, for weights stored below fp32 the exact
@@ -275,7 +271,8 @@ class EvolutionStrategy:
                 raise ValueError(
                     f"the checkpoint was trained with absolute noise ({state['noise']!r}), this run uses noise relative "
                     "to each tensor's scale (the default since relative units): resume with sigma and learning_rate set "
-                    "as it was trained (ESConfig's defaults then: sigma=1e-2, learning_rate=1e-4; ESStrategy's: "
+                    "as it was trained (ESConfig's defaults then: sigma=1e-2, learning_rate=1e-4; a learning_rate set "
+                    "without sigma in 0.1.0 trained with absolute noise, sigma=1e-2: add sigma=1e-2; ESStrategy's: "
                     "population_size=32, perturbation='full', sigma=1e-3, learning_rate=5e-7; checkpoints of then do "
                     "not record their population: set it too).")
             if state["noise"] == noise + RELATIVE_NOISE:
@@ -312,15 +309,3 @@ class EvolutionStrategy:
         elif self.start is not None:  # kept before the checkpoint was read, which has none: the resumed weights
             self.start.load_state_dict({name: self.master.value(name) for name in self.params})
         self.perturbation.written()
-
-    @staticmethod
-    def _stats(fitness: torch.Tensor, scored: torch.Tensor, update_norm: float, gradient_norm: float) -> StepStats:
-        taking_part = fitness[scored] if scored.any() else torch.full((1,), math.nan, dtype=torch.float64)
-        return StepStats(
-            update_norm=update_norm,
-            gradient_norm=gradient_norm,
-            fitness_mean=float(taking_part.mean()),
-            fitness_std=float(taking_part.std(unbiased=False)),
-            fitness_max=float(taking_part.max()),
-            left_out=int((~scored).sum()),
-        )

@@ -47,11 +47,11 @@ class ESSettings:
     sigma: float | None = field(default=None, metadata=_help(
         "Absolute noise: the standard deviation of the weight perturbations (learning_rate is then the step). Unset: "
         "relative noise (relative_sigma)."))
-    learning_rate: float = field(default=DEFAULT_LEARNING_RATE, metadata=_help(
+    learning_rate: float | None = field(default=None, metadata=_help(
         "The ES step lr in theta += lr * g, in the units of the noise: a fraction of each tensor's scale under relative "
         "noise (the default), absolute beside sigma (the ES-at-scale paper's alpha times sigma, e.g. 5e-7 with sigma "
-        "1e-3). With an optimizer taking the step (ESConfig's es_optimizer='trainer', or configure_optimizers), that "
-        "optimizer's learning rate."))
+        "1e-3; then it must be set). With an optimizer taking the step (ESConfig's es_optimizer='trainer', or "
+        f"configure_optimizers), that optimizer's learning rate. Unset: {DEFAULT_LEARNING_RATE} (relative)."))
     relative_sigma: float | None = field(default=None, metadata=_help(
         "Noise as a fraction of each tensor's scale (RMS of a matrix, magnitude of a vector's entries, at the start). "
         f"Unset: {DEFAULT_RELATIVE_SIGMA} unless sigma is set."))
@@ -62,8 +62,9 @@ class ESSettings:
     antithetic: bool = field(default=True, metadata=_help(
         "Evaluate mirrored pairs theta +- sigma*eps (population_size must be even)."))
     fitness_shaping: str = field(default="zscore", metadata=_help(
-        "How fitness is normalised: 'zscore', 'centered_rank', or 'evidence_zscore' (the z-score scaled by the "
-        "evidence that members differ beyond chance, read per prompt: a step only as large as the signal)."))
+        "How fitness is normalised: 'zscore', 'centered_rank', 'evidence_zscore' (the z-score scaled by the "
+        "evidence that members differ beyond chance, read per prompt: a step only as large as the signal), or "
+        "'prompt_zscore' (GRPO's group normalisation per prompt across the members, averaged: tied prompts count 0)."))
     perturbation: str = field(default="lowrank", metadata=_help(
         "'lowrank' (docs/perturbations.md): rank-`perturbation_rank` noise on matrices (full-rank on vectors) through "
         "forward hooks, every evolved parameter, the whole population in one batch. 'full': full-rank noise written "
@@ -121,22 +122,26 @@ class ESSettings:
         if self.sigma is not None:
             if not (self.sigma > 0 and math.isfinite(self.sigma)):
                 raise ValueError(f"sigma must be positive and finite, got {self.sigma}.")
-            if not (self.learning_rate >= 0 and math.isfinite(self.learning_rate)):
-                raise ValueError(f"learning_rate must be a non-negative finite number, got {self.learning_rate}.")
             for name in ("relative_sigma", "relative_learning_rate"):
                 if getattr(self, name) is not None:
                     raise ValueError(
                         f"sigma={self.sigma} (absolute noise, with learning_rate as the step) and {name}="
                         f"{getattr(self, name)} (relative noise) were both set: set one of the two units.")
-            if not optimizer_steps and self.learning_rate == DEFAULT_LEARNING_RATE:
-                raise ValueError(
-                    f"sigma={self.sigma} makes the noise absolute, so learning_rate is an absolute step too, and its "
-                    f"default ({DEFAULT_LEARNING_RATE:g}) is a relative one: set learning_rate with sigma (the ES-at-scale "
-                    "paper: sigma=1e-3, learning_rate=5e-7), or leave sigma unset for relative noise.")
+            if self.learning_rate is None:
+                if not optimizer_steps:
+                    raise ValueError(
+                        f"sigma={self.sigma} makes the noise absolute, so the step is absolute too: set learning_rate "
+                        "with it (the ES-at-scale paper: sigma=1e-3, learning_rate=5e-7), or leave sigma unset for "
+                        "relative noise.")
+                self.learning_rate = DEFAULT_LEARNING_RATE
+            if not (self.learning_rate >= 0 and math.isfinite(self.learning_rate)):
+                raise ValueError(f"learning_rate must be a non-negative finite number, got {self.learning_rate}.")
             return
         if self.relative_sigma is None:
             self.relative_sigma = DEFAULT_RELATIVE_SIGMA
         if optimizer_steps:  # the optimizer steps with learning_rate, in its own units
+            if self.learning_rate is None:
+                self.learning_rate = DEFAULT_LEARNING_RATE
             if self.relative_learning_rate is not None:
                 raise ValueError(
                     f"relative_learning_rate={self.relative_learning_rate} is the in-place ES step (es_optimizer='sgd'); "
@@ -144,14 +149,17 @@ class ESSettings:
             check_relative(self.relative_sigma, None)
             return
         if self.relative_learning_rate is None:
+            if self.learning_rate is None:
+                self.learning_rate = DEFAULT_LEARNING_RATE
             self.relative_learning_rate = self.learning_rate
             check_relative(self.relative_sigma, self.relative_learning_rate, step_name="learning_rate")
             return
-        if self.learning_rate not in (DEFAULT_LEARNING_RATE, self.relative_learning_rate):
+        if self.learning_rate not in (None, self.relative_learning_rate):
             raise ValueError(
                 f"learning_rate={self.learning_rate} and relative_learning_rate={self.relative_learning_rate} are two "
                 "values of one step (under relative noise learning_rate is relative too): set one of them.")
         check_relative(self.relative_sigma, self.relative_learning_rate)
+        self.learning_rate = self.relative_learning_rate
 
     def check_optimizer(self) -> None:
         """Refuse what a torch optimizer taking the step (instead of the in-place ES step) cannot honour."""

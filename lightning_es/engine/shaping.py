@@ -67,6 +67,29 @@ def evidence_zscore(fitness: torch.Tensor, per_prompt: torch.Tensor) -> torch.Te
 evidence_zscore.uses_prompts = True
 
 
+def prompt_zscore(fitness: torch.Tensor, per_prompt: torch.Tensor) -> torch.Tensor:
+    """GRPO's group normalisation with the members as the group: each prompt's rewards are centred and scaled across
+    the members (z-scored), a prompt on which every member tied contributes 0, and a member's shaped fitness is the
+    mean of its scores over the prompts.
+
+    Scaling per prompt is what differs from the z-score of the mean rewards (centring alone would change nothing
+    under a z-score): a prompt where members differ by one answer counts as much as one where they differ by many, and
+    the step shrinks with the evidence: its spread is 1 when every prompt ranks the members alike, about
+    ``1 / sqrt(prompts)`` when their rankings are unrelated, and 0 when every prompt is tied. ``fitness`` is used only
+    when no prompt has a reward from every member (then its z-score is returned).
+    """
+    table = torch.as_tensor(per_prompt, dtype=torch.float64)
+    table = table[:, ~table.isnan().any(dim=0)]
+    if table.shape[1] == 0:
+        return zscore(fitness)
+    spread = table.std(dim=0, unbiased=False)
+    scores = torch.where(spread > 0, (table - table.mean(dim=0)) / spread.clamp(min=1e-12), torch.zeros_like(table))
+    return scores.mean(dim=1)
+
+
+prompt_zscore.uses_prompts = True
+
+
 def uses_prompts(shaping: Callable) -> bool:
     """Whether ``shaping`` takes the members' per-prompt rewards as its second argument."""
     return getattr(shaping, "uses_prompts", False)
@@ -76,6 +99,7 @@ FITNESS_SHAPING: dict[str, Callable[..., torch.Tensor]] = {
     "zscore": zscore,
     "centered_rank": centered_rank,
     "evidence_zscore": evidence_zscore,
+    "prompt_zscore": prompt_zscore,
 }
 
 

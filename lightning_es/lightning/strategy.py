@@ -54,6 +54,7 @@ from .population_log import PopulationLog
 from .resumable_loader import ResumableLoader
 
 ES_STATE_KEY = "es_strategy"
+MODE_KEY = "es_strategy_mode"  # what training_step's value is: resuming under the other mode would reverse the goal
 ZERO3_DEFAULTS = {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1}
 MODES = ("max", "min")  # what training_step returns: a fitness to maximise, or a loss to minimise
 
@@ -334,6 +335,7 @@ class ESStrategy(DDPStrategy):
     def save_checkpoint(self, checkpoint, filepath, storage_options=None) -> None:
         if self.es is not None:
             checkpoint[ES_STATE_KEY] = self.es.state_dict()
+            checkpoint[MODE_KEY] = self.mode
         super().save_checkpoint(checkpoint, filepath, storage_options)
 
     def load_model_state_dict(self, checkpoint, strict: bool = True) -> None:
@@ -359,6 +361,10 @@ class ESStrategy(DDPStrategy):
             super().load_model_state_dict(checkpoint, strict)
         if self.es is None:
             return
+        saved_mode = checkpoint.get(MODE_KEY, "max")  # checkpoints from before mode existed maximised
+        if saved_mode != self.mode:
+            raise ValueError(f"the checkpoint was trained with ESStrategy(mode={saved_mode!r}), this run has mode="
+                             f"{self.mode!r}: resume with mode={saved_mode!r}, or ES would reverse what it optimises.")
         self.es.load_state_dict(checkpoint.get(ES_STATE_KEY, {}))
 
     @classmethod
