@@ -282,3 +282,18 @@ def test_compare_es_grpo_writes_a_report(tiny_dir, tmp_path, monkeypatch, capsys
             assert (max(run[method]["kl_exact"]) > 0) == (run[method]["update_norm"] > 0)
             kept, norm = run[method]["bf16_kept_update"], run[method]["update_norm"]
             assert math.isnan(kept) if norm == 0 else 0 <= kept <= 1.01  # NaN: nothing moved, nothing to keep
+
+
+# ---- the task table (studies/task_table.py) ---------------------------------------------------------------------
+
+
+def test_task_table_renders_each_saved_measurement_with_its_interval(tmp_path):
+    import task_table
+
+    saved = {"m/sums/test/final_answer/24": {"model": "m", "task": "sums", "split": "test", "problems": 500,
+                                             "style": "final_answer", "max_new_tokens": 24, "accuracy": 0.2,
+                                             "correct": "1" * 100 + "0" * 400, "seconds": 1.0}}
+    (tmp_path / "tasks.json").write_text(json.dumps(saved))
+    table = task_table.render(tmp_path)
+    assert "| m | sums | final_answer, 24 | test | 500 | 0.200 | [0.165, 0.235] |" in table
+    assert (tmp_path / "tasks.md").read_text().endswith(table)

@@ -49,7 +49,7 @@ def _three(low: int, high: int, small: int = 9) -> Callable[[random.Random], tup
 
 WORD_PROBLEMS = (
     Template("{name} has {a} {item}. {name} gets {b} more. How many {item} does {name} have now?",
-             _two(11, 99), lambda a, b: a + b),
+             lambda rng: (rng.randint(10, 99), rng.randint(10, 49)), lambda a, b: a + b),
     Template("{name} had {a} {item} and gave {b} of them to a friend. How many {item} does {name} have left?",
              _two(11, 99), lambda a, b: a - b if a > b else None),
     Template("A box holds {a} {item}. {name} fills {b} boxes. How many {item} are in the boxes?",
