@@ -91,8 +91,8 @@ def main():
     parser.add_argument("--models", nargs="+", default=[EMBEDDED_NAME, GEMMA_NAME])
     parser.add_argument("--tasks", nargs="+", default=sorted(generated.TASKS))
     parser.add_argument("--splits", nargs="+", default=list(SIZES), choices=list(SIZES))
-    parser.add_argument("--style", default="step_by_step", choices=sorted(gsm8k.INSTRUCTIONS))
-    parser.add_argument("--max_new_tokens", type=int, default=48)
+    parser.add_argument("--style", default="one_line", choices=sorted(gsm8k.INSTRUCTIONS))
+    parser.add_argument("--max_new_tokens", type=int, default=32)
     args = parser.parse_args()
     if args.render is None:
         measure(args.out, args.models, args.tasks, args.splits, args.style, args.max_new_tokens)

@@ -297,3 +297,46 @@ def test_task_table_renders_each_saved_measurement_with_its_interval(tmp_path):
     table = task_table.render(tmp_path)
     assert "| m | sums | final_answer, 24 | test | 500 | 0.200 | [0.165, 0.235] |" in table
     assert (tmp_path / "tasks.md").read_text().endswith(table)
+
+
+# ---- the accuracy race (studies/accuracy_race.py) ---------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("label", ["es-pop8", "grpo-lr1e-4"])
+def test_an_accuracy_race_run_scores_the_whole_test_split_at_its_ends_and_its_head_at_the_marks(
+        tiny_dir, tmp_path, monkeypatch, label):
+    import accuracy_race
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(accuracy_race, "resolve_model", lambda name: str(tiny_dir))
+    monkeypatch.setattr(accuracy_race, "TEST_SIZE", 12)
+    monkeypatch.setattr(accuracy_race, "MARK_PROBLEMS", 8)
+    monkeypatch.setattr(accuracy_race, "TRAIN_SIZE", 16)
+    monkeypatch.setattr(accuracy_race, "MAX_NEW_TOKENS", 4)
+    monkeypatch.setattr(accuracy_race, "COMMON", {**accuracy_race.COMMON, "max_completion_length": 4})
+    small = dict(per_device_train_batch_size=4) | (dict(num_generations=2) if label.startswith("grpo") else {})
+    monkeypatch.setitem(accuracy_race.ES_LABELS if label.startswith("es") else accuracy_race.GRPO_LABELS, label,
+                        {**(accuracy_race.ES_LABELS | accuracy_race.GRPO_LABELS)[label], **small})
+    monkeypatch.setitem(accuracy_race.BUDGETS, "m", 1e-9)  # one step, then the budget is spent
+    monkeypatch.setitem(accuracy_race.MARKS, "m", (1e-12,))
+    # a tiny model answers nothing right: a reward it can earn (by the length of its answer) so that the weights move
+    from lightning_es.tasks import gsm8k
+    from lightning_es.tasks.text import completion_text
+    monkeypatch.setattr(gsm8k, "correctness_reward",
+                        lambda completions, answer, **kwargs: [float(len(completion_text(c)) % 2) for c in completions])
+    run = accuracy_race.train("m", "word_problems", label, 1, "race", None, tmp_path)
+    start, end = run["marks"][0], run["marks"][-1]
+    assert [p["step"] for p in run["marks"]] == [0, 1]  # the budget ends the run before its mark is scored
+    for point in (start, end):
+        assert len(point["test_correct"]) == 12 and point["correct"] == point["test_correct"][:8]
+        assert point["accuracy"] == point["correct"].count("1") / 8
+    assert start["kl"] == 0 and start["update_norm"] == 0
+    assert end["update_norm"] > 0 and end["kl"] > 0
+    assert run["method"] == label.split("-")[0] and run["commit"]
+    from safetensors.torch import load_file
+    delta = load_file(run["weights_delta"])
+    assert math.isclose(sum(float(t.double().square().sum()) for t in delta.values()) ** 0.5, end["update_norm"],
+                        rel_tol=1e-4)
+    tuned = accuracy_race.train("m", "word_problems", label, 0, "tune", None, tmp_path)
+    assert len(tuned["marks"][0]["correct"]) == accuracy_race.VALIDATION_SIZE and "test_correct" not in tuned["marks"][0]

@@ -43,37 +43,35 @@ def _two(low: int, high: int) -> Callable[[random.Random], tuple[int, ...]]:
     return lambda rng: (rng.randint(low, high), rng.randint(low, high))
 
 
-def _three(low: int, high: int, small: int = 9) -> Callable[[random.Random], tuple[int, ...]]:
-    return lambda rng: (rng.randint(low, high), rng.randint(low, high), rng.randint(2, small))
-
-
+# One operation each, on numbers of two or three digits: SmolLM2-135M-Instruct answers none of the two-operation
+# problems it was shown here (0 of 40 per template, docs/reports/accuracy-race/tasks.md) and some of these; the ranges
+# make the space of (numbers, answer) about 37k problems, over 20 times the splits a run reads.
 WORD_PROBLEMS = (
     Template("{name} has {a} {item}. {name} gets {b} more. How many {item} does {name} have now?",
-             lambda rng: (rng.randint(10, 99), rng.randint(10, 49)), lambda a, b: a + b),
+             lambda rng: (rng.randint(10, 199), rng.randint(10, 99)), lambda a, b: a + b),
+    Template("{name} has {a} {item} and a friend has {b}. How many {item} do they have together?",
+             _two(10, 199), lambda a, b: a + b),
     Template("{name} had {a} {item} and gave {b} of them to a friend. How many {item} does {name} have left?",
-             _two(11, 99), lambda a, b: a - b if a > b else None),
+             lambda rng: (lambda a: (a, rng.randint(10, a - 1)))(rng.randint(20, 199)), lambda a, b: a - b),
+    Template("{name} has {a} {item}. A friend has {b} fewer. How many {item} does the friend have?",
+             lambda rng: (lambda a: (a, rng.randint(10, a - 1)))(rng.randint(20, 199)), lambda a, b: a - b),
     Template("A box holds {a} {item}. {name} fills {b} boxes. How many {item} are in the boxes?",
-             lambda rng: (rng.randint(3, 25), rng.randint(2, 12)), lambda a, b: a * b),
+             lambda rng: (rng.randint(3, 99), rng.randint(2, 12)), lambda a, b: a * b),
+    Template("Each pack has {a} {item}. {name} buys {b} packs. How many {item} does {name} buy?",
+             lambda rng: (rng.randint(3, 99), rng.randint(2, 12)), lambda a, b: a * b),
     Template("{name} shares {a} {item} equally among {b} friends. How many {item} does each friend get?",
-             lambda rng: (lambda b, q: (b * q, b))(rng.randint(2, 12), rng.randint(2, 20)),
-             lambda a, b: a // b),
-    Template("{name} collected {a} {item} on Monday and {b} on Tuesday, then lost {c}. How many {item} does {name} "
-             "have?", _three(11, 80, 20), lambda a, b, c: a + b - c),
-    Template("{name} buys {c} bags with {a} {item} in each bag and already had {b} {item}. How many {item} does "
-             "{name} have in total?", lambda rng: (rng.randint(3, 12), rng.randint(5, 60), rng.randint(2, 9)),
-             lambda a, b, c: a * c + b),
-    Template("There are {a} {item} on a table. {name} takes {b} and then puts back {c}. How many {item} are on the "
-             "table now?", _three(30, 99, 25), lambda a, b, c: a - b + c if a > b else None),
-    Template("{name} has {a} {item}. A friend has {b} more than {name}. How many {item} do they have together?",
-             _two(5, 50), lambda a, b: a + (a + b)),
+             lambda rng: (lambda b, q: (b * q, b))(rng.randint(2, 12), rng.randint(2, 30)), lambda a, b: a // b),
 )
 
-SUMS = (
-    Template("What is {a} + {b}?", _two(10, 999), lambda a, b: a + b),
-    Template("Add {a} and {b}.", _two(10, 999), lambda a, b: a + b),
+# Bare arithmetic of two numbers: sums and differences up to three digits, products by one digit
+ARITHMETIC = (
+    Template("What is {a} + {b}?", _two(10, 199), lambda a, b: a + b),
+    Template("What is {a} - {b}?", lambda rng: (lambda a: (a, rng.randint(10, a - 1)))(rng.randint(20, 199)),
+             lambda a, b: a - b),
+    Template("What is {a} * {b}?", lambda rng: (rng.randint(10, 199), rng.randint(2, 9)), lambda a, b: a * b),
 )
 
-TASKS = {"word_problems": WORD_PROBLEMS, "sums": SUMS}
+TASKS = {"word_problems": WORD_PROBLEMS, "arithmetic": ARITHMETIC}
 
 
 def split_of(numbers: tuple[int, ...], answer: int) -> str:

@@ -11,6 +11,9 @@ from .text import completion_text
 INSTRUCTIONS = {
     "step_by_step": "Solve the problem step by step. End with the final answer on its own line as '#### <number>'.",
     "final_answer": "Reply with the final answer only, in the form '#### <number>', and nothing else.",
+    # the calculation written out, in a few tokens: SmolLM2-135M-Instruct answers one-operation word problems about
+    # as often as step by step in 64 tokens, at a quarter of the tokens (docs/reports/accuracy-race/tasks.md)
+    "one_line": "Answer in one line: the calculation with its result, then '#### ' and the number.",
 }
 # two worked problems, shown to a base model before each question (``prompts_for``): answered as each style asks
 _SHOWN = (
@@ -63,7 +66,8 @@ def demonstrations(style: str = "step_by_step") -> list[tuple[str, str]]:
     """(question, answer) pairs answered as ``style`` asks, for a base model (``prompts_for``)."""
     if style not in INSTRUCTIONS:
         raise ValueError(f"answer_style must be one of {sorted(INSTRUCTIONS)}, got {style!r}.")
-    return [(f"{question}\n{INSTRUCTIONS[style]}", f"{steps}\n#### {answer}" if style == "step_by_step" else f"#### {answer}")
+    shown = {"step_by_step": "{steps}\n#### {answer}", "one_line": "{steps} #### {answer}", "final_answer": "#### {answer}"}
+    return [(f"{question}\n{INSTRUCTIONS[style]}", shown[style].format(steps=steps, answer=answer))
             for question, steps, answer in _SHOWN]
 
 
