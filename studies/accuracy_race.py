@@ -209,6 +209,23 @@ def train(model_name: str, task: str, label: str, seed: int, phase: str, start: 
             "weights_delta": str(saved), "wall_seconds": round(time.perf_counter() - started, 1)}
 
 
+def overlap(runs: list[dict]) -> int:
+    """Test problems of the race whose text, or numbers and answer, occur among the problems any raced run trained on
+    or the validation problems (0 by construction; counted, not assumed)."""
+    def key(problem):
+        return tuple(sorted(problem["numbers"])), problem["answer"]
+
+    count = 0
+    for task in {r["task"] for r in runs if r["phase"] == "race"}:
+        seeds = {r["seed"] for r in runs if (r["phase"], r["task"]) == ("race", task)}
+        seen = [p for seed in seeds for p in generated.problems(task, "train", TRAIN_SIZE, seed=seed)]
+        seen += generated.problems(task, "validation", VALIDATION_SIZE, seed=0)
+        texts, keys = {p["question"] for p in seen}, {key(p) for p in seen}
+        count += sum(p["question"] in texts or key(p) in keys
+                     for p in generated.problems(task, "test", TEST_SIZE, seed=0))
+    return count
+
+
 def load_runs(path: Path) -> list[dict]:
     """The saved runs; a last line cut short by a killed write is left out."""
     runs = []
@@ -233,7 +250,7 @@ def main():
     args = parser.parse_args()
     runs = load_runs(args.runs)
     if args.phase == "render":
-        render(runs, args.runs.parent)
+        render(runs, args.runs.parent, overlap=overlap(runs))
         print(f"wrote {args.runs.parent / 'report.md'} and result.json")
         return
     if args.phase == "tune" and args.seeds != [TUNING_SEED]:

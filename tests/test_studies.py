@@ -340,3 +340,20 @@ def test_an_accuracy_race_run_scores_the_whole_test_split_at_its_ends_and_its_he
                         rel_tol=1e-4)
     tuned = accuracy_race.train("m", "word_problems", label, 0, "tune", None, tmp_path)
     assert len(tuned["marks"][0]["correct"]) == accuracy_race.VALIDATION_SIZE and "test_correct" not in tuned["marks"][0]
+
+
+def test_the_race_counts_test_problems_met_in_training_and_finds_none(monkeypatch):
+    import accuracy_race
+
+    runs = [{"phase": "race", "task": "word_problems", "seed": seed} for seed in (1, 2)]
+    monkeypatch.setattr(accuracy_race, "TRAIN_SIZE", 300)
+    assert accuracy_race.overlap(runs) == 0
+    problems = accuracy_race.generated.problems
+    leaked = problems("word_problems", "test", 3, seed=0)  # three test problems put into seed 2's training draw
+    monkeypatch.setattr(accuracy_race.generated, "problems", lambda task, split, size, seed=0: (
+        problems(task, split, size, seed) + (leaked if (split, seed) == ("train", 2) else [])))
+    keys = {(tuple(sorted(p["numbers"])), p["answer"]) for p in leaked}
+    # the three, and any other test problem asking the same numbers and answer in other words
+    same = [p for p in problems("word_problems", "test", accuracy_race.TEST_SIZE, seed=0)
+            if (tuple(sorted(p["numbers"])), p["answer"]) in keys]
+    assert len(same) >= 3 and accuracy_race.overlap(runs) == len(same)

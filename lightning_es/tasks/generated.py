@@ -8,9 +8,9 @@ it holds ``size`` distinct problems of that split; different seeds give differen
 same split, never problems of another split. (reasoning-gym draws item i of seed s from ``Random(s + i)``, so two of
 its datasets whose seeds differ by less than their sizes are shifted copies of each other: it is not used for splits.)
 
-Two tasks: ``word_problems`` (GSM8K's form: one or two operations on small numbers, in a sentence) and ``sums``
-(two numbers of two or three digits, asked bare): both answered as ``gsm8k`` asks (``#### <number>``) and scored by
-``gsm8k.correctness_reward``.
+Two tasks: ``word_problems`` (GSM8K's form: one operation on numbers of two or three digits, in a sentence) and
+``arithmetic`` (sums, differences and products, asked bare): both answered as ``gsm8k`` asks (``#### <number>``) and
+scored by ``gsm8k.correctness_reward``.
 """
 
 import hashlib
@@ -45,7 +45,7 @@ def _two(low: int, high: int) -> Callable[[random.Random], tuple[int, ...]]:
 
 # One operation each, on numbers of two or three digits: SmolLM2-135M-Instruct answers none of the two-operation
 # problems it was shown here (0 of 40 per template, docs/reports/accuracy-race/tasks.md) and some of these; the ranges
-# make the space of (numbers, answer) about 37k problems, over 20 times the splits a run reads.
+# make the space of (numbers, answer) about 40k problems, over 20 times the splits a run reads.
 WORD_PROBLEMS = (
     Template("{name} has {a} {item}. {name} gets {b} more. How many {item} does {name} have now?",
              lambda rng: (rng.randint(10, 199), rng.randint(10, 99)), lambda a, b: a + b),
@@ -56,11 +56,11 @@ WORD_PROBLEMS = (
     Template("{name} has {a} {item}. A friend has {b} fewer. How many {item} does the friend have?",
              lambda rng: (lambda a: (a, rng.randint(10, a - 1)))(rng.randint(20, 199)), lambda a, b: a - b),
     Template("A box holds {a} {item}. {name} fills {b} boxes. How many {item} are in the boxes?",
-             lambda rng: (rng.randint(3, 99), rng.randint(2, 12)), lambda a, b: a * b),
+             lambda rng: (rng.randint(3, 199), rng.randint(2, 12)), lambda a, b: a * b),
     Template("Each pack has {a} {item}. {name} buys {b} packs. How many {item} does {name} buy?",
-             lambda rng: (rng.randint(3, 99), rng.randint(2, 12)), lambda a, b: a * b),
+             lambda rng: (rng.randint(3, 199), rng.randint(2, 12)), lambda a, b: a * b),
     Template("{name} shares {a} {item} equally among {b} friends. How many {item} does each friend get?",
-             lambda rng: (lambda b, q: (b * q, b))(rng.randint(2, 12), rng.randint(2, 30)), lambda a, b: a // b),
+             lambda rng: (lambda b, q: (b * q, b))(rng.randint(2, 12), rng.randint(2, 99)), lambda a, b: a // b),
 )
 
 # Bare arithmetic of two numbers: sums and differences up to three digits, products by one digit
@@ -94,8 +94,14 @@ def draw(task: str, rng: random.Random) -> dict:
         return {"question": template.text.format(**fill), "answer": answer, "numbers": numbers}
 
 
+def key(problem: dict) -> tuple:
+    """What decides a problem's split: its numbers (in any order) and its answer."""
+    return tuple(sorted(problem["numbers"])), problem["answer"]
+
+
 def problems(task: str, split: str, size: int, seed: int = 0) -> list[dict]:
-    """``size`` distinct problems of ``split`` (``"train"``, ``"validation"``, ``"test"``), drawn with ``seed``."""
+    """``size`` problems of ``split`` (``"train"``, ``"validation"``, ``"test"``), drawn with ``seed``, no two with the
+    same numbers and answer (the same calculation in other words would count twice)."""
     if task not in TASKS:
         raise ValueError(f"task must be one of {sorted(TASKS)}, got {task!r}.")
     if split not in SPLITS:
@@ -104,9 +110,9 @@ def problems(task: str, split: str, size: int, seed: int = 0) -> list[dict]:
     chosen, seen = [], set()
     for _ in range(200 * size + 10_000):
         problem = draw(task, rng)
-        if problem["question"] in seen or split_of(problem["numbers"], problem["answer"]) != split:
+        if key(problem) in seen or split_of(problem["numbers"], problem["answer"]) != split:
             continue
-        seen.add(problem["question"])
+        seen.add(key(problem))
         chosen.append(problem)
         if len(chosen) == size:
             return chosen
