@@ -232,14 +232,16 @@ def race_table(runs: list[dict]) -> str:
 
 
 def tuning_table(runs: list[dict]) -> str:
-    lines = ["| model | task | method | label | settings | steps | validation accuracy start -> end | KL end | "
-             "update norm end |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for run in sorted((r for r in runs if r["phase"] == "tune"),
-                      key=lambda r: (r["model"], r["task"], r["method"], r["label"], r["seed"])):
-        first, last = run["marks"][0], run["marks"][-1]
+    """The validation runs: tuning at the race's budget, and horizon pilots (longer budgets, every mark listed)."""
+    lines = ["| model | task | phase | method | label | settings | budget (s) | steps | validation accuracy at the marks "
+             "| KL end | update norm end |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for run in sorted((r for r in runs if r["phase"] in ("tune", "horizon")),
+                      key=lambda r: (r["model"], r["task"], r["phase"] != "tune", r["method"], r["label"], r["seed"])):
+        last = run["marks"][-1]
         settings = ", ".join(f"{name}={value}" for name, value in run["settings"].items())
-        lines.append(f"| {run['model']} | {run['task']} | {run['method']} | {run['label']} | {settings} | "
-                     f"{last['step']} | {first['accuracy']:.3f} -> {last['accuracy']:.3f} | {last['kl']:.4g} | "
+        accuracies = " -> ".join(f"{p['accuracy']:.3f}" for p in run["marks"])
+        lines.append(f"| {run['model']} | {run['task']} | {run['phase']} | {run['method']} | {run['label']} | "
+                     f"{settings} | {run['budget_seconds']:.0f} | {last['step']} | {accuracies} | {last['kl']:.4g} | "
                      f"{last['update_norm']:.2f} |")
     return "\n".join(lines) + "\n"
 
@@ -348,8 +350,8 @@ def markdown(runs: list[dict], results: dict, plots: dict[tuple[str, str], str])
                       f"![accuracy against training seconds and KL]({plots[model, task_entry['task']]})", ""]
     if any(r["phase"] == "race" for r in runs):
         lines += ["## Every race run", "", race_table(runs)]
-    if any(r["phase"] == "tune" for r in runs):
-        lines += ["## Tuning (validation split)", "", tuning_table(runs)]
+    if any(r["phase"] in ("tune", "horizon") for r in runs):
+        lines += ["## Tuning and horizon pilots (validation split)", "", tuning_table(runs)]
     return "\n".join(lines)
 
 

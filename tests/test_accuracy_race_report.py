@@ -201,13 +201,15 @@ def test_render_writes_the_result_its_plots_and_every_run(tmp_path):
         row = f"| {MODEL} | {race_run['task']} | {race_run['method']} | {race_run['label']} | {race_run['seed']} |"
         assert row in report
     assert f"]({MODEL}-arithmetic.png)" in report
-    assert "| m | word_problems | es | es-b | learning_rate=0.001 |" in report  # the tuning table
+    assert "| m | word_problems | tune | es | es-b | learning_rate=0.001 |" in report  # the tuning table
 
 
 def test_render_with_only_tuning_runs_writes_the_tuning_table(tmp_path):
     runs = [r for r in race_and_tuning() if r["phase"] == "tune"]
+    runs.append(run("es", 0, (0.1, 0.2, 0.4), phase="horizon", label="es-long", budget=90.0))
     assert render(runs, tmp_path) == {}
     report = (tmp_path / "report.md").read_text()
     assert "No race has run yet" in report
-    assert "| m | word_problems | grpo | grpo-a | learning_rate=1e-05 | 3 | 0.100 -> 0.300 | 0.01 | 0.50 |" in report
+    assert "| m | word_problems | tune | grpo | grpo-a | learning_rate=1e-05 | 40 | 3 | 0.100 -> 0.300 | 0.01 | 0.50 |" in report
+    assert "| m | word_problems | horizon | es | es-long | learning_rate=0.001 | 90 | 6 | 0.100 -> 0.200 -> 0.400 |" in report
     assert not list(tmp_path.glob("*.png"))

@@ -340,6 +340,9 @@ def test_an_accuracy_race_run_scores_the_whole_test_split_at_its_ends_and_its_he
                         rel_tol=1e-4)
     tuned = accuracy_race.train("m", "word_problems", label, 0, "tune", None, tmp_path)
     assert len(tuned["marks"][0]["correct"]) == accuracy_race.VALIDATION_SIZE and "test_correct" not in tuned["marks"][0]
+    monkeypatch.setattr(accuracy_race, "HORIZON_BUDGET", 1e-9)
+    horizon = accuracy_race.train("m", "word_problems", label, 0, "horizon", tuned["marks"][0], tmp_path)
+    assert horizon["budget_seconds"] == 1e-9 and horizon["marks"][0]["correct"] == tuned["marks"][0]["correct"]
 
 
 def test_the_race_counts_test_problems_met_in_training_and_finds_none(monkeypatch):
