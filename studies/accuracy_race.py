@@ -216,7 +216,7 @@ def train(model_name: str, task: str, label: str, seed: int, phase: str, start: 
     if method == "es":
         resolved.update(relative_sigma=config.relative_sigma, perturbation=config.perturbation,
                         perturbation_rank=config.perturbation_rank)
-    saved = weights / model_name / task / phase / f"{label}-seed{seed}.safetensors"
+    saved = weights / model_name / task / phase / f"{label}-seed{seed}-{budget:.0f}s.safetensors"
     saved.parent.mkdir(parents=True, exist_ok=True)
     delta = parameter_delta(model, probe.reference.of_model(model))
     save_file({name: tensor.contiguous() for name, tensor in delta.items()}, str(saved))
