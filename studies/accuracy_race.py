@@ -105,10 +105,21 @@ def split(phase: str) -> str:
     return "test" if phase == "race" else "validation"
 
 
-def held_out(task: str, phase: str):
-    """The problems a phase scores, the same for every run."""
+def asked(tokenizer, problems):
+    """Problems as prompts, as every run asks them (the demonstrations go to a model without a chat template only:
+    Gemma-3-270M)."""
+    return prompts_for(tokenizer, problems, gsm8k.demonstrations(STYLE))
+
+
+def held_out(tokenizer, task: str, phase: str):
+    """The prompts of the problems a phase scores, the same for every run."""
     size = TEST_SIZE if split(phase) == "test" else VALIDATION_SIZE
-    return generated.dataset(task, split(phase), size, seed=0, style=STYLE)
+    return asked(tokenizer, generated.dataset(task, split(phase), size, seed=0, style=STYLE))
+
+
+def budget_of(model_name: str, phase: str) -> float:
+    """A run's training seconds: the model's race budget, or a horizon pilot's."""
+    return HORIZON_BUDGET if phase == "horizon" else BUDGETS[model_name]
 
 
 def score(model, tokenizer, problems) -> dict:
@@ -195,9 +206,8 @@ def train(model_name: str, task: str, label: str, seed: int, phase: str, start: 
     method, settings = label_settings(label)
     path = resolve_model(model_name)
     tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left", truncation_side="left")
-    shown = gsm8k.demonstrations(STYLE)  # asked of a model without a chat template only (Gemma-3-270M)
-    train_data = prompts_for(tokenizer, generated.dataset(task, "train", TRAIN_SIZE, seed=seed, style=STYLE), shown)
-    scored = prompts_for(tokenizer, held_out(task, phase), shown)
+    train_data = asked(tokenizer, generated.dataset(task, "train", TRAIN_SIZE, seed=seed, style=STYLE))
+    scored = held_out(tokenizer, task, phase)
     trainer_class, config_class = (GRPOTrainer, GRPOConfig) if method == "grpo" else (ESTrainer, ESConfig)
     config = config_class(output_dir=tempfile.mkdtemp(prefix=f"race-{label}-"), seed=seed, **COMMON, **settings)
     trainer = trainer_class(path, [gsm8k.correctness_reward], args=config, train_dataset=train_data,
@@ -205,7 +215,7 @@ def train(model_name: str, task: str, label: str, seed: int, phase: str, start: 
     model = trainer.accelerator.unwrap_model(trainer.model)
     probe = DriftProbe(model, tokenizer, answered(model, tokenizer, max_new_tokens=PROBE_TOKENS), estimator="exact",
                        batch_size=len(OFF_TASK_PROMPTS))
-    budget = HORIZON_BUDGET if phase == "horizon" else BUDGETS[model_name]
+    budget = budget_of(model_name, phase)
     marks = range(HORIZON_MARK, int(budget), HORIZON_MARK) if phase == "horizon" else MARKS[model_name]
     problems = scored.select(range(MARK_PROBLEMS)) if phase == "race" else scored
     clock = RaceClock(trainer, probe, problems, marks, budget,
@@ -281,8 +291,7 @@ def main():
     args.runs.parent.mkdir(parents=True, exist_ok=True)
     for seed in args.seeds:
         for label in args.labels:
-            budget = HORIZON_BUDGET if args.phase == "horizon" else BUDGETS[args.model]
-            if (split(args.phase), args.model, args.task, label, seed, budget) in {
+            if (split(args.phase), args.model, args.task, label, seed, budget_of(args.model, args.phase)) in {
                     (split(r["phase"]), r["model"], r["task"], r["label"], r["seed"], r["budget_seconds"]) for r in runs}:
                 continue  # done (a horizon pilot at the budget is that budget's tuning run)
             start = next((r["marks"][0] for r in runs if (split(r["phase"]), r["model"], r["task"]) ==

@@ -37,7 +37,6 @@ import accuracy_race
 from accuracy_race_report import KL_RESOLUTION, METHODS, paired, paired_interval, raced_label, whole_split_gain
 from lightning_es.drift import cosine_similarity, linear_connectivity, update_norm
 from lightning_es.drift.geometry import check_same_parameters
-from lightning_es.tasks import gsm8k, prompts_for
 from trl_ext.recipes import use_all_cpu_cores
 
 ROOT = Path(__file__).resolve().parents[1]  # the race saves its updates' paths relative to the repository
@@ -253,8 +252,7 @@ def base_model(model_name: str):
 
 def marks_problems(tokenizer, task: str):
     """The test problems the race scored at its marks, asked as it asked them."""
-    asked = prompts_for(tokenizer, accuracy_race.held_out(task, "race"), gsm8k.demonstrations(accuracy_race.STYLE))
-    return asked.select(range(accuracy_race.MARK_PROBLEMS))
+    return accuracy_race.held_out(tokenizer, task, "race").select(range(accuracy_race.MARK_PROBLEMS))
 
 
 # ---- the findings ---------------------------------------------------------------------------------------------------
