@@ -65,6 +65,8 @@ ES_LABELS = {
     "es-lr7e-4": dict(learning_rate=7.5e-4),
     "es-prompts16": dict(per_device_train_batch_size=16),
     "es-pop8": dict(population_size=8),
+    # population 8 ended below 16 at the budget: 16 is at the edge of {8, 16}, so the grid goes on to 32
+    "es-pop32": dict(population_size=32),
     "es-zscore": dict(fitness_shaping="zscore"),
     # a member at relative_sigma 0.03 answers half the prompts differently from its base (off-task KL 0.076 per token,
     # docs/reports/noise-scale): a third of that noise, for steps read from nearer the base
@@ -86,6 +88,8 @@ GRPO_LABELS = {
     # at the 1,500 s budget, around temperature 0.7 (the best of the 480 s runs)
     "grpo-temp0.7-lr3e-5": dict(temperature=0.7, learning_rate=3e-5),
     "grpo-temp0.7-lr3e-6": dict(temperature=0.7, learning_rate=3e-6),
+    # the shape at the tuned temperature: 2 prompts x 8 completions in the same 16 rows
+    "grpo-temp0.7-gen8": dict(temperature=0.7, num_generations=8),
 }
 
 
