@@ -66,14 +66,16 @@ def test_gsm8k_local_copy_and_missing_path(tmp_path):
         gsm8k.load_splits(dataset_path=str(tmp_path / "missing"))
 
 
-def test_gsm8k_offline_generation_has_exact_answers(monkeypatch, capsys):
+def test_the_default_splits_are_generated_word_problems_and_gsm8k_is_asked_for_by_name(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    train, test = gsm8k.load_splits(train_size=3, eval_size=2, seed=1)
-    assert "generated offline" in capsys.readouterr().out
-    assert len(train) == 3 and len(test) == 2
-    assert gsm8k.task_name(test) == "GSM8K-style (reasoning-gym)"  # what the recipes print: not "GSM8K"
-    assert set(train["prompt"][0][0]["content"].split()) != set(test["prompt"][0][0]["content"].split())
-    assert all(gsm8k.parse_number(a) is not None for a in train["answer"])
+    train, test = gsm8k.load_splits(train_size=30, eval_size=20, seed=1)
+    assert gsm8k.task_name(test) == "generated word problems"  # what the recipes print: not "GSM8K"
+    assert len(train) == 30 and test.to_dict() == gsm8k.load_splits(train_size=5, eval_size=20, seed=2)[1].to_dict()
+    assert not set(train["prompt"][i][0]["content"] for i in range(30)) & set(
+        test["prompt"][i][0]["content"] for i in range(20))
+    assert train["answer"] != gsm8k.load_splits(train_size=30, eval_size=2, seed=2)[0]["answer"]
+    with pytest.raises(ConnectionError, match="dataset_name='openai/gsm8k' .* unreachable.*dataset_path.*unset"):
+        gsm8k.load_splits(dataset_name="openai/gsm8k")
 
 
 # ---- Countdown -------------------------------------------------------------------------------------------------
