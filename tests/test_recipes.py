@@ -1,6 +1,7 @@
 import importlib.util
 import json
 import runpy
+import shutil
 import sys
 from pathlib import Path
 
@@ -99,34 +100,98 @@ def test_embedded_model_converts_to_a_plain_checkpoint(monkeypatch, tmp_path):
     assert (tmp_path / "saved" / "model.safetensors").exists()
 
 
+def lightning_recipe(run_name="recipe"):
+    return runpy.run_path(str(RECIPES / "lightning_es_arithmetic.py"), run_name=run_name)
+
+
 def lightning_recipe_args(argv):
     from trl_ext.recipes import parse_recipe_args
 
-    recipe = runpy.run_path(str(RECIPES / "lightning_es_countdown.py"), run_name="recipe")
-    return parse_recipe_args((recipe["CountdownArguments"], recipe["ESSettings"]), recipe["RECIPE_DEFAULTS"],
+    recipe = lightning_recipe()
+    return parse_recipe_args((recipe["ArithmeticArguments"], recipe["ESSettings"]), recipe["RECIPE_DEFAULTS"],
                              recipe["QUICK"], argv=argv)
 
 
-def test_lightning_recipe_runs_on_the_librarys_relative_noise():
+def test_lightning_recipe_runs_on_the_librarys_es_defaults():
+    from lightning_es.engine import ESSettings
+
     args, settings = lightning_recipe_args(["--devices", "2"])
-    assert args.devices == 2 and args.max_steps == 20 and settings.population_size == 8
-    assert settings.sigma is None  # relative noise and step: the library's defaults
-    assert (settings.relative_sigma, settings.relative_learning_rate) == (0.03, 1.5e-3)
+    assert args.devices == 2 and args.max_steps == 20 and args.batch_size == 2 and args.max_new_tokens == 32
+    assert (args.train_size, args.eval_size) == (1000, 200)
+    assert settings == ESSettings()  # no recipe overrides: 16 members, relative noise and step, rank-4 noise
+    assert settings.sigma is None and (settings.relative_sigma, settings.relative_learning_rate) == (0.03, 1.5e-3)
     _, absolute = lightning_recipe_args(["--sigma", "1e-3", "--learning_rate", "5e-7"])  # every ES knob is a flag
     assert (absolute.sigma, absolute.learning_rate, absolute.relative_sigma) == (1e-3, 5e-7, None)
+    _, shaped = lightning_recipe_args(["--fitness_shaping", "prompt_zscore"])
+    assert shaped.fitness_shaping == "prompt_zscore"
+
+
+def test_lightning_recipe_holds_out_the_test_split():
+    from lightning_es.tasks import generated
+
+    train, held_out = lightning_recipe()["arithmetic_splits"](1000, 200, seed=3)
+    question = lambda row: row["prompt"][0]["content"]  # noqa: E731
+    held_out_questions = {question(row) for row in held_out}
+    assert len(held_out_questions) == 200 and len({question(row) for row in train}) == 1000
+    assert not held_out_questions & {question(row) for row in train}  # no test question among the training ones
+    assert list(held_out) == list(generated.dataset("arithmetic", "test", 200, seed=0, style="one_line"))
+    assert list(lightning_recipe()["arithmetic_splits"](8, 200, seed=0)[1]) == list(held_out)  # whatever the seed
+    for split, rows in (("train", train), ("test", held_out)):
+        for row in rows:
+            a, operator, b = question(row).split("?")[0].removeprefix("What is ").split()
+            numbers = (int(a), int(b))
+            answer = {"+": sum(numbers), "-": numbers[0] - numbers[1], "*": numbers[0] * numbers[1]}[operator]
+            assert row["answer"] == str(answer) and generated.split_of(numbers, answer) == split
+
+
+def test_lightning_recipe_fitness_is_correctness_per_problem(tiny_dir):
+    from lightning_es.tasks import gsm8k
+
+    module = lightning_recipe()["ArithmeticPolicy"](str(tiny_dir), max_new_tokens=4, batch_size=2, train_size=4,
+                                                    eval_size=2, seed=0)
+    rows = module.train_problems[:3]
+    assert all(row["prompt"][-1]["content"].endswith(gsm8k.INSTRUCTIONS["one_line"]) for row in rows)  # chat turns
+    # right but unmarked, right and marked, marked but wrong
+    module.completions = lambda batch: [row["answer"], f"1 + 1 = 2 #### {row['answer']}", "#### 0"]
+    logged = {}
+    module.log_dict = lambda values, **kwargs: logged.update(values)
+    row = rows[0]
+    fitness = module.training_step([row] * 3, 0)
+    assert fitness.dim() == 1 and fitness.tolist() == [1.0, 1.0, 0.0]  # one value per problem; format not rewarded
+    assert logged == {"accuracy": pytest.approx(2 / 3), "answer_format": pytest.approx(2 / 3)}
+
+
+def test_lightning_recipe_shows_a_model_without_a_chat_template_worked_problems(tiny_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from lightning_es.tasks import as_question, gsm8k
+
+    plain = tmp_path / "plain"
+    shutil.copytree(tiny_dir, plain)
+    tokenizer = AutoTokenizer.from_pretrained(plain)
+    tokenizer.chat_template = None
+    tokenizer.save_pretrained(plain)
+    (plain / "chat_template.jinja").unlink(missing_ok=True)
+    module = lightning_recipe()["ArithmeticPolicy"](str(plain), max_new_tokens=4, batch_size=2, train_size=2,
+                                                    eval_size=2, seed=0)
+    shown = "".join(f"{as_question(q)} {a}\n\n" for q, a in gsm8k.demonstrations("one_line"))
+    for row in module.train_problems + module.eval_problems:
+        assert row["prompt"].startswith(shown) and row["prompt"].endswith("#### ' and the number.\nAnswer:")
+    assert len(module.completions(module.eval_problems)) == 2
 
 
 @pytest.mark.slow
 def test_lightning_recipe_smoke_run_on_a_tiny_model(tiny_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     output = tmp_path / "lightning"
-    monkeypatch.setattr(sys, "argv", ["lightning_es_countdown", "--quick", "--model_name_or_path", str(tiny_dir),
-                                      "--output_dir", str(output)])
-    runpy.run_path(str(RECIPES / "lightning_es_countdown.py"), run_name="__main__")
+    monkeypatch.setattr(sys, "argv", ["lightning_es_arithmetic", "--quick", "--model_name_or_path", str(tiny_dir),
+                                      "--output_dir", str(output), "--fitness_shaping", "prompt_zscore"])
+    lightning_recipe("__main__")  # per-problem shaping: the fitness is one value per problem
     printed = capsys.readouterr().out
-    assert "Countdown accuracy on 4 held-out problems: before" in printed
-    assert "Countdown answer format on 4 held-out problems: before" in printed
+    assert "Arithmetic accuracy on 4 held-out test problems: before" in printed
+    assert "Arithmetic answer format on 4 held-out test problems: before" in printed
     # the off-task drift, from the library's drift callback: 0 before training by definition
-    assert "Countdown off-task KL to the base model (24 probe prompts, exact, nats per token): before 0.000, after" in printed
+    assert ("Arithmetic off-task KL to the base model (24 probe prompts, exact, nats per token): before 0.000, after"
+            in printed)
     logged = (output / "lightning_logs" / "version_0" / "metrics.csv").read_text().splitlines()[0].split(",")
-    assert {"drift/kl", "drift/update_norm", "es/update_norm"} <= set(logged)
+    assert {"drift/kl", "drift/update_norm", "es/update_norm", "accuracy", "answer_format"} <= set(logged)
