@@ -3,7 +3,7 @@
     python benchmarks/es_speed.py --model smollm2 [--repeats 5] [--compile] [--profile] [--out docs/reports/speed]
 
 Everything runs with ``ESConfig``'s defaults (its noise, prompts per iteration and greedy members), at two shapes:
-``short``, pinned at 8 members (so that its figures compare across changes of the default) x the benchmark's short
+``short``, pinned at 8 members x 2 prompts (so that its figures compare across changes of the default), the short
 prompts x 24 tokens, and ``main_job``, the README main job's task (GSM8K-style prompts of the recipe, ESConfig's
 population, fp32 as the recipe runs, 24 tokens). Per shape and decoding (eager; and compiled with ``--compile``, i.e.
 ``torch_compile=True``), an ``ESTrainer`` trains and, after each of its steps, the two other variants run on the same
@@ -190,9 +190,9 @@ def main():
         for compiled in (False, True) if args.compile else (False,):
             key = f"{shape}/{'compiled' if compiled else 'eager'}"
             model, tokenizer = load(args.model)
-            # short: ESConfig's defaults as they are (TRL's bf16 included) at 8 members, pinned so that figures
-            # compare across changes of the default; main job: as the recipe sets them
-            settings = {"population_size": 8} if shape == "short" else {"bf16": False}
+            # short: ESConfig's defaults as they are (TRL's bf16 included) at 8 members x 2 prompts, pinned so that
+            # figures compare across changes of the default; main job: as the recipe sets them
+            settings = {"population_size": 8, "per_device_train_batch_size": 2} if shape == "short" else {"bf16": False}
             results[key] = measure(model, tokenizer, prompts(shape, tokenizer), compiled, args.repeats, args.warmup,
                                    profile=args.profile, **settings)
             r = results[key]

@@ -10,11 +10,11 @@ asked in the `one_line` style (the calculation, then `#### <number>`) as the acc
 them: training problems from the train split drawn with the seed, held-out problems from the test split (the same for
 every seed; the splits are disjoint by construction). SmolLM2-135M-Instruct answers about 6% of the test split
 greedily, so accuracy has room to rise. The module's `training_step` returns the fitness of greedy completions: one
-correctness value per problem (a 1-D tensor, whose mean is the fitness; `--fitness_shaping prompt_zscore` normalises
-it per problem). The answer format is logged, never rewarded. The strategy perturbs the weights, calls
+correctness value per problem (a 1-D tensor, whose mean is the fitness, and which the default `prompt_zscore`
+shaping normalises per problem across the members). The answer format is logged, never rewarded. The strategy perturbs the weights, calls
 `training_step` once per population member and updates in place. The ES knobs are the library's defaults
 (`ESSettings`, the fields `ESStrategy` and `ESConfig` share, each a flag here): 16 members, rank-4 relative noise at
-3% of each tensor's scale, a relative step. The library's drift callbacks log `drift/kl` (off-task KL to the start
+3% of each tensor's scale, a relative step, fitness normalised per problem; 8 problems per iteration, as `ESConfig`. The library's drift callbacks log `drift/kl` (off-task KL to the start
 weights) and `drift/update_norm` and the rest every `--drift_every` steps. Held-out accuracy and answer format
 (`trainer.validate`) and the off-task KL are printed before and after training, as the TRL recipes print them.
 """
@@ -49,9 +49,9 @@ class ArithmeticArguments:
     devices: int = field(default=1, metadata={"help": "Processes (Lightning starts them); the population is split."})
     zero3: bool = field(default=False, metadata={"help": "Shard one model over the devices with DeepSpeed ZeRO-3."})
     max_steps: int = field(default=20, metadata={"help": "ES iterations."})
-    # ESSettings has no prompts-per-iteration field: ESConfig reads TRL's per_device_train_batch_size (2 prompts by
+    # ESSettings has no prompts-per-iteration field: ESConfig reads TRL's per_device_train_batch_size (8 prompts by
     # default, with num_generations 1); here it is the DataLoader's batch size, with the same default
-    batch_size: int = field(default=2, metadata={"help": "Problems per ES iteration (split over --zero3 devices)."})
+    batch_size: int = field(default=8, metadata={"help": "Problems per ES iteration (split over --zero3 devices)."})
     max_new_tokens: int = field(default=32, metadata={"help": "Greedy tokens per answer."})
     train_size: int = field(default=1000, metadata={"help": "Training problems (the train split, drawn with the seed)."})
     eval_size: int = field(default=200, metadata={"help": "Held-out problems (the test split) scored before and after."})

@@ -24,6 +24,7 @@ from trl_ext.recipes import use_all_cpu_cores
 BASE = dict(
     per_device_train_batch_size=4, num_generations=1, max_completion_length=24, population_size=8,
     perturbation="lowrank", perturbation_rank=1, sigma=1e-2, learning_rate=1e-4,
+    fitness_shaping="zscore",  # the study's shaping (the library's default since the accuracy race: prompt_zscore)
 )
 
 

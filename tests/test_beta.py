@@ -85,8 +85,10 @@ def test_exact_kl_and_trls_k3_estimate_follow_their_formulas():
 
 @pytest.mark.parametrize("sampled", [False, True])
 def test_a_member_that_drifts_more_scores_lower(tmp_path, tokenizer, prompt_dataset, monkeypatch, sampled):
-    """With a constant reward, fitness is 1 - beta * KL: the member furthest from the start weights scores lowest.
-    Greedy members get the exact KL, sampled ones TRL's k3; ``kl`` is logged as TRL logs it."""
+    """With a constant reward every prompt is tied, and the shaped fitness is -beta * (KL - mean KL), as GRPO's KL term
+    beside advantages that are all zero: the member furthest from the start weights scores lowest, by beta times its
+    KL, whatever the rewards' scale. Greedy members get the exact KL, sampled ones TRL's k3; ``kl`` is logged as TRL
+    logs it."""
     calls = recorded(monkeypatch)
     generations = dict(num_generations=2, per_device_train_batch_size=4) if sampled else {}
     args = args_for(tmp_path, beta=0.5, **generations)
@@ -94,15 +96,18 @@ def test_a_member_that_drifts_more_scores_lower(tmp_path, tokenizer, prompt_data
                         train_dataset=prompt_dataset, processing_class=tokenizer)
     seen = []
     step = trainer.es.step
-    trainer.es.step = lambda s, fitness, **kwargs: seen.append(fitness.clone()) or step(s, fitness, **kwargs)
+    trainer.es.step = lambda s, fitness, **kwargs: seen.append((fitness.clone(), kwargs)) or step(s, fitness, **kwargs)
     trainer.train()
     assert [exact for exact, *_ in calls] == [not sampled] * 2
-    for (exact, sums, tokens, _), fitness in zip(calls, seen):
+    for (exact, sums, tokens, _), (fitness, kwargs) in zip(calls, seen):
         members = args.population_size
         kl = sums.view(members, -1).sum(1) / tokens.view(members, -1).sum(1)
         assert (kl > 0).all()
-        torch.testing.assert_close(fitness, 1.0 - 0.5 * kl)
-        assert int(fitness.argmin()) == int(kl.argmax())
+        torch.testing.assert_close(fitness, torch.ones_like(fitness))  # the reward alone
+        torch.testing.assert_close(kwargs["penalty"], 0.5 * kl)
+        shaped = trainer.es.shaped(fitness, kwargs["scored"], kwargs["per_prompt"], kwargs["penalty"])
+        torch.testing.assert_close(shaped, -0.5 * (kl - kl.mean()).double())
+        assert int(shaped.argmin()) == int(kl.argmax())
     logged = [h["kl"] for h in trainer.state.log_history if "kl" in h]
     expected = [float(sums.sum() / tokens.sum()) for _, sums, tokens, _ in calls]
     assert logged == pytest.approx(expected, rel=1e-6)

@@ -66,6 +66,7 @@ ALLOWED = {  # names that are not arguments of ours but are legitimate in a mess
     "do_sample": "a transformers GenerationConfig field (sampling vs greedy decoding)",
     "dtype": "a tensor's attribute, and the from_pretrained argument",
     "gguf": "a PyPI package name (`pip install gguf`)",
+    "dataset_name": "TRL's ScriptArguments field, the GSM8K recipes' --dataset_name flag",
 }
 
 NAME = r"[a-z_][a-z0-9_]*"

@@ -107,7 +107,7 @@ def test_lowrank_update_equals_the_dense_sum_of_the_factors():
                            learning_rate=0.01, seed=9)
     before = {n: p.detach().clone() for n, p in es.params.items()}
     fitness = torch.tensor([0.3, 1.0, -2.0, 0.5, 0.0, 4.0])
-    shaped = es.shape_fitness(fitness)
+    shaped = es.shaped(fitness)  # the default shaping without prompts: the z-score
     es.step(0, fitness)
     for name, p in es.params.items():
         dense = sum(shaped[m.index].item() * m.sign * es.perturbation.dense_noise(m.seed, name) for m in es.members(0))

@@ -22,9 +22,11 @@ def test_gsm8k_recipes_differ_in_exactly_one_line():
 
 
 @pytest.mark.parametrize(("recipe", "expected"), [
-    ("es_gsm8k", dict(per_device_train_batch_size=2, num_generations=1, relative_sigma=0.03,
-                      relative_learning_rate=1.5e-3, population_size=16, perturbation_rank=4, max_steps=30)),
-    ("grpo_gsm8k", dict(per_device_train_batch_size=8, num_generations=4, learning_rate=1e-5, max_steps=30)),
+    ("es_gsm8k", dict(per_device_train_batch_size=8, num_generations=1, relative_sigma=0.03,
+                      relative_learning_rate=1.5e-3, population_size=16, perturbation_rank=4,
+                      fitness_shaping="prompt_zscore", max_steps=60)),
+    ("grpo_gsm8k", dict(per_device_train_batch_size=16, num_generations=8, learning_rate=1e-5, temperature=0.7,
+                        lr_scheduler_type="constant", gradient_checkpointing=False, max_steps=80)),
 ])
 def test_gsm8k_recipes_take_each_trainers_own_settings(recipe, expected, monkeypatch):
     from trl_ext.recipes import parse_recipe_args
@@ -35,11 +37,11 @@ def test_gsm8k_recipes_take_each_trainers_own_settings(recipe, expected, monkeyp
     _, config, _ = parse_recipe_args((recipe_module["GSM8KArguments"], config_class, recipe_module["ModelConfig"]),
                                      defaults, recipe_module["QUICK"], argv=["--use_cpu", "true"])
     assert {name: getattr(config, name) for name in expected} == expected
-    assert config.max_completion_length == 24
+    assert config.max_completion_length == 32
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("recipe", "task"), [("es_gsm8k", "GSM8K-style (reasoning-gym)"), ("grpo_gsm8k", "GSM8K-style (reasoning-gym)"),
+@pytest.mark.parametrize(("recipe", "task"), [("es_gsm8k", "generated word problems"), ("grpo_gsm8k", "generated word problems"),
                                             ("es_countdown", "Countdown")])
 def test_recipe_smoke_run_on_a_tiny_model(recipe, task, tiny_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -116,14 +118,14 @@ def test_lightning_recipe_runs_on_the_librarys_es_defaults():
     from lightning_es.engine import ESSettings
 
     args, settings = lightning_recipe_args(["--devices", "2"])
-    assert args.devices == 2 and args.max_steps == 20 and args.batch_size == 2 and args.max_new_tokens == 32
+    assert args.devices == 2 and args.max_steps == 20 and args.batch_size == 8 and args.max_new_tokens == 32
     assert (args.train_size, args.eval_size) == (1000, 200)
-    assert settings == ESSettings()  # no recipe overrides: 16 members, relative noise and step, rank-4 noise
+    assert settings == ESSettings()  # no recipe overrides: 16 members, relative noise and step, rank-4 noise, per problem
     assert settings.sigma is None and (settings.relative_sigma, settings.relative_learning_rate) == (0.03, 1.5e-3)
     _, absolute = lightning_recipe_args(["--sigma", "1e-3", "--learning_rate", "5e-7"])  # every ES knob is a flag
     assert (absolute.sigma, absolute.learning_rate, absolute.relative_sigma) == (1e-3, 5e-7, None)
-    _, shaped = lightning_recipe_args(["--fitness_shaping", "prompt_zscore"])
-    assert shaped.fitness_shaping == "prompt_zscore"
+    _, shaped = lightning_recipe_args(["--fitness_shaping", "zscore"])
+    assert shaped.fitness_shaping == "zscore" and settings.fitness_shaping == "prompt_zscore"
 
 
 def test_lightning_recipe_holds_out_the_test_split():
@@ -185,8 +187,8 @@ def test_lightning_recipe_smoke_run_on_a_tiny_model(tiny_dir, tmp_path, monkeypa
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     output = tmp_path / "lightning"
     monkeypatch.setattr(sys, "argv", ["lightning_es_arithmetic", "--quick", "--model_name_or_path", str(tiny_dir),
-                                      "--output_dir", str(output), "--fitness_shaping", "prompt_zscore"])
-    lightning_recipe("__main__")  # per-problem shaping: the fitness is one value per problem
+                                      "--output_dir", str(output)])
+    lightning_recipe("__main__")  # the default per-problem shaping: the fitness is one value per problem
     printed = capsys.readouterr().out
     assert "Arithmetic accuracy on 4 held-out test problems: before" in printed
     assert "Arithmetic answer format on 4 held-out test problems: before" in printed

@@ -286,6 +286,24 @@ def test_evidence_zscore_with_a_scalar_fitness_is_a_clear_error():
                                                  fitness_shaping="evidence_zscore"))
 
 
+def test_default_shaping_takes_a_scalar_fitness_as_the_zscore():
+    # prompt_zscore (the default) reads examples when there are some; a scalar training_step is its one-prompt case,
+    # the z-score of the members' fitness: the same weights as fitness_shaping="zscore"
+    runs = {}
+    for shaping in (None, "zscore"):
+        pl.seed_everything(0, verbose=False)  # the same shuffled batches in both runs
+        module = Regression()
+        extra = {} if shaping is None else dict(fitness_shaping=shaping)
+        fit(module, ESStrategy(population_size=4, sigma=0.05, learning_rate=0.01, seed=3, perturbation="full", **extra),
+            max_steps=2)
+        runs[shaping] = weights(module)
+    assert ESStrategy().settings.fitness_shaping == "prompt_zscore"
+    start = weights(Regression())
+    assert any(not torch.equal(p, start[n]) for n, p in runs[None].items())
+    for name, p in runs[None].items():
+        torch.testing.assert_close(p, runs["zscore"][name], rtol=0, atol=0, msg=name)
+
+
 def test_evidence_zscore_trains_on_per_example_fitness_and_logs_its_mean():
     module = PerExample()
     start = weights(module)

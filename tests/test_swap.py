@@ -16,6 +16,7 @@ from transformers import TrainingArguments
 from trl import GRPOConfig
 
 from lightning_es import PopulationError
+from lightning_es.engine.shaping import zscore
 from swap import run_swapped
 from tiny import build_model, build_tokenizer
 from trl_ext import ESConfig, ESTrainer
@@ -123,7 +124,7 @@ def test_beta_keeps_the_start_weights_instead_of_a_reference_model(tmp_path, tin
     assert trainer.beta == trainer.args.beta == 0.04 and trainer.ref_model is None
     assert trainer.es.start is not None and trainer.es.start.nbytes == sum(
         p.numel() * p.element_size() for p in trainer.es.params.values())
-    with pytest.raises(ValueError, match=r"beta must be non-negative, got -0.1.*fitness = reward - beta \* KL"):
+    with pytest.raises(ValueError, match=r"beta must be non-negative, got -0.1.*fitness = shaped reward - beta \* KL"):
         es_args(tmp_path, beta=-0.1)
 
 
@@ -178,7 +179,7 @@ def test_members_decode_greedily_only_when_no_sampling_was_asked_for(tmp_path, s
 # ---- ES meanings ----------------------------------------------------------------------------------------------
 
 
-def test_normalize_then_sum_standardizes_each_function_over_the_population(tmp_path):
+def test_normalize_then_sum_standardizes_each_function_over_the_population(tmp_path, caplog):
     def big(completion_ids, **kwargs):
         return [1000.0 * len(ids) for ids in completion_ids]
 
@@ -192,12 +193,17 @@ def test_normalize_then_sum_standardizes_each_function_over_the_population(tmp_p
             processing_class=tokenizer)
         seen = []
         step = trainer.es.step
-        trainer.es.step = lambda s, fitness, lr=None, **kw: seen.append(fitness.clone()) or step(s, fitness, lr, **kw)
+        trainer.es.step = lambda s, fitness, lr=None, **kw: seen.append((fitness.clone(), kw)) or step(s, fitness, lr,
+                                                                                                  **kw)
         trainer.train()
-        fitness = seen[0]
+        fitness, passed = seen[0]
         if aggregation == "normalize_then_sum":
             # two z-scored functions summed with weight 1: mean 0, and not the scale of `big`
             assert abs(float(fitness.mean())) < 1e-9 and float(fitness.abs().max()) < 10
+            # the default shaping reads prompts: the sum is shaped as a z-score instead, and the user is told
+            assert "multi_objective_aggregation='normalize_then_sum' with 2 reward functions" in caplog.text
+            assert passed["per_prompt"].shape == (4, 0)
+            torch.testing.assert_close(trainer.es.shaped(fitness, **passed), zscore(fitness))
         else:
             assert float(fitness.mean()) > 100  # dominated by `big`
 

@@ -160,7 +160,9 @@ def test_evaluation_during_training(tmp_path):
 
 def test_two_epochs_with_a_short_last_batch(tmp_path):
     args = ESConfig(output_dir=out(tmp_path), **{**SHORT, "max_steps": -1}, num_train_epochs=2)
-    trainer = train_es(tmp_path, args, prompts=PROMPTS[:5])  # 2 prompts a step: 2, 2, 1 in each epoch
+    batch = args.per_device_train_batch_size  # the default prompts per step
+    prompts = [f"{prompt} {i}" for i, prompt in enumerate(PROMPTS * 3)][:2 * batch + 1]  # batch, batch, 1 per epoch
+    trainer = train_es(tmp_path, args, prompts=prompts)
     assert trainer.state.global_step == 6
 
 

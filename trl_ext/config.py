@@ -11,6 +11,7 @@ from transformers.trainer_utils import SchedulerType
 from trl import GRPOConfig
 
 from lightning_es.engine.settings import DEFAULT_LEARNING_RATE, ESSettings
+from lightning_es.engine.shaping import min_prompts
 
 from .grpo_fields import FIELDS, SwapWarning, apply_audit, default, warn_changes
 
@@ -33,19 +34,20 @@ class ESConfig(ESSettings, GRPOConfig):
     `learning_rate` is the step), as the ES papers write them. Either way the step is `lr` in `theta += lr * g` with
     `g = sum_i f_i eps_i / (N sigma)`; the ES-at-scale paper writes it as `alpha / N * sum_i f_i eps_i`, so
     `lr = alpha * sigma`. Its settings for 0.5B-7B models are `population_size=30`, `sigma=1e-3`,
-    `learning_rate=5e-7` (alpha 5e-4).
+    `learning_rate=5e-7` (alpha 5e-4), with `fitness_shaping="zscore"`.
 
-    Defaults (docs/es_study.md, docs/reports/noise-scale/, docs/reports/drift-race/): rank-4 noise, 2 prompts per
-    iteration, greedy members, from a study on SmolLM2-135M-Instruct; 16 members, which in the race against a tuned
-    GRPO drifted less off-task than 8 on SmolLM2-135M-Instruct and Gemma-3-270M, for slower learning per second;
-    relative_sigma 0.03, which keeps the members of both models coherent (0.08 and 0.13 nats per token from their base
-    model), and the study's ratio of step to noise.
+    Defaults (docs/reports/accuracy-race/: tuned on the validation accuracy of generated word problems,
+    SmolLM2-135M-Instruct): 8 prompts per iteration, each answered greedily by 16 members, normalised per prompt in
+    GRPO's manner (`prompt_zscore`); rank-4 noise of relative_sigma 0.03, which keeps the members of SmolLM2-135M and
+    Gemma-3-270M coherent (0.08 and 0.13 nats per token from their base model, docs/reports/noise-scale/), and a step
+    of 1.5e-3 (relative).
     """
 
     per_device_train_batch_size: int = field(
-        default=2,
+        default=8,
         metadata={"help": "Rows each member answers per process and iteration: per_device_train_batch_size / "
-                  "num_generations prompts. 2 prompts learned fastest per second in docs/es_study.md."},
+                  "num_generations prompts. 8 prompts: their correctness, read per prompt, carries a signal in "
+                  "most iterations (docs/reports/accuracy-race/)."},
     )
     lr_scheduler_type: SchedulerType | str = field(
         default="constant", metadata={"help": "Schedule of the ES step size; constant, as the ES papers use."}
@@ -164,7 +166,7 @@ class ESConfig(ESSettings, GRPOConfig):
         if not self.beta >= 0:
             raise ValueError(
                 f"beta must be non-negative, got {self.beta}: it weighs each member's KL to the starting weights in its "
-                "fitness (fitness = reward - beta * KL); 0 turns the penalty off.")
+                "fitness (fitness = shaped reward - beta * KL); 0 turns the penalty off.")
         if (self.perturbation == "lowrank" and self.es_max_generation_rows is not None
                 and self.es_max_generation_rows < self.per_device_train_batch_size):
             raise ValueError(
@@ -172,14 +174,15 @@ class ESConfig(ESSettings, GRPOConfig):
                 f"(per_device_train_batch_size={self.per_device_train_batch_size}: a member answers all its prompts in "
                 f"one call). Set es_max_generation_rows to at least {self.per_device_train_batch_size} (a multiple of "
                 "it wastes nothing), or None for the whole population in one call.")
-        if self.fitness_shaping == "evidence_zscore" and self.prompts_per_step < 2:
-            raise ValueError(
-                f"fitness_shaping='evidence_zscore' weighs each member's lead prompt by prompt, which needs at least 2 "
-                f"prompts per step; per_device_train_batch_size={self.per_device_train_batch_size} with num_generations="
-                f"{self.num_generations} gives {self.prompts_per_step}. Set per_device_train_batch_size="
-                f"{2 * self.num_generations}, or choose fitness_shaping='zscore'.")
         if self.num_generations < 1:
             raise ValueError(f"num_generations must be at least 1, got {self.num_generations}.")
+        needed = min_prompts(self.shaping)
+        if self.prompts_per_step < needed:
+            raise ValueError(
+                f"fitness_shaping={self.fitness_shaping!r} weighs each member's lead prompt by prompt, which needs at "
+                f"least {needed} prompts per step; per_device_train_batch_size={self.per_device_train_batch_size} with "
+                f"num_generations={self.num_generations} gives {self.prompts_per_step}. Set per_device_train_batch_size="
+                f"{needed * self.num_generations}, or choose fitness_shaping='prompt_zscore'.")
 
     # renamed to ESSettings' names; the old ones work until the next release
     @property
@@ -221,8 +224,7 @@ def to_es_config(args: GRPOConfig) -> ESConfig:
     A field left at TRL's default (or set to it explicitly: the two cannot be told apart) takes ES's default, e.g.
     ``num_generations`` 8 becomes 1, ``lr_scheduler_type`` "linear" becomes "constant", ``gradient_checkpointing``
     True becomes False. ``per_device_train_batch_size`` is always kept: with
-    ``num_generations`` it decides the prompts per step, and ES's smaller default would break (or silently shrink) a
-    script that set only ``num_generations``. ``learning_rate`` is tuned for Adam on true gradients, so the ES step
+    ``num_generations`` it decides the prompts per step (TRL's default and ES's are both 8). ``learning_rate`` is tuned for Adam on true gradients, so the ES step
     replaces it. Fields without an ES counterpart are refused, or ignored, by `ESConfig` (trl_ext.grpo_fields). Every
     such change is listed in one ``SwapWarning``.
     """

@@ -104,14 +104,18 @@ FIELDS: dict[str, Row] = {
     "reward_weights": Row(SAME, "weights of the reward functions in the sum", "the same"),
     "multi_objective_aggregation": Row(ES, "'sum_then_normalize' or 'normalize_then_sum' of the rewards", "the same "
                                        "order over members: 'normalize_then_sum' z-scores each function's member "
-                                       "fitness over the population before the weighted sum"),
+                                       "fitness over the population before the weighted sum (GRPO: within each "
+                                       "prompt's group); with several functions that sum is shaped without its "
+                                       "prompts, as a z-score (a warning says so under a per-prompt shaping)"),
     "scale_rewards": Row(WARNED, "how advantages are normalised in a group", "ignored: ES shapes member fitness with "
-                         "fitness_shaping ('zscore', 'centered_rank' or 'evidence_zscore')"),
+                         "fitness_shaping (default 'prompt_zscore': each prompt's rewards z-scored across the members, "
+                         "as scale_rewards='group' does across a prompt's completions)"),
     "mask_truncated_completions": Row(ES, "truncated completions leave the loss", "truncated completions leave the "
                                       "member's fitness (as if every reward function returned None for them)"),
     "beta": Row(ES, "KL penalty against the reference model, per completion token", "the same penalty in each "
-                "member's fitness: its mean reward minus beta times its mean per-token KL to the starting weights (the "
-                "adapter-free model under PEFT) over its completions; TRL's k3 estimator when members sample, the "
+                "member's fitness: its shaped reward minus beta times its mean per-token KL to the starting weights "
+                "(the adapter-free model under PEFT) over its completions, centred over the members, as GRPO adds it "
+                "beside its normalised advantages; TRL's k3 estimator when members sample, the "
                 "exact KL over the vocabulary when they decode greedily; logged as kl. Costs two forward passes over "
                 "the members' completions per step (README, beta); must be >= 0"),
     "num_iterations": Row(WARNED, "policy updates per generation batch", "ignored: ES makes one update per evaluated "

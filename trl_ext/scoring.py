@@ -64,7 +64,7 @@ def member_sums(rows: ScoredRows, weights: torch.Tensor, mask_truncated: bool,
                 prompt_of_row: list[int]) -> MemberScores:
     """The fitness sums of one member's rows on this process, for ``evaluation.evaluate_population``: the weighted
     rewards and their count; per prompt of the step (``prompt_of_row``: each row's index among the step's prompts) its
-    sum and count (for ``evidence_zscore``); among the extra sums, per reward function its sum and count (for
+    sum and count (for the shapings that read prompts); among the extra sums, per reward function its sum and count (for
     ``normalize_then_sum``) and, when measured, the KL to the reference summed over the completion tokens and their
     number."""
     rewards = rows.rewards.clone()

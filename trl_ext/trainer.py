@@ -21,6 +21,7 @@ from trl.trainer.utils import identity
 
 from lightning_es import EvolutionStrategy, Processes, derive_seed, select_parameters
 from lightning_es.engine import Iteration, PopulationScores, build_evolution_strategy, run_iteration
+from lightning_es.engine.shaping import uses_prompts
 
 from .checkpoints import ESCheckpoints
 from .config import ESConfig, to_es_config
@@ -90,6 +91,15 @@ class ESTrainer(ESCheckpoints, ESLogging, KLPenalty, TRLScoring, RuntimeChecks, 
         reward_funcs = [
             checked_reward_function(f) if callable(f) and not isinstance(f, torch.nn.Module) else f for f in reward_funcs
         ]
+        # GRPO's normalize_then_sum normalises each function within a prompt's group; ES has each function's sums per
+        # member, not per prompt: it normalises each function over the population and shapes the sum without prompts
+        self.per_function = args.multi_objective_aggregation == "normalize_then_sum" and len(reward_funcs) > 1
+        if self.per_function and uses_prompts(args.shaping):
+            logger.warning(
+                f"multi_objective_aggregation='normalize_then_sum' with {len(reward_funcs)} reward functions: each "
+                f"function's member means are z-scored over the population, then weighted and summed, and "
+                f"fitness_shaping={args.fitness_shaping!r} shapes that sum as a z-score (it cannot normalise per prompt "
+                "and per function).")
 
         beta, args.beta = args.beta, 0.0  # GRPO would load a second model as the reference: ES keeps the start weights
         try:
@@ -225,17 +235,15 @@ class ESTrainer(ESCheckpoints, ESLogging, KLPenalty, TRLScoring, RuntimeChecks, 
         # ``loss``: what GRPO's loss reads at its on-policy step, where the advantages sum to zero: beta times the KL
         return torch.tensor(self.beta * kl, device=self.args.device)
 
-    def _fitness(self, scores: PopulationScores) -> tuple[torch.Tensor, torch.Tensor]:
-        """GRPO's reward arithmetic over the combined scores (``multi_objective_aggregation``), then its per-token KL
-        penalty (``beta``)."""
+    def _fitness(self, scores: PopulationScores) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """GRPO's reward arithmetic over the combined scores (``multi_objective_aggregation``), and its per-token KL
+        penalty (``beta``), charged after the shaping as GRPO adds it beside its normalised advantages: the rewards
+        alone decide which prompts are tied."""
         fitness, per_prompt = scores.fitness, scores.per_prompt
-        if self.args.multi_objective_aggregation == "normalize_then_sum":
+        if self.per_function:
             fitness = normalized_then_summed(scores, self.reward_weights.cpu())
-        if self.beta > 0:
-            kl = member_kl(scores)
-            fitness = fitness - self.beta * kl
-            per_prompt = per_prompt - self.beta * kl[:, None]
-        return fitness, per_prompt
+            per_prompt = per_prompt[:, :0]  # the weighted sums per prompt would undo each function's normalisation
+        return fitness, per_prompt, self.beta * member_kl(scores) if self.beta > 0 else None
 
     # ---- evaluation: reward of the unperturbed weights ---------------------------------------------------------
 

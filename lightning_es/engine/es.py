@@ -5,7 +5,7 @@ One ES step, as in OpenAI-ES and the ES-at-scale paper:
 1. ``members(step)``: N members, each with an integer seed (antithetic pairs share one seed with opposite signs);
 2. for every member, inside ``perturbed(member)``, measure its fitness (higher is better; ``evaluation`` runs this
    loop over processes);
-3. ``step(step, fitness)`` shapes the fitness (``zscore``, ``centered_rank`` or ``evidence_zscore``), forms
+3. ``step(step, fitness)`` shapes the fitness (``shaping``: per prompt by default), forms
    ``g = sum_i f_i * eps_i / (N * sigma)`` and applies ``theta += lr * g``; or ``write_gradients`` puts ``-g`` into
    ``.grad`` for a torch optimizer to consume.
 
@@ -32,7 +32,7 @@ from .population import Member, Population
 from .renamed import take_renamed
 from .perturbations import Perturbation
 from .perturbations.base import RELATIVE_NOISE
-from .shaping import get_fitness_shaping, uses_prompts
+from .shaping import DEFAULT_FITNESS_SHAPING, get_fitness_shaping, min_prompts, uses_prompts
 from .start import StartWeights
 
 
@@ -70,7 +70,7 @@ class EvolutionStrategy:
         population_size: int = 16,
         learning_rate: float | None = None,
         antithetic: bool = True,
-        fitness_shaping: str | Callable[[torch.Tensor], torch.Tensor] = "zscore",
+        fitness_shaping: str | Callable[[torch.Tensor], torch.Tensor] = DEFAULT_FITNESS_SHAPING,
         seed: int = 0,
         es_anchor_decay: float = 0.0,
         es_start_device: torch.device | str = "cpu",
@@ -151,42 +151,49 @@ class EvolutionStrategy:
         return fitness, scored
 
     def shaped(self, fitness: torch.Tensor, scored: torch.Tensor | None = None,
-               per_prompt: torch.Tensor | None = None) -> torch.Tensor:
+               per_prompt: torch.Tensor | None = None, penalty: torch.Tensor | None = None) -> torch.Tensor:
         """The shaped fitness of the members that take part, 0 for those left out; all 0 when fewer than two take
         part (one member alone says nothing about a direction). ``per_prompt``: (N, prompts) mean rewards, for a
-        shaping that weighs the evidence (``evidence_zscore``)."""
-        return self._shaped(*self.check_fitness(fitness, scored), per_prompt)
+        shaping that reads them (``prompt_zscore``, ``evidence_zscore``). ``penalty``: per member, subtracted from the
+        shaped fitness, centred over the members (GRPO's KL term beside its normalised advantages)."""
+        return self._shaped(*self.check_fitness(fitness, scored), per_prompt, penalty)
 
-    def _shaped(self, fitness: torch.Tensor, scored: torch.Tensor, per_prompt: torch.Tensor | None) -> torch.Tensor:
+    def _shaped(self, fitness: torch.Tensor, scored: torch.Tensor, per_prompt: torch.Tensor | None,
+                penalty: torch.Tensor | None) -> torch.Tensor:
         shaped = torch.zeros_like(fitness)
         if int(scored.sum()) >= 2:
             if uses_prompts(self.shape_fitness):
                 if per_prompt is None:
-                    raise ValueError("this fitness shaping weighs the evidence per prompt: pass per_prompt.")
+                    if min_prompts(self.shape_fitness):
+                        raise ValueError("this fitness shaping weighs the evidence per prompt: pass per_prompt.")
+                    per_prompt = torch.empty(fitness.numel(), 0, dtype=torch.float64)
                 values = self.shape_fitness(fitness[scored], torch.as_tensor(per_prompt).cpu()[scored])
             else:
                 values = self.shape_fitness(fitness[scored])
+            if penalty is not None:
+                charged = torch.as_tensor(penalty, dtype=torch.float64).cpu()[scored]
+                values = values - (charged - charged.mean())
             shaped[scored] = values.to(shaped)
         return shaped
 
     def gradients(self, step: int, fitness: torch.Tensor, scored: torch.Tensor | None = None,
-                  per_prompt: torch.Tensor | None = None):
+                  per_prompt: torch.Tensor | None = None, penalty: torch.Tensor | None = None):
         """Yield ``(name, g)`` for every evolved tensor; only one tensor's estimate is alive at a time."""
-        coefficients, divisor = self._coefficients(step, *self.check_fitness(fitness, scored), per_prompt)
+        coefficients, divisor = self._coefficients(step, *self.check_fitness(fitness, scored), per_prompt, penalty)
         for name in self.params:
             yield name, self.perturbation.noise_sum(coefficients, name).div_(divisor)
 
-    def _coefficients(self, step: int, fitness: torch.Tensor, scored: torch.Tensor,
-                      per_prompt: torch.Tensor | None) -> tuple[dict[int, float], float]:
+    def _coefficients(self, step: int, fitness: torch.Tensor, scored: torch.Tensor, per_prompt: torch.Tensor | None,
+                      penalty: torch.Tensor | None) -> tuple[dict[int, float], float]:
         """The noise coefficients and ``N * sigma``, N counting the members that take part (checked fitness)."""
-        return (noise_coefficients(self.members(step), self._shaped(fitness, scored, per_prompt)),
+        return (noise_coefficients(self.members(step), self._shaped(fitness, scored, per_prompt, penalty)),
                 max(int(scored.sum()), 1) * self.sigma)
 
-    def step(self, step: int, fitness: torch.Tensor, lr: float | None = None,
-             scored: torch.Tensor | None = None, per_prompt: torch.Tensor | None = None) -> StepStats:
+    def step(self, step: int, fitness: torch.Tensor, lr: float | None = None, scored: torch.Tensor | None = None,
+             per_prompt: torch.Tensor | None = None, penalty: torch.Tensor | None = None) -> StepStats:
         """Apply ``theta += lr * g`` through the fp32 master copy; the reported norm is that of the applied step.
         ``scored``: which members take part (default all); the others' fitness is ignored and N counts the rest.
-        ``per_prompt``: (N, prompts) mean rewards, for ``evidence_zscore``.
+        ``per_prompt`` and ``penalty``: see ``shaped``.
 
         With ``anchor_decay`` (lambda) the step is followed by ``theta <- theta_0 + (1 - lr * lambda) (theta -
         theta_0)``: a pull towards the starting weights that bounds the random walk of weakly constrained directions.
@@ -194,14 +201,14 @@ class EvolutionStrategy:
         lr = self.learning_rate if lr is None else lr
         fitness, scored = self.check_fitness(fitness, scored)
         if not self.anchor_decay:  # lr * g goes straight in: the perturbation may add it without a dense tensor
-            coefficients, divisor = self._coefficients(step, fitness, scored, per_prompt)
+            coefficients, divisor = self._coefficients(step, fitness, scored, per_prompt, penalty)
             noise_squared = sum(self.perturbation.add_noise_sum(coefficients, name, lr / divisor)
                                 for name in self.params)
             gradient_norm = math.sqrt(self.perturbation.total_squared_norm(noise_squared)) / divisor
             update_norm = lr * gradient_norm
         else:
             gradient_squared = update_squared = 0.0
-            for name, update in self.gradients(step, fitness, scored, per_prompt):
+            for name, update in self.gradients(step, fitness, scored, per_prompt, penalty):
                 gradient_squared += float(update.double().pow(2).sum())
                 update.mul_(lr)
                 anchor = self.start.value(name, update.device)
@@ -215,14 +222,14 @@ class EvolutionStrategy:
         return StepStats(update_norm=update_norm, gradient_norm=gradient_norm)
 
     def write_gradients(self, step: int, fitness: torch.Tensor, scored: torch.Tensor | None = None,
-                        per_prompt: torch.Tensor | None = None) -> StepStats:
+                        per_prompt: torch.Tensor | None = None, penalty: torch.Tensor | None = None) -> StepStats:
         """Store ``-g`` in ``.grad`` (optimizers minimise), for a torch optimizer to take the step.
 
         Call ``master.sync_from_model()`` after the optimizer has stepped. The reported norms are that of ``g``.
         """
         fitness, scored = self.check_fitness(fitness, scored)
         squared_norm = 0.0
-        for name, gradient in self.gradients(step, fitness, scored, per_prompt):
+        for name, gradient in self.gradients(step, fitness, scored, per_prompt, penalty):
             squared_norm += float(gradient.double().pow(2).sum())
             p = self.params[name]
             p.grad = gradient.neg_().to(p.dtype)

@@ -15,7 +15,8 @@ from .es import EvolutionStrategy, StepStats
 from .evaluation import PopulationScores, Score, evaluate_population
 from .processes import Processes
 
-Fitness = Callable[[PopulationScores], tuple[torch.Tensor, torch.Tensor]]  # -> (fitness, per_prompt)
+# -> (fitness, per_prompt, penalty): what is shaped, per member and per prompt, and what is charged after shaping
+Fitness = Callable[[PopulationScores], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
 UPDATES = ("step", "gradients", None)
 
 
@@ -25,6 +26,7 @@ class Iteration:
     fitness: torch.Tensor  # per member, what was shaped (NaN for a member left out)
     per_prompt: torch.Tensor  # (members, prompts) mean rewards, for a shaping that reads them
     stats: StepStats | None  # of the update, when one was taken
+    penalty: torch.Tensor | None = None  # per member, subtracted from the shaped fitness (TRL's beta * KL)
 
     @property
     def scored(self) -> torch.Tensor:
@@ -44,11 +46,11 @@ class Iteration:
         return float(tied.double().mean())
 
     def shaped(self, es: EvolutionStrategy) -> torch.Tensor:
-        return es.shaped(self.fitness, self.scored, self.per_prompt)
+        return es.shaped(self.fitness, self.scored, self.per_prompt, self.penalty)
 
 
-def _plain(scores: PopulationScores) -> tuple[torch.Tensor, torch.Tensor]:
-    return scores.fitness, scores.per_prompt
+def _plain(scores: PopulationScores) -> tuple[torch.Tensor, torch.Tensor, None]:
+    return scores.fitness, scores.per_prompt, None
 
 
 def run_iteration(
@@ -69,12 +71,14 @@ def run_iteration(
         raise ValueError(f"update must be one of {UPDATES}, got {update!r}.")
     scores = evaluate_population(es.members(step), step, score, processes, batched=batched,
                                  members_per_round=members_per_round)
-    member_fitness, per_prompt = fitness(scores)
-    iteration = Iteration(scores, member_fitness, per_prompt, None)
+    member_fitness, per_prompt, penalty = fitness(scores)
+    iteration = Iteration(scores, member_fitness, per_prompt, None, penalty)
     if check is not None:
         check(iteration)
     if update == "step":
-        iteration.stats = es.step(step, member_fitness, lr=learning_rate, scored=iteration.scored, per_prompt=per_prompt)
+        iteration.stats = es.step(step, member_fitness, lr=learning_rate, scored=iteration.scored, per_prompt=per_prompt,
+                                  penalty=penalty)
     elif update == "gradients":
-        iteration.stats = es.write_gradients(step, member_fitness, scored=iteration.scored, per_prompt=per_prompt)
+        iteration.stats = es.write_gradients(step, member_fitness, scored=iteration.scored, per_prompt=per_prompt,
+                                             penalty=penalty)
     return iteration

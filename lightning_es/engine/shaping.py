@@ -2,8 +2,9 @@
 
 ``zscore`` and ``centered_rank`` give every step the same size whatever the evidence: a single lucky answer on one of
 two prompts becomes a unit-variance step, and a reward of random numbers moves the weights as far as a real one.
-``evidence_zscore`` scales the z-score by how much of the members' spread exceeds what chance would give: it reads
-the members' mean reward per prompt.
+``evidence_zscore`` scales the z-score by how much of the members' spread exceeds what chance would give, and
+``prompt_zscore`` (the default) normalises each prompt's rewards across the members as GRPO normalises a prompt's
+completions, so that its step shrinks with the evidence too: both read the members' mean reward per prompt.
 """
 
 from collections.abc import Callable
@@ -65,6 +66,7 @@ def evidence_zscore(fitness: torch.Tensor, per_prompt: torch.Tensor) -> torch.Te
 
 
 evidence_zscore.uses_prompts = True
+evidence_zscore.min_prompts = 2  # one prompt leaves no residual to tell a lead from chance
 
 
 def prompt_zscore(fitness: torch.Tensor, per_prompt: torch.Tensor) -> torch.Tensor:
@@ -88,6 +90,7 @@ def prompt_zscore(fitness: torch.Tensor, per_prompt: torch.Tensor) -> torch.Tens
 
 
 prompt_zscore.uses_prompts = True
+prompt_zscore.min_prompts = 0  # no column, or one: the z-score of the fitness
 
 
 def uses_prompts(shaping: Callable) -> bool:
@@ -95,6 +98,14 @@ def uses_prompts(shaping: Callable) -> bool:
     return getattr(shaping, "uses_prompts", False)
 
 
+def min_prompts(shaping: Callable) -> int:
+    """The fewest prompts per step ``shaping`` can read: 0 for one that reads none, or for ``prompt_zscore`` (with no
+    prompt, or one, it is the z-score); 2 for ``evidence_zscore`` and, unless it says otherwise (``min_prompts``), for
+    a callable that reads prompts."""
+    return getattr(shaping, "min_prompts", 2 if uses_prompts(shaping) else 0)
+
+
+DEFAULT_FITNESS_SHAPING = "prompt_zscore"  # docs/reports/accuracy-race/
 FITNESS_SHAPING: dict[str, Callable[..., torch.Tensor]] = {
     "zscore": zscore,
     "centered_rank": centered_rank,

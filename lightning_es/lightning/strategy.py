@@ -1,8 +1,9 @@
 """``ESStrategy``: Evolution Strategies as a Lightning strategy (``Trainer(strategy="es")``).
 
 The LightningModule's ``training_step`` returns a fitness (a scalar, higher is better) for the module's current
-weights on the batch, or one fitness per example (a 1-D tensor, whose mean is the fitness;
-``fitness_shaping="evidence_zscore"`` reads the examples). With ``ESStrategy(mode="min")`` it returns a loss instead
+weights on the batch, or one fitness per example (a 1-D tensor, whose mean is the fitness; the default
+``fitness_shaping="prompt_zscore"`` normalises each example across the members, and ``"evidence_zscore"`` weighs
+them). With ``ESStrategy(mode="min")`` it returns a loss instead
 (lower is better, e.g. a ``training_step`` ported from a module trained by gradient descent) and the fitness is the
 negated loss. Per batch the strategy runs the engine's iteration
 (``engine.iteration.run_iteration``) with a scoring function that calls ``training_step``: each process scores its share of the population (perturb, ``training_step``, restore), only fitness and logged scalars travel
@@ -47,7 +48,7 @@ from ..engine.evaluation import MemberScores
 from ..engine.iteration import Iteration, run_iteration
 from ..engine.step_metrics import step_metrics
 from ..engine.settings import ESSettings
-from ..engine.shaping import uses_prompts
+from ..engine.shaping import min_prompts
 from ..engine.zero3 import check_zero3_config
 from .checkpoint_io import AtomicCheckpointIO
 from .population_log import PopulationLog
@@ -290,11 +291,12 @@ class ESStrategy(DDPStrategy):
         def check(iteration: Iteration) -> None:
             logs.flush(module.log, iteration.scores, step)
             examples = iteration.per_prompt.shape[1]
-            if uses_prompts(self.es.shape_fitness) and examples < 2:
+            needed = min_prompts(self.es.shape_fitness)
+            if examples < needed:
                 raise ValueError(
                     f"fitness_shaping={self.settings.fitness_shaping!r} weighs the evidence per example, but "
                     f"training_step returned {'a scalar' if examples == 0 else 'one example'}: return one fitness per "
-                    "example (a 1-D tensor of at least two values), or choose 'zscore'.")
+                    f"example (a 1-D tensor of at least {needed} values), or choose 'prompt_zscore'.")
 
         self._iteration = run_iteration(self.es, step, score, self._processes,
                                         update=None if self.has_optimizer else "step", check=check)
@@ -310,7 +312,8 @@ class ESStrategy(DDPStrategy):
         """Write ``-g`` into ``.grad`` for the optimizer (after the loop's ``zero_grad``); no autograd."""
         if self.has_optimizer:
             self.es.write_gradients(self.lightning_module.trainer.global_step, self._iteration.fitness,
-                                    per_prompt=self._iteration.per_prompt)
+                                    per_prompt=self._iteration.per_prompt,
+                                    penalty=self._iteration.penalty)
         return closure_loss
 
     # ---- checkpoints carry the ES state ----------------------------------------------------------------------

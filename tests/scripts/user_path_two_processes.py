@@ -30,7 +30,8 @@ def main():
     model = build_model(tokenizer, tie=True, init_range=0.2)
     args = ESConfig(output_dir=sys.argv[1], max_steps=2, max_completion_length=8, report_to="none",
                     save_strategy="no", disable_tqdm=True, logging_steps=1)
-    dataset = Dataset.from_dict({"prompt": ["the quick brown", "what is 12", "count the apples", "brown fox"]})
+    words = ["the quick brown", "what is 12", "count the apples", "brown fox"]
+    dataset = Dataset.from_dict({"prompt": [f"{w} {i}" for i in range(4) for w in words]})  # two default batches
     trainer = ESTrainer(model, mean_token_id, args=args, train_dataset=dataset, processing_class=tokenizer)
     before = {name: trainer.es.master.value(name).detach().clone() for name in trainer.es.params}
     trainable = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
