@@ -11,11 +11,12 @@ them: training problems from the train split drawn with the seed, held-out probl
 every seed; the splits are disjoint by construction). SmolLM2-135M-Instruct answers about 6% of the test split
 greedily, so accuracy has room to rise. The module's `training_step` returns the fitness of greedy completions: one
 correctness value per problem (a 1-D tensor, whose mean is the fitness, and which the default `prompt_zscore`
-shaping normalises per problem across the members). The answer format is logged, never rewarded. The strategy perturbs the weights, calls
-`training_step` once per population member and updates in place. The ES knobs are the library's defaults
-(`ESSettings`, the fields `ESStrategy` and `ESConfig` share, each a flag here): 16 members, rank-4 relative noise at
-3% of each tensor's scale, a relative step, fitness normalised per problem; 8 problems per iteration, as `ESConfig`. The library's drift callbacks log `drift/kl` (off-task KL to the start
-weights) and `drift/update_norm` and the rest every `--drift_every` steps. Held-out accuracy and answer format
+shaping normalises per problem across the members). The answer format is logged, never rewarded. The strategy
+perturbs the weights, calls `training_step` once per population member and updates in place. The ES knobs are the
+library's defaults (`ESSettings`, the fields `ESStrategy` and `ESConfig` share, each a flag here): 16 members, rank-4
+relative noise at 3% of each tensor's scale, a relative step, fitness normalised per problem; 8 problems per
+iteration, as `ESConfig`. The library's drift callbacks log `drift/kl` (off-task KL to the start weights) and
+`drift/update_norm` and the rest every `--drift_every` steps. Held-out accuracy and answer format
 (`trainer.validate`) and the off-task KL are printed before and after training, as the TRL recipes print them.
 """
 

@@ -223,8 +223,8 @@ def to_es_config(args: GRPOConfig) -> ESConfig:
 
     A field left at TRL's default (or set to it explicitly: the two cannot be told apart) takes ES's default, e.g.
     ``num_generations`` 8 becomes 1, ``lr_scheduler_type`` "linear" becomes "constant", ``gradient_checkpointing``
-    True becomes False. ``per_device_train_batch_size`` is always kept: with
-    ``num_generations`` it decides the prompts per step (TRL's default and ES's are both 8). ``learning_rate`` is tuned for Adam on true gradients, so the ES step
+    True becomes False. ``per_device_train_batch_size`` is always kept: with ``num_generations`` it decides the prompts
+    per step (TRL's default and ES's are both 8). ``learning_rate`` is tuned for Adam on true gradients, so the ES step
     replaces it. Fields without an ES counterpart are refused, or ignored, by `ESConfig` (trl_ext.grpo_fields). Every
     such change is listed in one ``SwapWarning``.
     """
