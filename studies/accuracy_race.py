@@ -90,7 +90,15 @@ GRPO_LABELS = {
     "grpo-temp0.7-lr3e-6": dict(temperature=0.7, learning_rate=3e-6),
     # the shape at the tuned temperature: 2 prompts x 8 completions in the same 16 rows
     "grpo-temp0.7-gen8": dict(temperature=0.7, num_generations=8),
+    # Gemma-3-270M tunes the learning rate alone, around SmolLM2's tuned GRPO (ES: es-lr7e-4, es-defaults, es-lr3e-3)
+    "grpo-temp0.7-gen8-lr3e-6": dict(temperature=0.7, num_generations=8, learning_rate=3e-6),
+    "grpo-temp0.7-gen8-lr3e-5": dict(temperature=0.7, num_generations=8, learning_rate=3e-5),
 }
+
+# What each model races, on both tasks (the transfer task takes the main task's settings): ES at ESConfig's defaults;
+# GRPO at the best of its tuning on validation (report: "Tuning"). Gemma-3-270M's GRPO is set after its tuning.
+RACE_LABELS = {"SmolLM2-135M-Instruct": {"es": "es-defaults", "grpo": "grpo-temp0.7-gen8"},
+               "gemma-3-270m": {"es": "es-defaults"}}
 
 
 def label_settings(label: str) -> tuple[str, dict]:
@@ -244,21 +252,21 @@ def train(model_name: str, task: str, label: str, seed: int, phase: str, start: 
             "weights_delta": str(saved), "wall_seconds": round(time.perf_counter() - started, 1)}
 
 
-def overlap(runs: list[dict]) -> int:
-    """Test problems of the race whose text, or numbers and answer, occur among the problems any raced run trained on
-    or the validation problems (0 by construction; counted, not assumed)."""
+def overlap(runs: list[dict]) -> dict[str, int]:
+    """Per task raced: test problems whose text, or numbers and answer, occur among the problems any raced run
+    trained on or the validation problems (0 by construction; counted, not assumed)."""
     def key(problem):
         return tuple(sorted(problem["numbers"])), problem["answer"]
 
-    count = 0
-    for task in {r["task"] for r in runs if r["phase"] == "race"}:
+    counts = {}
+    for task in sorted({r["task"] for r in runs if r["phase"] == "race"}):
         seeds = {r["seed"] for r in runs if (r["phase"], r["task"]) == ("race", task)}
         seen = [p for seed in seeds for p in generated.problems(task, "train", TRAIN_SIZE, seed=seed)]
         seen += generated.problems(task, "validation", VALIDATION_SIZE, seed=0)
         texts, keys = {p["question"] for p in seen}, {key(p) for p in seen}
-        count += sum(p["question"] in texts or key(p) in keys
-                     for p in generated.problems(task, "test", TEST_SIZE, seed=0))
-    return count
+        counts[task] = sum(p["question"] in texts or key(p) in keys
+                           for p in generated.problems(task, "test", TEST_SIZE, seed=0))
+    return counts
 
 
 def load_runs(path: Path) -> list[dict]:
@@ -285,11 +293,15 @@ def main():
     args = parser.parse_args()
     runs = load_runs(args.runs)
     if args.phase == "render":
-        render(runs, args.runs.parent, overlap=overlap(runs))
+        render(runs, args.runs.parent, overlap=overlap(runs), labels=RACE_LABELS)
         print(f"wrote {args.runs.parent / 'report.md'} and result.json")
         return
     if args.phase in ("tune", "horizon") and args.seeds != [TUNING_SEED]:
         raise SystemExit(f"{args.phase} runs seed {TUNING_SEED} only; the race runs the others.")
+    raced = RACE_LABELS[args.model].values()
+    if args.phase == "race" and not set(args.labels) <= set(raced):
+        raise SystemExit(f"{args.model} races {sorted(raced)} (RACE_LABELS, set from its tuning), not "
+                         f"{sorted(set(args.labels) - set(raced))}.")
     use_all_cpu_cores()
     logging.disable(logging.WARNING)
     args.runs.parent.mkdir(parents=True, exist_ok=True)

@@ -49,9 +49,21 @@ def raced_label(runs: list[dict], model: str, task: str, method: str, given: str
     return labels[0] if labels else None
 
 
+def consistent(group: list[dict], model: str, task: str, label: str) -> list[dict]:
+    """``group``, the race runs of one label, if all ran one budget and the same resolved settings (a label such as
+    ``es-defaults`` resolves at the commit a run is made: a changed default must not be paired with the old one)."""
+    for field in ("budget_seconds", "settings"):
+        seen = {json.dumps(r.get(field), sort_keys=True): r["seed"] for r in group}
+        if len(seen) > 1:
+            raise ValueError(f"{model} {task} {label}: its race runs differ in {field} (e.g. seeds "
+                             f"{sorted(seen.values())}); race the seeds again under one, or give the other a new "
+                             "label.")
+    return group
+
+
 def paired(runs: list[dict], model: str, task: str, es_label: str, grpo_label: str) -> dict[str, list[dict]]:
     """The race runs of both settings on the seeds both ran, in the same seed order."""
-    by_seed = {method: {r["seed"]: r for r in of(runs, "race", model, task, label)}
+    by_seed = {method: {r["seed"]: r for r in consistent(of(runs, "race", model, task, label), model, task, label)}
                for method, label in zip(METHODS, (es_label, grpo_label))}
     seeds = sorted(by_seed["es"].keys() & by_seed["grpo"].keys())
     return {method: [by_seed[method][seed] for seed in seeds] for method in METHODS}
@@ -124,10 +136,12 @@ def first_crossing(marks: list[dict], level: float, metric: str) -> float | None
 
 
 def time_to_reach(run: dict, target: float) -> dict:
-    """When ``run`` first reaches ``target`` within its budget; a run that never does counts as its whole budget."""
+    """When ``run`` first reaches ``target``; a run that never does counts as its whole budget. Its last mark falls at
+    the first step end past the budget: a crossing there is read at the budget (the accuracy the budget bought)."""
     seconds = first_crossing(run["marks"], target, "seconds")
-    reached = seconds is not None and seconds <= run["budget_seconds"]
-    return {"seed": run["seed"], "reached": reached, "seconds": seconds if reached else run["budget_seconds"]}
+    reached = seconds is not None
+    return {"seed": run["seed"], "reached": reached,
+            "seconds": min(seconds, run["budget_seconds"]) if reached else run["budget_seconds"]}
 
 
 def start_accuracy(pairs: dict[str, list[dict]]) -> float:
@@ -186,7 +200,7 @@ def split_size(pairs: dict[str, list[dict]]) -> int:
 
 
 def comparison(runs: list[dict], model: str, task: str, labels: dict[str, str] | None = None,
-               overlap=0) -> dict | None:
+               overlap: int = 0) -> dict | None:
     """The race's result on (model, task) for the settings ``labels`` ({method: label}; a method left out: the only
     setting it raced); None until both methods have raced a seed in common."""
     es_label, grpo_label = (raced_label(runs, model, task, method, (labels or {}).get(method)) for method in METHODS)
@@ -205,16 +219,24 @@ def comparison(runs: list[dict], model: str, task: str, labels: dict[str, str] |
             "time_to_target": time_to_target(pairs), "kl_at_matched_accuracy": kl_at_matched_accuracy(pairs)}
 
 
-def result(runs: list[dict], labels: dict[str, dict[str, str]] | None = None, overlap=0) -> dict:
-    """Per model raced on ``MAIN_TASK``: its comparison, with the transfer task's under ``"transfer"`` once raced.
-    ``labels``: {model: {method: label}} for a model whose race has several settings of a method."""
+def result(runs: list[dict], labels: dict[str, dict[str, str]] | None = None,
+           overlap: dict[str, int] | None = None) -> dict:
+    """Per model raced on ``MAIN_TASK``: its comparison, with the transfer task's under ``"transfer"`` once raced
+    (with the same settings: the transfer asks whether the main task's tuning carries over). ``labels``:
+    {model: {method: label}} for a model whose race has several settings of a method; ``overlap``: {task: test
+    problems met in training}."""
     results = {}
     for model in dict.fromkeys(r["model"] for r in runs if r["phase"] == "race"):
         chosen = (labels or {}).get(model)
-        main = comparison(runs, model, MAIN_TASK, chosen, overlap)
+        main = comparison(runs, model, MAIN_TASK, chosen, (overlap or {}).get(MAIN_TASK, 0))
         if main is None:
             continue
-        transfer = comparison(runs, model, TRANSFER_TASK, chosen, overlap)
+        same = {method: main[method]["label"] for method in METHODS}
+        transfer = comparison(runs, model, TRANSFER_TASK, same, (overlap or {}).get(TRANSFER_TASK, 0))
+        for method in METHODS if transfer else ():
+            if transfer[method]["settings"] != main[method]["settings"]:
+                raise ValueError(f"{model}: {TRANSFER_TASK} raced {same[method]} under other settings than "
+                                 f"{MAIN_TASK} did; race it again under the main task's.")
         results[model] = main | ({"transfer": transfer} if transfer else {})
     return results
 
@@ -298,6 +320,17 @@ def interval(bounds: list[float] | None) -> str:
     return "n/a (one seed)" if bounds is None else f"[{bounds[0]:+.3f}, {bounds[1]:+.3f}]"
 
 
+def tuned_as(runs: list[dict], model: str, side_entry: dict) -> str:
+    """The tuning runs (validation, ``MAIN_TASK``) that ran a raced setting: the same resolved settings, any label."""
+    same = [r for r in runs if r["phase"] in ("tune", "horizon") and (r["model"], r["task"]) == (model, MAIN_TASK)
+            and r["settings"] == side_entry["settings"]]
+    if not same:
+        return "not among the tuning runs"
+    return "tuned as " + ", ".join(f"`{r['label']}` ({r['phase']}, {r['budget_seconds']:.0f} s: validation "
+                                   f"{r['marks'][0]['accuracy']:.3f} -> {r['marks'][-1]['accuracy']:.3f})"
+                                   for r in same)
+
+
 def in_words(runs: list[dict], model: str, entry: dict) -> list[str]:
     """The comparison's fields as sentences."""
     es, grpo, difference = entry["es"], entry["grpo"], entry["difference"]
@@ -305,12 +338,14 @@ def in_words(runs: list[dict], model: str, entry: dict) -> list[str]:
     marks_problems = len(pairs["es"][0]["marks"][0]["correct"])
     lines = [f"ES `{es['label']}` against GRPO `{grpo['label']}`, paired over the seeds both ran: "
              f"{', '.join(map(str, es['seeds']))}. Test split: {entry['test_problems']} problems (overlap with "
-             f"training: {entry['overlap']}).", "",
+             f"training: {entry['overlap']}). ES's settings: {tuned_as(runs, model, es)}; GRPO's: "
+             f"{tuned_as(runs, model, grpo)}.", "",
              f"- Test accuracy, mean over seeds: ES {es['accuracy_start']:.3f} -> {es['accuracy_end']:.3f}, GRPO "
              f"{grpo['accuracy_start']:.3f} -> {grpo['accuracy_end']:.3f}.",
              f"- **Difference of gains, ES - GRPO** (the primary endpoint): {difference['mean']:+.3f}; 95% paired "
              f"t-interval {interval(difference['ci95'])}; 95% bootstrap interval over seeds and problems "
-             f"{interval(difference['bootstrap95'])}."]
+             f"{interval(difference['bootstrap95'])} (each replicate draws the seeds, and one draw of the problems "
+             "for all of them: every run was scored on the same problems)."]
     timing = entry["time_to_target"]
     if timing["target"] is None:
         lines.append(f"- Time to target: n/a, {timing['why']}.")
@@ -355,11 +390,13 @@ def markdown(runs: list[dict], results: dict, plots: dict[tuple[str, str], str])
     return "\n".join(lines)
 
 
-def render(runs: list[dict], out: Path, overlap=None, labels: dict[str, dict[str, str]] | None = None) -> dict:
+def render(runs: list[dict], out: Path, overlap: dict[str, int] | None = None,
+           labels: dict[str, dict[str, str]] | None = None) -> dict:
     """Writes result.json, report.md and the plots into ``out``; returns the result. ``overlap``: the caller's
-    count of test problems also among the training problems (0 by default: the splits are disjoint by construction)."""
+    count, per task, of test problems also among the training problems (0 by default: the splits are disjoint by
+    construction)."""
     out.mkdir(parents=True, exist_ok=True)
-    results = result(runs, labels, 0 if overlap is None else overlap)
+    results = result(runs, labels, overlap)
     plots = {(model, task_entry["task"]): plot(runs, model, task_entry, out)
              for model, entry in results.items() for task_entry in (entry, entry.get("transfer")) if task_entry}
     (out / "result.json").write_text(json.dumps(results, indent=1, allow_nan=False) + "\n")

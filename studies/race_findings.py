@@ -8,12 +8,17 @@ and the final weight change each race run saved (``weights_delta``):
 
 1. accuracy parity: ES's gain in test accuracy (whole test split, end of the budget minus start) minus GRPO's, with
    its paired t-interval, against a parity band of +-``PARITY_BAND``; and whether both methods gained at all;
-2. larger update norm for ES: the ratio of the L2 norms of the two updates at the end of the budget, per seed;
-3. larger off-task KL for ES: the exact KL to the base model at the end of the budget, per seed;
+2. larger update norm for ES: the ratio of the L2 norms of the two updates at the end of the budget, per seed (a
+   sign test over the seeds);
+3. larger off-task KL for ES: the exact KL to the base model at the end of the budget, per seed (a sign test);
 4. near-orthogonal updates with no barrier: the cosine between the two saved updates beside the cosine two random
    directions of as many weights have (~N(0, 1/d)) and a sampled one, ES's update against a random Gaussian direction;
    the accuracy barrier along the straight line between the two trained models (greedy, on the marks' problems)
    beside the barrier along the line from GRPO's model to the base moved by a random step of ES's length.
+
+Findings 2-4 are about updates that learned: where not both methods gained measurably, they are reported "untested"
+with their figures beside. A seed whose saved updates are absent (``outputs/`` is not in the repository) is left
+unmeasured, and said so.
 
 The line's models are scored greedily on the first ``MARK_PROBLEMS`` test problems, as the race scored its marks, so
 its end points must reproduce the runs' last marks (checked, per problem). That scoring is the costly part (two
@@ -43,6 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]  # the race saves its updates' paths 
 PARITY_BAND = 0.05  # of test accuracy: a gap within it counts as parity
 Z_95 = 1.96  # two random unit directions in d dimensions have a cosine of about N(0, 1/d)
 NORM_TOLERANCE = 1e-4  # relative: a saved update whose norm is not the run's last recorded one is another run's
+SIGN_TEST_LEVEL = 0.05  # one-sided: five seeds of five agreeing (p = 1/32) are the fewest that can decide
 
 
 # ---- the paired runs ------------------------------------------------------------------------------------------------
@@ -52,7 +58,8 @@ def raced_pairs(runs: list[dict]) -> dict[tuple[str, str], dict[str, list[dict]]
     """{(model, task): {method: race runs}} on the seeds both methods ran, in the same seed order."""
     pairs = {}
     for model, task in dict.fromkeys((r["model"], r["task"]) for r in runs if r["phase"] == "race"):
-        es_label, grpo_label = (raced_label(runs, model, task, method) for method in METHODS)
+        given = accuracy_race.RACE_LABELS.get(model, {})
+        es_label, grpo_label = (raced_label(runs, model, task, method, given.get(method)) for method in METHODS)
         if es_label is None or grpo_label is None:
             continue
         both = paired(runs, model, task, es_label, grpo_label)
@@ -99,22 +106,46 @@ def both_gained(gains_es: list[float], gains_grpo: list[float]) -> dict:
             "means": {"es": statistics.fmean(gains_es), "grpo": statistics.fmean(gains_grpo)}}
 
 
+def sign_test(larger: int, smaller: int) -> dict:
+    """Holds when ES is the larger on significantly many of the seeds that differ (one-sided binomial sign test at
+    ``SIGN_TEST_LEVEL``), does not hold when GRPO is, untested otherwise (too few seeds, or no clear side)."""
+    seeds = larger + smaller
+
+    def at_least(k: int) -> float:  # P(X >= k), X ~ Binomial(seeds, 1/2)
+        return sum(math.comb(seeds, i) for i in range(k, seeds + 1)) / 2 ** seeds
+
+    p_larger, p_smaller = at_least(larger), at_least(smaller)
+    verdict = ("holds" if p_larger < SIGN_TEST_LEVEL else "does not hold" if p_smaller < SIGN_TEST_LEVEL
+               else "untested")
+    return {"verdict": verdict, "p_es_larger": p_larger, "p_grpo_larger": p_smaller}
+
+
 def larger_norm(norms_es: list[float], norms_grpo: list[float]) -> dict:
-    ratios = [e / g if g else math.inf for e, g in zip(norms_es, norms_grpo)]
-    larger = sum(r > 1 for r in ratios)
-    return {"verdict": "holds" if larger == len(ratios) else "does not hold", "es_larger": larger,
-            "seeds": len(ratios), "ratios": ratios}
+    ratios = [e / g if g else None for e, g in zip(norms_es, norms_grpo)]  # None: GRPO did not move
+    larger = sum(e > g for e, g in zip(norms_es, norms_grpo))
+    smaller = sum(e < g for e, g in zip(norms_es, norms_grpo))
+    return {**sign_test(larger, smaller), "es_larger": larger, "grpo_larger": smaller, "seeds": len(ratios),
+            "ratios": ratios}
 
 
 def larger_kl(kls_es: list[float], kls_grpo: list[float]) -> dict:
-    """Holds when ES's KL is the larger on every seed, by more than the exact estimator resolves; a seed where the
-    two are within it leaves the finding untested unless another seed contradicts it."""
+    """A sign test over the seeds where the two KLs differ by more than the exact estimator resolves."""
     differences = [e - g for e, g in zip(kls_es, kls_grpo)]
     larger = sum(d >= KL_RESOLUTION for d in differences)
     smaller = sum(d <= -KL_RESOLUTION for d in differences)
-    verdict = ("holds" if larger == len(differences) else "does not hold" if smaller else "untested")
-    return {"verdict": verdict, "es_larger": larger, "grpo_larger": smaller, "seeds": len(differences),
+    return {**sign_test(larger, smaller), "es_larger": larger, "grpo_larger": smaller, "seeds": len(differences),
             "median_es": statistics.median(kls_es), "median_grpo": statistics.median(kls_grpo)}
+
+
+def if_both_learned(finding: dict, gained: dict) -> dict:
+    """``finding`` as measured, "untested" where not both methods gained measurably (its verdict kept as
+    ``measured``): the findings compare updates that learned the task."""
+    if gained["both"] or finding["verdict"] == "untested":
+        return finding
+    unsure = " and ".join(m.upper() for m in METHODS if not gained["gained"][m])
+    return {**finding, "verdict": "untested", "measured": finding["verdict"],
+            "why": f"{unsure} did not gain measurably (the 95% interval of each mean gain must lie above 0; one seed "
+                   "gives no interval)"}
 
 
 def orthogonal(geometries: list[dict]) -> dict:
@@ -264,15 +295,16 @@ def findings(pair: dict[str, list[dict]], geometries: dict[int, dict]) -> dict:
     figures = {seed: run_figures(e, g) for seed, e, g in zip(seeds, pair["es"], pair["grpo"])}
     column = lambda name: [figures[seed][name] for seed in seeds]  # noqa: E731
     measured = [geometries[seed] for seed in seeds if seed in geometries]
+    gained = both_gained(column("gain_es"), column("gain_grpo"))
     result = {"seeds": seeds, "per_seed": figures,
               "parity": parity([e - g for e, g in zip(column("gain_es"), column("gain_grpo"))]),
-              "both_gained": both_gained(column("gain_es"), column("gain_grpo")),
-              "update_norm": larger_norm(column("norm_es"), column("norm_grpo")),
-              "off_task_kl": larger_kl(column("kl_es"), column("kl_grpo")),
+              "both_gained": gained,
+              "update_norm": if_both_learned(larger_norm(column("norm_es"), column("norm_grpo")), gained),
+              "off_task_kl": if_both_learned(larger_kl(column("kl_es"), column("kl_grpo")), gained),
               "geometry_seeds": [g["seed"] for g in measured]}
     if measured:
         parts = {"orthogonal": orthogonal(measured), "no_barrier": no_barrier(measured)}
-        result["orthogonal_no_barrier"] = {"verdict": combined(*parts.values()), **parts}
+        result["orthogonal_no_barrier"] = if_both_learned({"verdict": combined(*parts.values()), **parts}, gained)
     return result
 
 
@@ -299,21 +331,30 @@ def in_words(entry: dict, geometries: dict[int, dict]) -> list[str]:
     else:
         unsure = [m.upper() for m in METHODS if not gained["gained"][m]]
         lines.append(f"   Not both methods gained measurably ({' and '.join(unsure)}: the 95% interval of the mean "
-                     "gain reaches 0, or there is none): findings 2-4 compare updates that did not both learn, and "
-                     "are reported all the same.")
+                     "gain reaches 0, or there is none): findings 2-4 compare updates that did not both learn, so "
+                     "they are untested; their figures follow (what they would say: \"measured\").")
     norm = entry["update_norm"]
-    lines.append(f"2. **Larger update norm for ES: {norm['verdict']}.** ES's L2 norm the larger on {norm['es_larger']} "
-                 f"of {norm['seeds']} seeds; ES / GRPO {min(norm['ratios']):.3g}-{max(norm['ratios']):.3g}x (ES "
+    moved_ratios = [r for r in norm["ratios"] if r is not None]
+    span = f"{min(moved_ratios):.3g}-{max(moved_ratios):.3g}x" if moved_ratios else "n/a (GRPO did not move)"
+    lines.append(f"2. **Larger update norm for ES: {norm['verdict']}{measured_text(norm)}.** ES's L2 norm the larger "
+                 f"on {norm['es_larger']} of {norm['seeds']} seeds, GRPO's on {norm['grpo_larger']} (sign test p = "
+                 f"{norm['p_es_larger']:.3g}); ES / GRPO "
+                 f"{span} (ES "
                  f"median {statistics.median(figures[s]['norm_es'] for s in seeds):.4g}, GRPO "
                  f"{statistics.median(figures[s]['norm_grpo'] for s in seeds):.4g}).")
     kl = entry["off_task_kl"]
-    lines.append(f"3. **Larger off-task KL for ES: {kl['verdict']}.** Exact KL to the base model at the end of the "
-                 f"budget: ES the larger on {kl['es_larger']} of {kl['seeds']} seeds, GRPO on {kl['grpo_larger']} (by "
+    lines.append(f"3. **Larger off-task KL for ES: {kl['verdict']}{measured_text(kl)}.** Exact KL to the base model at "
+                 f"the end of the budget: ES the larger on {kl['es_larger']} of {kl['seeds']} seeds (sign test p = "
+                 f"{kl['p_es_larger']:.3g}), GRPO on {kl['grpo_larger']} (by "
                  f"at least {KL_RESOLUTION:g}); median ES {kl['median_es']:.4g}, GRPO {kl['median_grpo']:.4g}; per "
                  "seed " + ", ".join(f"{s}: {figures[s]['kl_es']:.4g} / {figures[s]['kl_grpo']:.4g}" for s in seeds)
                  + ".")
     lines.append(geometry_words(entry, geometries))
     return lines
+
+
+def measured_text(finding: dict) -> str:
+    return f" (measured: {finding['measured']})" if "measured" in finding else ""
 
 
 def listed(geometries: list[dict], name: str, form: str) -> str:
@@ -327,7 +368,8 @@ def geometry_words(entry: dict, geometries: dict[int, dict]) -> str:
     angle, barrier = finding["orthogonal"], finding["no_barrier"]
     coverage = ("" if len(measured) == len(entry["seeds"]) else
                 f" Measured on seeds {seeds_text(entry['geometry_seeds'])} of the {len(entry['seeds'])} paired.")
-    return (f"4. **Near-orthogonal updates with no barrier: {finding['verdict']}.**{coverage} Orthogonality "
+    return (f"4. **Near-orthogonal updates with no barrier: {finding['verdict']}{measured_text(finding)}.**{coverage} "
+            "Orthogonality "
             f"{angle['verdict']}: {angle['why']}. Cosine of the two updates per seed "
             f"{listed(measured, 'cosine', '.2g')}; two random directions of d = {measured[0]['weights']:,} weights: "
             f"0 +- {measured[0]['random_band']:.2g} (95%); ES's update against a random Gaussian direction: "
@@ -349,7 +391,7 @@ def figures_table(entry: dict, geometries: dict[int, dict]) -> list[str]:
     for seed, ratio in zip(entry["seeds"], entry["update_norm"]["ratios"]):
         f = entry["per_seed"][seed]
         row = [str(seed), f"{f['gain_es']:+.3f}", f"{f['gain_grpo']:+.3f}", f"{f['gain_es'] - f['gain_grpo']:+.3f}",
-               f"{f['norm_es']:.4g}", f"{f['norm_grpo']:.4g}", f"{ratio:.3g}x",
+               f"{f['norm_es']:.4g}", f"{f['norm_grpo']:.4g}", "n/a" if ratio is None else f"{ratio:.3g}x",
                f"{f['kl_es']:.4g}", f"{f['kl_grpo']:.4g}"]
         g = geometries.get(seed)
         if g is None:
@@ -441,6 +483,11 @@ def measure(pairs: dict, out: Path, seeds: list[int] | None, points: int) -> dic
                                   if seed in runs and g["updates"] == update_paths(*runs[seed])}
         todo = [seed for seed in runs if (seeds is None or seed in seeds)
                 and (seed not in done or done[seed]["line"]["t"] != grid)]
+        absent = [seed for seed in todo if not all((ROOT / path).exists() for path in update_paths(*runs[seed]))]
+        if absent:
+            print(f"{key}: seeds {seeds_text(absent)} not measured: their saved updates are absent here "
+                  "(made on another machine?)", flush=True)
+        todo = [seed for seed in todo if seed not in absent]
         if not todo:
             continue
         model, tokenizer = base_model(model_name)

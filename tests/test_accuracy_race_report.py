@@ -116,8 +116,14 @@ def test_time_to_target_is_interpolated_between_marks_and_a_run_that_never_reach
     assert (timing["es_reached"], timing["grpo_reached"]) == (2, 3)
     assert timing["es_median"] == pytest.approx(15) and timing["grpo_median"] == pytest.approx(16)
     assert timing["ratio"] == pytest.approx(15 / 16)
-    slow = [run("es", seed, accuracy, budget=12.0) for seed, accuracy in enumerate(es)]
-    assert time_to_target(pairs_of(runs[:3] + slow))["es_median"] == 12.0  # reached at 15 s: past its budget
+    # the last mark falls at the first step end past the budget: a crossing there is read at the budget
+    late = [run("es", seed, accuracy, budget=18.0) for seed, accuracy in enumerate(es)]
+    timing = time_to_target(pairs_of(runs[:3] + late))
+    assert timing["es_reached"] == 2 and timing["es_median"] == pytest.approx(15)
+    last = [run("es", 0, (0.1, 0.2, 0.5), budget=18.0)]  # reaches 0.5 at its last mark, 20 s: past the budget
+    assert time_to_target(pairs_of(runs[:1] + last)) | {"target": None} == {
+        "target": None, "es_reached": 1, "grpo_reached": 1, "es_median": 18.0,
+        "grpo_median": pytest.approx(50 / 3), "ratio": pytest.approx(18 / (50 / 3))}
 
 
 def test_no_target_when_grpo_gained_nothing():
@@ -159,6 +165,38 @@ def test_two_raced_settings_of_a_method_must_be_named():
         result(runs)
     chosen = result(runs, labels={MODEL: {"es": "es-y"}})[MODEL]
     assert chosen["es"]["label"] == "es-y" and chosen["difference"]["mean"] == pytest.approx(0.5)
+
+
+def test_a_label_whose_race_runs_differ_in_settings_is_not_paired():
+    # es-defaults resolves ESConfig's defaults when a run is made: a changed default is not the same setting
+    changed = run("es", 2, end=ones(3))
+    changed["settings"] = {"learning_rate": 3e-3}
+    runs = [run("es", 1, end=ones(3)), changed] + [run("grpo", seed, end=ones(1)) for seed in (1, 2)]
+    with pytest.raises(ValueError, match="es-x: its race runs differ in settings"):
+        comparison(runs, MODEL, "word_problems")
+    other_budget = [run("es", 1, end=ones(3)), run("es", 2, end=ones(3), budget=80.0), run("grpo", 1)]
+    with pytest.raises(ValueError, match="differ in budget_seconds"):
+        comparison(other_budget, MODEL, "word_problems")
+
+
+def test_the_transfer_task_is_compared_with_the_main_task_s_settings_and_its_own_overlap(tmp_path):
+    runs = race_and_tuning() + [run("es", 1, end=ones(9), task="arithmetic", label="es-other")]
+    entry = render(runs, tmp_path, overlap={"word_problems": 0, "arithmetic": 2})[MODEL]
+    assert entry["transfer"]["es"]["label"] == "es-x" and entry["transfer"]["grpo"]["label"] == "grpo-x"
+    assert entry["overlap"] == 0 and entry["transfer"]["overlap"] == 2
+    for moved_default in (r for r in runs if (r["task"], r["label"]) == ("arithmetic", "es-x")):
+        moved_default["settings"] = {"learning_rate": 3e-3}
+    with pytest.raises(ValueError, match="arithmetic raced es-x under other settings"):
+        render(runs, tmp_path)
+
+
+def test_the_report_names_the_tuning_run_of_each_raced_setting(tmp_path):
+    runs = race_and_tuning()
+    assert runs[1]["label"] == "es-b"
+    runs[1]["settings"] = {"learning_rate": 3e-3}  # es-b tuned another setting; es-a ran what the race ran as es-x
+    render(runs, tmp_path)
+    assert ("ES's settings: tuned as `es-a` (tune, 40 s: validation 0.100 -> 0.300); GRPO's: tuned as `grpo-a`"
+            in (tmp_path / "report.md").read_text())
 
 
 def no_nan(constant):

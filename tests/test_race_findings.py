@@ -80,14 +80,36 @@ def test_both_gained_only_when_each_mean_gain_interval_is_above_zero():
     assert not both_gained([0.1], [0.1])["both"]  # one seed: no interval, no claim
 
 
-def test_larger_norm_and_kl_need_es_larger_on_every_seed():
-    assert larger_norm([40.0, 50.0], [1.0, 2.0]) == {"verdict": "holds", "es_larger": 2, "seeds": 2,
-                                                     "ratios": [40.0, 25.0]}
-    assert larger_norm([40.0, 1.0], [1.0, 2.0])["verdict"] == "does not hold"
-    assert larger_kl([0.1, 0.2, 0.3], [0.01, 0.02, 0.03])["verdict"] == "holds"
-    assert larger_kl([0.1, 0.01], [0.01, 0.02])["verdict"] == "does not hold"
-    tied = larger_kl([0.1, 0.02 + KL_RESOLUTION / 2], [0.01, 0.02])  # a seed the estimator cannot separate
-    assert tied["verdict"] == "untested" and tied["es_larger"] == 1 and tied["grpo_larger"] == 0
+def test_larger_norm_and_kl_are_sign_tests_over_the_seeds():
+    five = larger_norm([40.0, 50.0, 30.0, 20.0, 10.0], [1.0, 2.0, 1.0, 1.0, 1.0])
+    assert five["verdict"] == "holds" and five["es_larger"] == 5 and five["ratios"][:2] == [40.0, 25.0]
+    assert five["p_es_larger"] == 1 / 32
+    assert larger_norm([40.0, 50.0], [1.0, 2.0])["verdict"] == "untested"  # two seeds of two cannot decide
+    assert larger_norm([40.0, 50.0, 30.0, 20.0, 1.0], [1.0, 1.0, 1.0, 1.0, 2.0])["verdict"] == "untested"  # 4 of 5
+    assert larger_norm([1.0] * 5, [2.0] * 5)["verdict"] == "does not hold"
+    assert larger_norm([1.0], [0.0])["ratios"] == [None]  # GRPO did not move: no ratio (and no Infinity in JSON)
+    assert larger_kl([0.1, 0.2, 0.3, 0.4, 0.5], [0.01] * 5)["verdict"] == "holds"
+    assert larger_kl([0.01] * 5, [0.1] * 5)["verdict"] == "does not hold"
+    # a seed the estimator cannot separate is left out of the test: five others still decide
+    tied = larger_kl([0.1] * 5 + [0.02 + KL_RESOLUTION / 2], [0.01] * 5 + [0.02])
+    assert tied["verdict"] == "holds" and tied["es_larger"] == 5 and tied["grpo_larger"] == 0
+    assert larger_kl([0.1, 0.02 + KL_RESOLUTION / 2], [0.01, 0.02])["verdict"] == "untested"
+
+
+def test_findings_2_to_4_are_untested_unless_both_methods_gained():
+    def pairs(grpo_end):
+        return {"es": [race_run("es", s, norm=50.0, kl=0.1, end_test="1" * (3 + s % 2) + "0" * (9 - s % 2))
+                       for s in range(1, 6)],
+                "grpo": [race_run("grpo", s, norm=1.0, kl=0.01, end_test=grpo_end(s)) for s in range(1, 6)]}
+
+    learned = race_findings.findings(pairs(lambda s: "1" * (1 + s % 2) + "0" * (11 - s % 2)), {})
+    assert learned["both_gained"]["both"] and learned["update_norm"]["verdict"] == "holds"
+    assert learned["off_task_kl"]["verdict"] == "holds" and "measured" not in learned["off_task_kl"]
+    flat = race_findings.findings(pairs(lambda s: "0" * 12), {})
+    assert not flat["both_gained"]["both"]
+    for name in ("update_norm", "off_task_kl"):
+        assert flat[name]["verdict"] == "untested" and flat[name]["measured"] == "holds"
+        assert "GRPO did not gain" in flat[name]["why"]
 
 
 def test_orthogonal_when_every_cosine_is_within_the_random_band():
@@ -224,8 +246,11 @@ def test_the_geometry_of_saved_updates_beside_its_random_baselines(tiny_race):
         assert line["barrier"] == pytest.approx(max(0.0, (ends[0] + ends[1]) / 2 - line["accuracy"][1]))
     assert first["random_line"]["accuracy"][-1] == first["line"]["accuracy"][-1]  # both lines end at GRPO's model
     assert first["resolution"] == 1 / 8
-    assert entry["off_task_kl"]["verdict"] == "holds"
-    assert entry["update_norm"]["es_larger"] == 1 and entry["update_norm"]["verdict"] == "does not hold"  # seed 2: 1x
+    # GRPO gained nothing here: findings 2-4 are untested, what they measured kept beside
+    assert entry["off_task_kl"]["es_larger"] == 2 and entry["off_task_kl"]["verdict"] == "untested"
+    assert entry["update_norm"]["es_larger"] == 1 and entry["update_norm"]["verdict"] == "untested"  # seed 2: 1x
+    assert entry["orthogonal_no_barrier"]["verdict"] == "untested"
+    assert entry["orthogonal_no_barrier"]["measured"] == "does not hold"
     assert entry["parity"]["verdict"] == "does not hold"  # ES gained all 12 test problems on both seeds, GRPO none
     assert entry["orthogonal_no_barrier"]["orthogonal"]["verdict"] == "does not hold"  # seed 2: the same update
     saved = json.loads((tiny_race["out"] / "findings.json").read_text())[f"{MODEL}/{TASK}"]
@@ -266,3 +291,12 @@ def test_a_cut_run_resumes_measuring_only_the_seeds_not_saved(tiny_race, monkeyp
     tiny_race["runs"].write_text("".join(json.dumps(r) + "\n" for r in runs))
     race_findings.main(command[:-1] + ["5"])  # seed 2 stands, on this grid
     assert measured == [1, 2, 2, 1]
+
+
+@pytest.mark.slow
+def test_a_seed_whose_saved_updates_are_absent_is_left_unmeasured(tiny_race, capsys):
+    runs = [json.loads(line) for line in tiny_race["runs"].read_text().splitlines()]
+    Path(next(r for r in runs if (r["seed"], r["method"]) == (2, "grpo"))["weights_delta"]).unlink()
+    entries = race_findings.main(["--runs", str(tiny_race["runs"]), "--out", str(tiny_race["out"]), "--points", "2"])
+    assert entries[f"{MODEL}/{TASK}"]["seeds"] == [1, 2] and entries[f"{MODEL}/{TASK}"]["geometry_seeds"] == [1]
+    assert "seeds 2 not measured: their saved updates are absent" in capsys.readouterr().out

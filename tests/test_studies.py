@@ -350,7 +350,7 @@ def test_the_race_counts_test_problems_met_in_training_and_finds_none(monkeypatc
 
     runs = [{"phase": "race", "task": "word_problems", "seed": seed} for seed in (1, 2)]
     monkeypatch.setattr(accuracy_race, "TRAIN_SIZE", 300)
-    assert accuracy_race.overlap(runs) == 0
+    assert accuracy_race.overlap(runs) == {"word_problems": 0}
     problems = accuracy_race.generated.problems
     leaked = problems("word_problems", "test", 3, seed=0)  # three test problems put into seed 2's training draw
     monkeypatch.setattr(accuracy_race.generated, "problems", lambda task, split, size, seed=0: (
@@ -359,4 +359,15 @@ def test_the_race_counts_test_problems_met_in_training_and_finds_none(monkeypatc
     # the three, and any other test problem asking the same numbers and answer in other words
     same = [p for p in problems("word_problems", "test", accuracy_race.TEST_SIZE, seed=0)
             if (tuple(sorted(p["numbers"])), p["answer"]) in keys]
-    assert len(same) >= 3 and accuracy_race.overlap(runs) == len(same)
+    assert len(same) >= 3 and accuracy_race.overlap(runs) == {"word_problems": len(same)}
+
+
+def test_the_race_runs_only_the_settings_chosen_for_the_model(tmp_path, monkeypatch):
+    import accuracy_race
+
+    monkeypatch.setitem(accuracy_race.RACE_LABELS, accuracy_race.MODELS[0], {"es": "es-base", "grpo": "grpo-lr1e-5"})
+    monkeypatch.setattr(accuracy_race, "train", lambda *args, **kwargs: pytest.fail("a label not chosen was trained"))
+    monkeypatch.setattr(sys, "argv", ["accuracy_race.py", "race", "--labels", "es-base", "es-pop8", "--seeds", "1",
+                                      "--runs", str(tmp_path / "runs.jsonl")])
+    with pytest.raises(SystemExit, match="races .*'es-base'.*RACE_LABELS.*not \\['es-pop8'\\]"):
+        accuracy_race.main()
