@@ -1,3 +1,4 @@
+import csv
 import importlib.util
 import json
 import runpy
@@ -58,6 +59,11 @@ def test_recipe_smoke_run_on_a_tiny_model(recipe, task, tiny_dir, tmp_path, monk
     assert state["global_step"] == 2
     if recipe.startswith("es_"):
         assert "es/update_norm" in state["log_history"][0]
+        shares = [entry["es/no_signal"] for entry in state["log_history"] if "es/no_signal" in entry]
+        assert (f"{task} iterations without signal (es/no_signal: every member tied, no step): "
+                f"{sum(shares) / len(shares):.1%} of 2") in printed
+    else:
+        assert "without signal" not in printed
 
 
 def test_missing_model_path(tmp_path):
@@ -118,7 +124,7 @@ def test_lightning_recipe_runs_on_the_librarys_es_defaults():
     from lightning_es.engine import ESSettings
 
     args, settings = lightning_recipe_args(["--devices", "2"])
-    assert args.devices == 2 and args.max_steps == 20 and args.batch_size == 8 and args.max_new_tokens == 32
+    assert args.devices == 2 and args.max_steps == 60 and args.batch_size == 8 and args.max_new_tokens == 32
     assert (args.train_size, args.eval_size) == (1000, 200)
     assert settings == ESSettings()  # no recipe overrides: 16 members, relative noise and step, rank-4 noise, per problem
     assert settings.sigma is None and (settings.relative_sigma, settings.relative_learning_rate) == (0.03, 1.5e-3)
@@ -197,3 +203,8 @@ def test_lightning_recipe_smoke_run_on_a_tiny_model(tiny_dir, tmp_path, monkeypa
             in printed)
     logged = (output / "lightning_logs" / "version_0" / "metrics.csv").read_text().splitlines()[0].split(",")
     assert {"drift/kl", "drift/update_norm", "es/update_norm", "accuracy", "answer_format"} <= set(logged)
+    rows = list(csv.DictReader((output / "lightning_logs" / "version_0" / "metrics.csv").open()))
+    shares = [float(row["es/no_signal"]) for row in rows if row["es/no_signal"]]
+    assert len(shares) == 2  # one per iteration (--quick: 2)
+    assert (f"Arithmetic iterations without signal (es/no_signal: every member tied, no step): "
+            f"{sum(shares) / 2:.1%} of 2") in printed

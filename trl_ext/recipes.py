@@ -1,6 +1,7 @@
 """Argument parsing for the recipes: TRL's `TrlParser` with recipe defaults and a `--quick` smoke mode."""
 
 import os
+import statistics
 
 import torch
 from trl import TrlParser
@@ -38,7 +39,7 @@ def use_all_cpu_cores() -> None:
 
 def train_and_report(trainer, eval_dataset, rewards: dict, task: str) -> tuple[dict, dict]:
     """Score greedy completions of ``eval_dataset`` and the off-task KL to the base model before and after
-    ``trainer.train()``, save, and print both.
+    ``trainer.train()``, save, and print both; for ES, the share of iterations without signal too.
 
     The KL is the library's drift callback (``KLDriftCallback``, exact estimator, also logged as ``drift/kl`` every
     ``DRIFT_EVERY`` steps) on the off-task probe prompts, each followed by the base model's greedy answer."""
@@ -71,4 +72,8 @@ def train_and_report(trainer, eval_dataset, rewards: dict, task: str) -> tuple[d
             else:
                 print(f"{task} {name} on {len(eval_dataset)} held-out problems: before {before[name]:.1%}, "
                       f"after {after[name]:.1%}")
+        no_signal = [entry["es/no_signal"] for entry in trainer.state.log_history if "es/no_signal" in entry]
+        if no_signal:  # each logged value is the share over its logging window
+            print(f"{task} iterations without signal (es/no_signal: every member tied, no step): "
+                  f"{statistics.fmean(no_signal):.1%} of {trainer.state.global_step}")
     return before, after
