@@ -24,7 +24,6 @@ job: about the accuracy race's 1,500 training seconds on a 2-core CPU, where ES 
 
 import csv
 import dataclasses
-import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,7 +38,7 @@ from lightning_es.unified.callbacks import KLDriftCallback, ParameterDriftCallba
 from lightning_es.tasks import generated, gsm8k, probes, prompts_for
 from lightning_es.tasks.evaluation import render_prompts
 from lightning_es.tasks.models import resolve_model
-from trl_ext.recipes import parse_recipe_args
+from trl_ext.recipes import no_signal_line, parse_recipe_args
 
 TASK, STYLE = "arithmetic", "one_line"  # as studies/accuracy_race.py asks them (docs/reports/accuracy-race/tasks.md)
 
@@ -158,8 +157,7 @@ def main(args: ArithmeticArguments, settings: ESSettings):
               f"per token): before {before['off-task KL']:.3f}, after {after['off-task KL']:.3f}")
         with (Path(trainer.logger.log_dir) / "metrics.csv").open() as log:
             no_signal = [float(row["es/no_signal"]) for row in csv.DictReader(log) if row.get("es/no_signal")]
-        print(f"Arithmetic iterations without signal (es/no_signal: every member tied, no step): "
-              f"{statistics.fmean(no_signal):.1%} of {len(no_signal)}")
+        print(no_signal_line("Arithmetic", no_signal, len(no_signal)))
     return before, after
 
 

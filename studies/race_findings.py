@@ -338,9 +338,8 @@ def in_words(entry: dict, geometries: dict[int, dict]) -> list[str]:
     span = f"{min(moved_ratios):.3g}-{max(moved_ratios):.3g}x" if moved_ratios else "n/a (GRPO did not move)"
     lines.append(f"2. **Larger update norm for ES: {norm['verdict']}{measured_text(norm)}.** ES's L2 norm the larger "
                  f"on {norm['es_larger']} of {norm['seeds']} seeds, GRPO's on {norm['grpo_larger']} (sign test p = "
-                 f"{norm['p_es_larger']:.3g}); ES / GRPO "
-                 f"{span} (ES "
-                 f"median {statistics.median(figures[s]['norm_es'] for s in seeds):.4g}, GRPO "
+                 f"{norm['p_es_larger']:.3g}); ES / GRPO {span} (ES median "
+                 f"{statistics.median(figures[s]['norm_es'] for s in seeds):.4g}, GRPO "
                  f"{statistics.median(figures[s]['norm_grpo'] for s in seeds):.4g}).")
     kl = entry["off_task_kl"]
     lines.append(f"3. **Larger off-task KL for ES: {kl['verdict']}{measured_text(kl)}.** Exact KL to the base model at "

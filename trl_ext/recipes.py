@@ -37,6 +37,12 @@ def use_all_cpu_cores() -> None:
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // processes))
 
 
+def no_signal_line(task: str, shares: list[float], iterations: int) -> str:
+    """What the recipes print of ``es/no_signal``: its logged values (each the share over its logging window)."""
+    return (f"{task} iterations without signal (es/no_signal: every member tied, no step): "
+            f"{statistics.fmean(shares):.1%} of {iterations}")
+
+
 def train_and_report(trainer, eval_dataset, rewards: dict, task: str) -> tuple[dict, dict]:
     """Score greedy completions of ``eval_dataset`` and the off-task KL to the base model before and after
     ``trainer.train()``, save, and print both; for ES, the share of iterations without signal too.
@@ -73,7 +79,6 @@ def train_and_report(trainer, eval_dataset, rewards: dict, task: str) -> tuple[d
                 print(f"{task} {name} on {len(eval_dataset)} held-out problems: before {before[name]:.1%}, "
                       f"after {after[name]:.1%}")
         no_signal = [entry["es/no_signal"] for entry in trainer.state.log_history if "es/no_signal" in entry]
-        if no_signal:  # each logged value is the share over its logging window
-            print(f"{task} iterations without signal (es/no_signal: every member tied, no step): "
-                  f"{statistics.fmean(no_signal):.1%} of {trainer.state.global_step}")
+        if no_signal:
+            print(no_signal_line(task, no_signal, trainer.state.global_step))
     return before, after
