@@ -38,7 +38,7 @@ from lightning_es.unified.callbacks import KLDriftCallback, ParameterDriftCallba
 from lightning_es.tasks import generated, gsm8k, probes, prompts_for
 from lightning_es.tasks.evaluation import render_prompts
 from lightning_es.tasks.models import resolve_model
-from trl_ext.recipes import no_signal_line, parse_recipe_args
+from trl_ext.recipes import before_after_lines, no_signal_line, parse_recipe_args
 
 TASK, STYLE = "arithmetic", "one_line"  # as studies/accuracy_race.py asks them (docs/reports/accuracy-race/tasks.md)
 
@@ -144,17 +144,17 @@ def main(args: ArithmeticArguments, settings: ESSettings):
         strategy=strategy, accelerator="auto", devices=args.devices, max_steps=args.max_steps, log_every_n_steps=1,
         default_root_dir=args.output_dir, logger=pl.loggers.CSVLogger(args.output_dir), callbacks=callbacks,
     )
-    before = trainer.validate(module, module.held_out(), verbose=False)[0]
-    before["off-task KL"] = kl_drift.measure(trainer, module)  # 0: the start weights are the current ones
+
+    def scores() -> dict:
+        logged = trainer.validate(module, module.held_out(), verbose=False)[0]
+        return {"accuracy": logged["val_accuracy"], "answer format": logged["val_answer_format"],
+                "off-task KL": kl_drift.measure(trainer, module)}
+
+    before = scores()  # off-task KL 0: the start weights are the current ones
     trainer.fit(module)
-    after = trainer.validate(module, module.held_out(), verbose=False)[0]
-    after["off-task KL"] = kl_drift.measure(trainer, module)
+    after = scores()
     if trainer.is_global_zero:
-        for key, name in (("val_accuracy", "accuracy"), ("val_answer_format", "answer format")):
-            print(f"Arithmetic {name} on {args.eval_size} held-out test problems: before {before[key]:.1%}, "
-                  f"after {after[key]:.1%}")
-        print(f"Arithmetic off-task KL to the base model ({len(probes.OFF_TASK_PROMPTS)} probe prompts, exact, nats "
-              f"per token): before {before['off-task KL']:.3f}, after {after['off-task KL']:.3f}")
+        print("\n".join(before_after_lines("Arithmetic", args.eval_size, before, after)))
         with (Path(trainer.logger.log_dir) / "metrics.csv").open() as log:
             no_signal = [float(row["es/no_signal"]) for row in csv.DictReader(log) if row.get("es/no_signal")]
         print(no_signal_line("Arithmetic", no_signal, len(no_signal)))

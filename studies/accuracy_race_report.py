@@ -184,9 +184,9 @@ def kl_at_matched_accuracy(pairs: dict[str, list[dict]]) -> dict:
     return {"accuracy": level, "es": medians["es"], "grpo": medians["grpo"], "ratio": ratio}
 
 
-def side(group: list[dict], label: str) -> dict:
+def side(group: list[dict]) -> dict:
     """One method's setting, seeds and mean test accuracy over the whole test split."""
-    return {"label": label, "settings": group[0]["settings"], "seeds": [r["seed"] for r in group],
+    return {"label": group[0]["label"], "settings": group[0]["settings"], "seeds": [r["seed"] for r in group],
             "accuracy_start": statistics.fmean(r["marks"][0]["test_accuracy"] for r in group),
             "accuracy_end": statistics.fmean(r["marks"][-1]["test_accuracy"] for r in group)}
 
@@ -199,21 +199,45 @@ def split_size(pairs: dict[str, list[dict]]) -> int:
     return counts.pop()
 
 
-def comparison(runs: list[dict], model: str, task: str, labels: dict[str, str] | None = None,
-               overlap: int = 0) -> dict | None:
-    """The race's result on (model, task) for the settings ``labels`` ({method: label}; a method left out: the only
-    setting it raced); None until both methods have raced a seed in common."""
+def selected(runs: list[dict], model: str, task: str, labels: dict[str, str] | None = None) -> dict | None:
+    """The paired race runs of (model, task) under ``labels`` ({method: label}; a method left out: the only setting
+    it raced); None until both methods have raced a seed in common."""
     es_label, grpo_label = (raced_label(runs, model, task, method, (labels or {}).get(method)) for method in METHODS)
     if es_label is None or grpo_label is None:
         return None
     pairs = paired(runs, model, task, es_label, grpo_label)
-    if not pairs["es"]:
-        return None
+    return pairs if pairs["es"] else None
+
+
+def raced(runs: list[dict], labels: dict[str, dict[str, str]] | None = None) -> dict[tuple[str, str], dict]:
+    """{(model, task): paired race runs} to compare: each model raced on ``MAIN_TASK`` under ``labels`` ({model:
+    {method: label}} for a model whose race has several settings of a method), and its ``TRANSFER_TASK`` once raced
+    with the same settings (the transfer asks whether the main task's tuning carries over)."""
+    chosen = {}
+    for model in dict.fromkeys(r["model"] for r in runs if r["phase"] == "race"):
+        main = selected(runs, model, MAIN_TASK, (labels or {}).get(model))
+        if main is None:
+            continue
+        chosen[model, MAIN_TASK] = main
+        same = {method: main[method][0]["label"] for method in METHODS}
+        transfer = selected(runs, model, TRANSFER_TASK, same)
+        if transfer is None:
+            continue
+        for method in METHODS:
+            if transfer[method][0]["settings"] != main[method][0]["settings"]:
+                raise ValueError(f"{model}: {TRANSFER_TASK} raced {same[method]} under other settings than "
+                                 f"{MAIN_TASK} did; race it again under the main task's.")
+        chosen[model, TRANSFER_TASK] = transfer
+    return chosen
+
+
+def comparison(pairs: dict[str, list[dict]], overlap: int = 0) -> dict:
+    """The race's result on the paired runs of one (model, task); ``overlap``: its test problems met in training."""
     problems = split_size(pairs)
     differences = [whole_split_gain(e) - whole_split_gain(g) for e, g in zip(pairs["es"], pairs["grpo"])]
     by_problem = np.array([gains_by_problem(e) - gains_by_problem(g) for e, g in zip(pairs["es"], pairs["grpo"])])
-    return {"task": task, "test_problems": problems, "overlap": overlap,
-            "es": side(pairs["es"], es_label), "grpo": side(pairs["grpo"], grpo_label),
+    return {"task": pairs["es"][0]["task"], "test_problems": problems, "overlap": overlap,
+            "es": side(pairs["es"]), "grpo": side(pairs["grpo"]),
             "difference": {"mean": statistics.fmean(differences), "ci95": paired_interval(differences),
                            "bootstrap95": bootstrap_interval(by_problem)},
             "time_to_target": time_to_target(pairs), "kl_at_matched_accuracy": kl_at_matched_accuracy(pairs)}
@@ -221,23 +245,15 @@ def comparison(runs: list[dict], model: str, task: str, labels: dict[str, str] |
 
 def result(runs: list[dict], labels: dict[str, dict[str, str]] | None = None,
            overlap: dict[str, int] | None = None) -> dict:
-    """Per model raced on ``MAIN_TASK``: its comparison, with the transfer task's under ``"transfer"`` once raced
-    (with the same settings: the transfer asks whether the main task's tuning carries over). ``labels``:
-    {model: {method: label}} for a model whose race has several settings of a method; ``overlap``: {task: test
-    problems met in training}."""
+    """Per model raced on ``MAIN_TASK`` (``raced``): its comparison, with the transfer task's under ``"transfer"``.
+    ``overlap``: {task: test problems met in training}."""
     results = {}
-    for model in dict.fromkeys(r["model"] for r in runs if r["phase"] == "race"):
-        chosen = (labels or {}).get(model)
-        main = comparison(runs, model, MAIN_TASK, chosen, (overlap or {}).get(MAIN_TASK, 0))
-        if main is None:
-            continue
-        same = {method: main[method]["label"] for method in METHODS}
-        transfer = comparison(runs, model, TRANSFER_TASK, same, (overlap or {}).get(TRANSFER_TASK, 0))
-        for method in METHODS if transfer else ():
-            if transfer[method]["settings"] != main[method]["settings"]:
-                raise ValueError(f"{model}: {TRANSFER_TASK} raced {same[method]} under other settings than "
-                                 f"{MAIN_TASK} did; race it again under the main task's.")
-        results[model] = main | ({"transfer": transfer} if transfer else {})
+    for (model, task), pairs in raced(runs, labels).items():
+        entry = comparison(pairs, (overlap or {}).get(task, 0))
+        if task == MAIN_TASK:
+            results[model] = entry
+        else:
+            results[model]["transfer"] = entry
     return results
 
 

@@ -3,8 +3,9 @@
     python studies/race_findings.py [--runs docs/reports/accuracy-race/runs.jsonl] [--out docs/reports/accuracy-race]
                                     [--points 5] [--seeds 1 2]
 
-For each model and task on which both methods raced, over the seeds both ran (paired by seed), from ``runs.jsonl``
-and the final weight change each race run saved (``weights_delta``):
+For the runs the race's report compares (``accuracy_race_report.raced``: each model's main task under its raced
+settings, and the transfer task under the same), over the seeds both methods ran (paired by seed), from
+``runs.jsonl`` and the final weight change each race run saved (``weights_delta``):
 
 1. accuracy parity: ES's gain in test accuracy (whole test split, end of the budget minus start) minus GRPO's, with
    its paired t-interval, against a parity band of +-``PARITY_BAND``; and whether both methods gained at all;
@@ -39,7 +40,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import accuracy_race
-from accuracy_race_report import KL_RESOLUTION, METHODS, paired, paired_interval, raced_label, whole_split_gain
+from accuracy_race_report import KL_RESOLUTION, METHODS, paired_interval, raced, whole_split_gain
 from lightning_es.drift import cosine_similarity, linear_connectivity, update_norm
 from lightning_es.drift.geometry import check_same_parameters
 from trl_ext.recipes import use_all_cpu_cores
@@ -55,17 +56,8 @@ SIGN_TEST_LEVEL = 0.05  # one-sided: five seeds of five agreeing (p = 1/32) are 
 
 
 def raced_pairs(runs: list[dict]) -> dict[tuple[str, str], dict[str, list[dict]]]:
-    """{(model, task): {method: race runs}} on the seeds both methods ran, in the same seed order."""
-    pairs = {}
-    for model, task in dict.fromkeys((r["model"], r["task"]) for r in runs if r["phase"] == "race"):
-        given = accuracy_race.RACE_LABELS.get(model, {})
-        es_label, grpo_label = (raced_label(runs, model, task, method, given.get(method)) for method in METHODS)
-        if es_label is None or grpo_label is None:
-            continue
-        both = paired(runs, model, task, es_label, grpo_label)
-        if both["es"]:
-            pairs[model, task] = both
-    return pairs
+    """{(model, task): {method: race runs}} on the seeds both methods ran: the pairs the race's report compares."""
+    return raced(runs, accuracy_race.RACE_LABELS)
 
 
 def run_figures(es: dict, grpo: dict) -> dict:

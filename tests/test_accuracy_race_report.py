@@ -58,7 +58,7 @@ def test_the_difference_of_gains_has_a_paired_t_interval_with_n_minus_1_degrees_
     # ES gains 0.3, 0.4, 0.8 on the test split, GRPO 0.1 each: differences 0.2, 0.3, 0.7
     runs = [run("es", seed, end=ones(count)) for seed, count in ((1, 3), (2, 4), (3, 8))]
     runs += [run("grpo", seed, end=ones(1)) for seed in (1, 2, 3)]
-    entry = comparison(runs, MODEL, "word_problems")
+    entry = comparison(pairs_of(runs))
     differences = [0.2, 0.3, 0.7]
     mean, sd = sum(differences) / 3, math.sqrt(sum((d - 0.4) ** 2 for d in differences) / 2)
     half = 0.95 * math.sqrt(2 / (4 * 0.975 * 0.025)) * sd / math.sqrt(3)  # t(0.975, 2 dof) in closed form
@@ -69,7 +69,7 @@ def test_the_difference_of_gains_has_a_paired_t_interval_with_n_minus_1_degrees_
 
 
 def test_one_seed_has_no_t_interval_but_a_bootstrap_over_its_problems():
-    entry = comparison([run("es", 1, end=ones(5)), run("grpo", 1, end=ones(2))], MODEL, "word_problems")
+    entry = comparison(pairs_of([run("es", 1, end=ones(5)), run("grpo", 1, end=ones(2))]))
     assert entry["difference"]["ci95"] is None
     low, high = entry["difference"]["bootstrap95"]
     assert low < 0.3 < high
@@ -154,7 +154,7 @@ def test_the_kl_ratio_is_unbounded_when_grpo_does_not_drift_and_absent_when_a_ru
 def test_a_seed_one_method_ran_alone_is_left_out_of_the_pairing():
     runs = [run("es", seed, end=ones(3)) for seed in (1, 2)] + [run("es", 3, end=ones(10))]
     runs += [run("grpo", seed, end=ones(1)) for seed in (1, 2, 4)]
-    entry = comparison(runs, MODEL, "word_problems")
+    entry = comparison(pairs_of(runs))
     assert entry["es"]["seeds"] == entry["grpo"]["seeds"] == [1, 2]
     assert entry["difference"]["mean"] == pytest.approx(0.2)
 
@@ -173,10 +173,10 @@ def test_a_label_whose_race_runs_differ_in_settings_is_not_paired():
     changed["settings"] = {"learning_rate": 3e-3}
     runs = [run("es", 1, end=ones(3)), changed] + [run("grpo", seed, end=ones(1)) for seed in (1, 2)]
     with pytest.raises(ValueError, match="es-x: its race runs differ in settings"):
-        comparison(runs, MODEL, "word_problems")
+        pairs_of(runs)
     other_budget = [run("es", 1, end=ones(3)), run("es", 2, end=ones(3), budget=80.0), run("grpo", 1)]
     with pytest.raises(ValueError, match="differ in budget_seconds"):
-        comparison(other_budget, MODEL, "word_problems")
+        pairs_of(other_budget)
 
 
 def test_the_transfer_task_is_compared_with_the_main_task_s_settings_and_its_own_overlap(tmp_path):

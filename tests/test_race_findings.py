@@ -37,8 +37,8 @@ def race_run(method, seed, delta_path=None, end=None, norm=1.0, kl=0.01, start_t
              {"step": 5, "seconds": 40.0, "accuracy": end.count("1") / len(end), "correct": end, "kl": kl,
               "update_norm": norm, "test_correct": end_test, "test_accuracy": end_test.count("1") / len(end_test)}]
     return {"model": MODEL, "task": task, "method": method, "label": label or f"{method}-x", "seed": seed,
-            "phase": phase, "budget_seconds": 40.0, "commit": "abc", "marks": marks,
-            "weights_delta": str(delta_path) if delta_path else "none.safetensors"}
+            "phase": phase, "settings": {"learning_rate": 1e-3}, "budget_seconds": 40.0, "commit": "abc",
+            "marks": marks, "weights_delta": str(delta_path) if delta_path else "none.safetensors"}
 
 
 def geometry_of(seed, cosine=0.0, band=0.01, random_cosine=0.0, barrier=0.0, random_barrier=0.02, mismatch=0):
@@ -58,6 +58,17 @@ def test_runs_are_paired_by_seed_on_the_seeds_both_methods_raced():
     assert list(pairs) == [(MODEL, TASK)]
     assert [r["seed"] for r in pairs[MODEL, TASK]["es"]] == [r["seed"] for r in pairs[MODEL, TASK]["grpo"]] == [1, 2]
     assert {r["method"] for r in pairs[MODEL, TASK]["grpo"]} == {"grpo"}
+
+
+def test_the_findings_pair_the_runs_the_report_compares():
+    # a transfer task is compared only beside its model's main task, and only under the main task's settings
+    alone = [race_run(method, 1, task="arithmetic") for method in ("es", "grpo")]
+    assert raced_pairs(alone) == {}
+    runs = [race_run(method, 1, task=task) for method in ("es", "grpo") for task in (TASK, "arithmetic")]
+    assert list(raced_pairs(runs)) == [(MODEL, TASK), (MODEL, "arithmetic")]
+    runs[1]["settings"] = {"learning_rate": 3e-3}  # ES's arithmetic run: another setting under the same label
+    with pytest.raises(ValueError, match="arithmetic raced es-x under other settings"):
+        raced_pairs(runs)
 
 
 def test_parity_holds_inside_the_band_fails_beyond_it_and_is_untested_across_it():

@@ -196,8 +196,8 @@ def test_lightning_recipe_smoke_run_on_a_tiny_model(tiny_dir, tmp_path, monkeypa
                                       "--output_dir", str(output)])
     lightning_recipe("__main__")  # the default per-problem shaping: the fitness is one value per problem
     printed = capsys.readouterr().out
-    assert "Arithmetic accuracy on 4 held-out test problems: before" in printed
-    assert "Arithmetic answer format on 4 held-out test problems: before" in printed
+    assert "Arithmetic accuracy on 4 held-out problems: before" in printed
+    assert "Arithmetic answer format on 4 held-out problems: before" in printed
     # the off-task drift, from the library's drift callback: 0 before training by definition
     assert ("Arithmetic off-task KL to the base model (24 probe prompts, exact, nats per token): before 0.000, after"
             in printed)

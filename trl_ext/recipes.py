@@ -37,6 +37,16 @@ def use_all_cpu_cores() -> None:
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // processes))
 
 
+def before_after_lines(task: str, problems: int, before: dict, after: dict) -> list[str]:
+    """What the recipes print of their held-out scores ({name: share}) and ``"off-task KL"`` before and after."""
+    from lightning_es.tasks import probes
+
+    return [f"{task} off-task KL to the base model ({len(probes.OFF_TASK_PROMPTS)} probe prompts, exact, nats per "
+            f"token): before {before[name]:.3f}, after {after[name]:.3f}" if name == "off-task KL" else
+            f"{task} {name} on {problems} held-out problems: before {before[name]:.1%}, after {after[name]:.1%}"
+            for name in before]
+
+
 def no_signal_line(task: str, shares: list[float], iterations: int) -> str:
     """What the recipes print of ``es/no_signal``: its logged values (each the share over its logging window)."""
     return (f"{task} iterations without signal (es/no_signal: every member tied, no step): "
@@ -71,13 +81,7 @@ def train_and_report(trainer, eval_dataset, rewards: dict, task: str) -> tuple[d
     after = scores() | {"off-task KL": off_task_kl()}
     trainer.save_model(trainer.args.output_dir)
     if trainer.accelerator.is_main_process:
-        for name in before:
-            if name == "off-task KL":
-                print(f"{task} off-task KL to the base model ({len(probes.OFF_TASK_PROMPTS)} probe prompts, exact, nats "
-                      f"per token): before {before[name]:.3f}, after {after[name]:.3f}")
-            else:
-                print(f"{task} {name} on {len(eval_dataset)} held-out problems: before {before[name]:.1%}, "
-                      f"after {after[name]:.1%}")
+        print("\n".join(before_after_lines(task, len(eval_dataset), before, after)))
         no_signal = [entry["es/no_signal"] for entry in trainer.state.log_history if "es/no_signal" in entry]
         if no_signal:
             print(no_signal_line(task, no_signal, trainer.state.global_step))
