@@ -96,13 +96,13 @@ def t_quantile(probability: float, dof: int) -> float:
     return (low + high) / 2
 
 
-def paired_interval(differences: list[float]) -> list[float] | None:
-    """The paired t-interval of the mean difference (None for a single seed: no spread to measure)."""
-    if len(differences) < 2:
+def t_interval(values: list[float]) -> list[float] | None:
+    """The t-interval of the mean of ``values``, one per seed (of paired differences: the paired t-interval); None
+    for a single seed: no spread to measure."""
+    if len(values) < 2:
         return None
-    mean = statistics.fmean(differences)
-    half = t_quantile((1 + CONFIDENCE) / 2, len(differences) - 1) * statistics.stdev(differences) / math.sqrt(
-        len(differences))
+    mean = statistics.fmean(values)
+    half = t_quantile((1 + CONFIDENCE) / 2, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
     return [mean - half, mean + half]
 
 
@@ -238,7 +238,7 @@ def comparison(pairs: dict[str, list[dict]], overlap: int = 0) -> dict:
     by_problem = np.array([gains_by_problem(e) - gains_by_problem(g) for e, g in zip(pairs["es"], pairs["grpo"])])
     return {"task": pairs["es"][0]["task"], "test_problems": problems, "overlap": overlap,
             "es": side(pairs["es"]), "grpo": side(pairs["grpo"]),
-            "difference": {"mean": statistics.fmean(differences), "ci95": paired_interval(differences),
+            "difference": {"mean": statistics.fmean(differences), "ci95": t_interval(differences),
                            "bootstrap95": bootstrap_interval(by_problem)},
             "time_to_target": time_to_target(pairs), "kl_at_matched_accuracy": kl_at_matched_accuracy(pairs)}
 

@@ -40,7 +40,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import accuracy_race
-from accuracy_race_report import KL_RESOLUTION, METHODS, paired_interval, raced, whole_split_gain
+from accuracy_race_report import KL_RESOLUTION, METHODS, raced, t_interval, whole_split_gain
 from lightning_es.drift import cosine_similarity, linear_connectivity, update_norm
 from lightning_es.drift.geometry import check_same_parameters
 from trl_ext.recipes import use_all_cpu_cores
@@ -74,7 +74,7 @@ def run_figures(es: dict, grpo: dict) -> dict:
 def parity(differences: list[float]) -> dict:
     """Holds when the paired interval of ES's gain minus GRPO's lies inside the band, does not hold when it lies
     wholly beyond one of its edges, and is untested otherwise: the seeds cannot tell."""
-    bounds = paired_interval(differences)
+    bounds = t_interval(differences)
     if bounds is None:
         return {"verdict": "untested", "ci95": None, "why": "one seed: no interval"}
     low, high = bounds
@@ -92,7 +92,7 @@ def parity(differences: list[float]) -> dict:
 def both_gained(gains_es: list[float], gains_grpo: list[float]) -> dict:
     """Whether each method's mean gain is above zero by its t-interval: the geometry findings mean most where both
     updates learned something."""
-    bounds = {"es": paired_interval(gains_es), "grpo": paired_interval(gains_grpo)}
+    bounds = {"es": t_interval(gains_es), "grpo": t_interval(gains_grpo)}
     gained = {method: None if b is None else b[0] > 0 for method, b in bounds.items()}
     return {"both": all(gained.values()), "gained": gained, "ci95": bounds,
             "means": {"es": statistics.fmean(gains_es), "grpo": statistics.fmean(gains_grpo)}}
