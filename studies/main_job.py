@@ -42,7 +42,8 @@ NO_SIGNAL_LIMIT = 0.1  # issue 36: no more than a tenth of the iterations withou
 # what before_after_lines and no_signal_line (trl_ext/recipes.py) print
 SCORE = re.compile(r"^(?P<task>.+) (?P<name>accuracy|answer format) on (?P<problems>\d+) held-out problems: "
                    r"before (?P<before>[\d.]+)%, after (?P<after>[\d.]+)%$")
-KL = re.compile(r"^(?P<task>.+) off-task KL to the base model \(.*\): before (?P<before>[\d.]+), after (?P<after>[\d.]+)$")
+KL = re.compile(r"^(?P<task>.+) off-task KL to the base model \(.*\): before (?P<before>-?[\d.]+), "
+                r"after (?P<after>-?[\d.]+)$")
 NO_SIGNAL = re.compile(r"^.+ iterations without signal \(.*\): (?P<share>[\d.]+)% of (?P<iterations>\d+)$")
 
 
@@ -65,34 +66,43 @@ def printed_figures(output: str) -> dict:
     return figures
 
 
-def launched(command: list[str]) -> dict:
-    """Runs ``command``, echoing its output; its exit status, wall seconds, peak memory (the largest resident set of
-    the process and of every process it waited for: ``accelerate launch`` waits for the recipe) and output."""
+def launched(command: list[str], logs: Path) -> dict:
+    """Runs ``command``, echoing its standard output and keeping both streams in ``logs``.{out,err}.log (so a run
+    whose printout cannot be read is not lost); its exit status, wall seconds, peak memory (the largest resident set
+    of the process and of every process it waited for: ``accelerate launch`` waits for the recipe) and output. Only
+    the standard output is parsed: the recipes print their figures there, whole lines, apart from the progress bars
+    and warnings of the standard error."""
+    logs.parent.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    output = []
-    for line in process.stdout:
-        sys.stdout.write(line)
-        output.append(line)
-    _, status, usage = os.wait4(process.pid, 0)
+    with open(f"{logs}.err.log", "w") as errors, open(f"{logs}.out.log", "w") as kept:
+        process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=errors, encoding="utf-8",
+                                   errors="replace")
+        output = []
+        for line in process.stdout:
+            sys.stdout.write(line)
+            kept.write(line)
+            output.append(line)
+        _, status, usage = os.wait4(process.pid, 0)
     process.returncode = os.waitstatus_to_exitcode(status)
     return {"returncode": process.returncode, "wall_seconds": time.monotonic() - start,
             "peak_rss_bytes": usage.ru_maxrss * 1024, "output": "".join(output)}
 
 
 def commit() -> str:
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    return subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True,
+                          text=True).stdout.strip()
 
 
 def run(recipe: str, seed: int, extra: list[str], out: Path) -> dict:
     command = [*RECIPES[recipe], "--seed", str(seed), "--output_dir", str(out / f"{recipe}-seed{seed}"), *extra]
-    cache_was_empty = not any(cache_root().glob("*"))
-    finished = launched(command)
+    cache_was_empty, at = not any(cache_root().glob("*")), commit()
+    finished = launched(command, out / "logs" / f"{recipe}-seed{seed}")
     if finished["returncode"] != 0:
-        raise SystemExit(f"{recipe} seed {seed} exited with {finished['returncode']}; not saved.")
+        raise SystemExit(f"{recipe} seed {seed} exited with {finished['returncode']}; not saved (its output: "
+                         f"{out / 'logs'}).")
     shown = [Path(command[0]).name if recipe == "trl" else "python", *command[1:]]  # as the README writes it
     return {"recipe": recipe, "seed": seed, "extra": extra, "command": " ".join(shown),
-            "commit": commit(), "venv": sys.prefix, "model_cache_was_empty": cache_was_empty,
+            "commit": at, "venv": sys.prefix, "model_cache_was_empty": cache_was_empty,
             "torch": torch.__version__, "cpus": len(os.sched_getaffinity(0)), "machine": platform.machine(),
             "wall_seconds": finished["wall_seconds"], "peak_rss_bytes": finished["peak_rss_bytes"],
             **printed_figures(finished["output"])}
@@ -147,7 +157,8 @@ def markdown(runs: list[dict], results: dict) -> str:
                   f"{entry['accuracy_after']:.3f}).",
                   f"- Wall time: mean {minutes(entry['wall_seconds']['mean'])}, longest "
                   f"{minutes(entry['wall_seconds']['max'])} (target {TARGET_MINUTES} min: "
-                  f"{'met' if entry['within_target'] else 'missed'}); peak memory {entry['peak_rss_gb']:.1f} GB.",
+                  f"{'met' if entry['within_target'] else 'missed'}); peak memory {entry['peak_rss_gb']:.1f} GB (the largest "
+                  "process's resident set).",
                   f"- Iterations without signal: at most {entry['no_signal_max']:.1%} in a run (limit "
                   f"{NO_SIGNAL_LIMIT:.0%}).", ""]
     lines += ["## Every run", "", "| recipe | seed | arguments | accuracy | answer format | off-task KL | no signal | "

@@ -32,6 +32,10 @@ def test_the_figures_are_read_back_from_what_the_recipes_print():
                        "off_task_kl": [0.0, 0.052], "no_signal": pytest.approx(0.05), "iterations": 60}
 
 
+def test_a_negative_zero_kl_is_read():
+    assert printed_figures(printout(before=(0.1, 0.5, -0.0)))["off_task_kl"][0] == 0.0
+
+
 def test_a_printout_without_a_figure_is_refused_by_name():
     without_kl = "\n".join(line for line in printout().splitlines() if "off-task KL" not in line)
     with pytest.raises(ValueError, match="printed no off_task_kl line"):
@@ -66,6 +70,8 @@ def test_a_recipe_runs_as_a_user_runs_it_each_seed_saved_and_not_run_again(tiny_
         assert r["wall_seconds"] > 0 and r["peak_rss_bytes"] > 100e6  # a python with torch loaded
         assert r["problems"] == 4 and r["iterations"] == 2 and r["command"].startswith("python recipes/")
         assert (tmp_path / "outputs" / f"lightning-seed{r['seed']}" / "lightning_logs").is_dir()
+        kept = (tmp_path / "outputs" / "logs" / f"lightning-seed{r['seed']}.out.log").read_text()
+        assert "Arithmetic accuracy on 4 held-out problems" in kept
     entry = results["lightning " + " ".join(quick[1:])]
     assert entry["seeds"] == [1, 2] and entry["problems"] == 4
     assert json.loads((tmp_path / "report" / "result.json").read_text()) == results
@@ -79,3 +85,4 @@ def test_a_recipe_runs_as_a_user_runs_it_each_seed_saved_and_not_run_again(tiny_
     with pytest.raises(SystemExit, match=r"lightning seed 3 exited with [1-9][0-9]*; not saved"):
         main_job.main(["run", "--recipe", "lightning", "--seeds", "3", *where, "--", "--no_such_flag"])
     assert len((tmp_path / "report" / "runs.jsonl").read_text().splitlines()) == 2
+    assert "no_such_flag" in (tmp_path / "outputs" / "logs" / "lightning-seed3.err.log").read_text()
