@@ -207,9 +207,10 @@ class RaceClock(TrainerCallback):
 
 
 def commit() -> str:
+    """The checkout's commit, with "-dirty" if it has uncommitted changes (a run then ran code no commit holds)."""
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
+        return subprocess.run(["git", "describe", "--always", "--dirty"], cwd=Path(__file__).resolve().parent,
+                              capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 

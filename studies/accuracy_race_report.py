@@ -243,12 +243,11 @@ def comparison(pairs: dict[str, list[dict]], overlap: int = 0) -> dict:
             "time_to_target": time_to_target(pairs), "kl_at_matched_accuracy": kl_at_matched_accuracy(pairs)}
 
 
-def result(runs: list[dict], labels: dict[str, dict[str, str]] | None = None,
-           overlap: dict[str, int] | None = None) -> dict:
-    """Per model raced on ``MAIN_TASK`` (``raced``): its comparison, with the transfer task's under ``"transfer"``.
-    ``overlap``: {task: test problems met in training}."""
+def result(chosen: dict[tuple[str, str], dict], overlap: dict[str, int] | None = None) -> dict:
+    """Per model of ``chosen`` (``raced``'s pairs): its main task's comparison, with the transfer task's under
+    ``"transfer"``. ``overlap``: {task: test problems met in training}."""
     results = {}
-    for (model, task), pairs in raced(runs, labels).items():
+    for (model, task), pairs in chosen.items():
         entry = comparison(pairs, (overlap or {}).get(task, 0))
         if task == MAIN_TASK:
             results[model] = entry
@@ -297,7 +296,7 @@ def mean_curve(group: list[dict]) -> tuple[list[float], list[float], list[float]
     return seconds, mean_at_marks("accuracy"), mean_at_marks("kl")
 
 
-def plot(runs: list[dict], model: str, entry: dict, out: Path) -> str:
+def plot(runs: list[dict], model: str, entry: dict, pairs: dict[str, list[dict]], out: Path) -> str:
     """Accuracy against training seconds and against off-task KL: every run of the two settings compared, and their
     means over the paired seeds; returns the file's name."""
     import matplotlib
@@ -305,7 +304,6 @@ def plot(runs: list[dict], model: str, entry: dict, out: Path) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pairs = paired(runs, model, entry["task"], entry["es"]["label"], entry["grpo"]["label"])
     figure, (by_time, by_kl) = plt.subplots(1, 2, figsize=(11, 4.2))
     for method, colour in zip(METHODS, ("C0", "C1")):
         for run in of(runs, "race", model, entry["task"], entry[method]["label"]):
@@ -347,10 +345,9 @@ def tuned_as(runs: list[dict], model: str, side_entry: dict) -> str:
                                    for r in same)
 
 
-def in_words(runs: list[dict], model: str, entry: dict) -> list[str]:
-    """The comparison's fields as sentences."""
+def in_words(runs: list[dict], model: str, entry: dict, pairs: dict[str, list[dict]]) -> list[str]:
+    """The comparison's fields (of the paired runs ``pairs``) as sentences."""
     es, grpo, difference = entry["es"], entry["grpo"], entry["difference"]
-    pairs = paired(runs, model, entry["task"], es["label"], grpo["label"])
     marks_problems = len(pairs["es"][0]["marks"][0]["correct"])
     lines = [f"ES `{es['label']}` against GRPO `{grpo['label']}`, paired over the seeds both ran: "
              f"{', '.join(map(str, es['seeds']))}. Test split: {entry['test_problems']} problems (overlap with "
@@ -384,7 +381,8 @@ def in_words(runs: list[dict], model: str, entry: dict) -> list[str]:
     return lines
 
 
-def markdown(runs: list[dict], results: dict, plots: dict[tuple[str, str], str]) -> str:
+def markdown(runs: list[dict], results: dict, chosen: dict[tuple[str, str], dict],
+             plots: dict[tuple[str, str], str]) -> str:
     lines = ["# The accuracy race: ES against a tuned GRPO", "",
              "Rebuilt by `python studies/accuracy_race.py render` from `runs.jsonl` (one line per finished run).", ""]
     if not any(r["phase"] == "race" for r in runs):
@@ -397,7 +395,7 @@ def markdown(runs: list[dict], results: dict, plots: dict[tuple[str, str], str])
             if task_entry is None:
                 continue
             role = "the main task" if task_entry["task"] == MAIN_TASK else '`"transfer"` in result.json'
-            lines += [f"### {task_entry['task']} ({role})", "", *in_words(runs, model, task_entry), "",
+            lines += [f"### {task_entry['task']} ({role})", "", *in_words(runs, model, task_entry, chosen[model, task_entry["task"]]), "",
                       f"![accuracy against training seconds and KL]({plots[model, task_entry['task']]})", ""]
     if any(r["phase"] == "race" for r in runs):
         lines += ["## Every race run", "", race_table(runs)]
@@ -412,9 +410,10 @@ def render(runs: list[dict], out: Path, overlap: dict[str, int] | None = None,
     count, per task, of test problems also among the training problems (0 by default: the splits are disjoint by
     construction)."""
     out.mkdir(parents=True, exist_ok=True)
-    results = result(runs, labels, overlap)
-    plots = {(model, task_entry["task"]): plot(runs, model, task_entry, out)
+    chosen = raced(runs, labels)
+    results = result(chosen, overlap)
+    plots = {(model, task_entry["task"]): plot(runs, model, task_entry, chosen[model, task_entry["task"]], out)
              for model, entry in results.items() for task_entry in (entry, entry.get("transfer")) if task_entry}
     (out / "result.json").write_text(json.dumps(results, indent=1, allow_nan=False) + "\n")
-    (out / "report.md").write_text(markdown(runs, results, plots))
+    (out / "report.md").write_text(markdown(runs, results, chosen, plots))
     return results

@@ -28,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from accuracy_race import commit, load_runs  # noqa: E402
 from accuracy_race_report import t_interval  # noqa: E402
 
 from lightning_es.tasks.models import cache_root  # noqa: E402
@@ -88,11 +89,6 @@ def launched(command: list[str], logs: Path) -> dict:
             "peak_rss_bytes": usage.ru_maxrss * 1024, "output": "".join(output)}
 
 
-def commit() -> str:
-    return subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True,
-                          text=True).stdout.strip()
-
-
 def run(recipe: str, seed: int, extra: list[str], out: Path) -> dict:
     command = [*RECIPES[recipe], "--seed", str(seed), "--output_dir", str(out / f"{recipe}-seed{seed}"), *extra]
     cache_was_empty, at = not any(cache_root().glob("*")), commit()
@@ -106,10 +102,6 @@ def run(recipe: str, seed: int, extra: list[str], out: Path) -> dict:
             "torch": torch.__version__, "cpus": len(os.sched_getaffinity(0)), "machine": platform.machine(),
             "wall_seconds": finished["wall_seconds"], "peak_rss_bytes": finished["peak_rss_bytes"],
             **printed_figures(finished["output"])}
-
-
-def load_runs(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
 def summary(runs: list[dict]) -> dict:

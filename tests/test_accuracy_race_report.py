@@ -14,7 +14,7 @@ STUDIES = Path(__file__).resolve().parents[1] / "studies"
 sys.path.insert(0, str(STUDIES))
 
 from accuracy_race_report import (  # noqa: E402
-    bootstrap_interval, comparison, kl_at_matched_accuracy, paired, render, result, t_quantile, time_to_target,
+    bootstrap_interval, comparison, kl_at_matched_accuracy, paired, raced, render, result, t_quantile, time_to_target,
 )
 
 pytestmark = pytest.mark.study
@@ -162,8 +162,8 @@ def test_a_seed_one_method_ran_alone_is_left_out_of_the_pairing():
 def test_two_raced_settings_of_a_method_must_be_named():
     runs = [run("es", 1, end=ones(3)), run("es", 1, end=ones(6), label="es-y"), run("grpo", 1, end=ones(1))]
     with pytest.raises(ValueError, match="es-x.*es-y"):
-        result(runs)
-    chosen = result(runs, labels={MODEL: {"es": "es-y"}})[MODEL]
+        result(raced(runs))
+    chosen = result(raced(runs, labels={MODEL: {"es": "es-y"}}))[MODEL]
     assert chosen["es"]["label"] == "es-y" and chosen["difference"]["mean"] == pytest.approx(0.5)
 
 
